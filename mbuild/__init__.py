@@ -1,0 +1,3 @@
+"""mbuild: Make for model merging."""
+
+__version__ = "0.1.0"

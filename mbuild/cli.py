@@ -1,0 +1,344 @@
+"""The command line: the only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from mbuild import mergefile as mergefile_module
+from mbuild.engine import Reporter
+from mbuild.errors import MbuildError
+
+SUBCOMMANDS = ("status", "graph", "methods")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mbuild`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return _subcommand(argv)
+        return _build(build_parser().parse_args(argv))
+    except MbuildError as error:
+        print(f"mbuild: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mbuild: interrupted; earlier outputs are intact", file=sys.stderr)
+        return 130
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--file", default="Mergefile", help="the Mergefile (default: ./Mergefile)")
+    parser.add_argument("--cache-dir", help="cache folder (default: cache/ beside the Mergefile, or $MBUILD_CACHE)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument("--allow-pickle", action="store_true", help="load pickled .bin checkpoints (weights_only=True)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``mbuild [TARGETS|all] ...``."""
+    parser = argparse.ArgumentParser(
+        prog="mbuild",
+        description="Make for model merging. Subcommands: status, graph, methods.",
+    )
+    parser.add_argument("targets", nargs="*", help="targets to bring up to date (default: all)")
+    _common(parser)
+    parser.add_argument("-n", "--dry-run", action="store_true", help="show the plan and why; read no tensor")
+    parser.add_argument("--force", action="store_true", help="rebuild the selected targets even if fresh")
+    parser.add_argument("-j", "--jobs", type=int, default=2, help="tensor tasks run at once (default 2)")
+    parser.add_argument("--device", default="cpu", help="where the math runs: cpu (default) or cuda")
+    parser.add_argument("-k", "--keep-going", action="store_true", help="build what does not depend on a failed target")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors (and --json output)")
+    return parser
+
+
+def _load(args):
+    from mbuild.cache import FileState, default_cache_dir
+
+    mergefile = mergefile_module.load(args.file)
+    cache_dir = Path(args.cache_dir).absolute() if args.cache_dir else default_cache_dir(mergefile.folder)
+    return mergefile, FileState(cache_dir)
+
+
+def _build(args) -> int:
+    from mbuild import engine, plan
+
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise MbuildError(f"unknown --device '{args.device}': use cpu or cuda")
+    mergefile, state = _load(args)
+    if args.dry_run:
+        the_plan = plan.make_plan(
+            mergefile, args.targets, lambda source: state.digests(source.info, compute=False), args.allow_pickle
+        )
+        decisions = engine.decide_all(the_plan, state, args.force)
+        _print_dry_run(the_plan, decisions, args)
+        return 0
+    if args.device.startswith("cuda"):
+        _require_cuda()
+    printer = _Printer(quiet=args.quiet or args.json)
+    graph_plan = plan.make_plan(
+        mergefile,
+        args.targets,
+        lambda source: _hash_source(state, source, printer),
+        args.allow_pickle,
+    )
+    options = engine.BuildOptions(force=args.force, jobs=args.jobs, device=args.device, keep_going=args.keep_going)
+    with printer:
+        reports = engine.Builder(graph_plan, state, options, printer).run()
+    if args.json:
+        print(json.dumps({"targets": {name: r.as_json() for name, r in reports.items()}}, indent=2))
+    elif not args.quiet:
+        _print_summary(reports)
+    return 1 if any(r.status in ("failed", "skipped") for r in reports.values()) else 0
+
+
+def _require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MbuildError("--device cuda asked, but torch sees no CUDA device")
+
+
+def _hash_source(state, source, printer):
+    found = state.digests(source.info, compute=False)
+    if found is None:
+        printer.note(f"hashing {source.ref} ({_size(source.info.nbytes)}), once per version of its files")
+        found = state.digests(source.info, compute=True)
+    return found
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count} B"
+
+
+def _estimates(target_plan, jobs: int) -> dict:
+    """Bytes to read and a peak-memory estimate, from the plan alone."""
+    from mbuild import io
+
+    compute_size = {name: io.DTYPE_SIZES[name] for name in io.DTYPE_SIZES}
+    read = 0
+    peak = 0
+    for task in target_plan.tasks:
+        count = 1
+        for size in task.shape:
+            count *= size
+        stored = count * io.DTYPE_SIZES[task.dtype]
+        read_here = stored * len(task.inputs)
+        read += read_here
+        # Inputs as read, as converted, the method's temporaries, and the output.
+        working = read_here + count * compute_size[task.compute_dtype] * (2 * len(task.inputs) + 2) + stored
+        peak = max(peak, working)
+    return {"bytes_to_read": read, "peak_memory": peak * max(1, jobs)}
+
+
+def _dry_run_data(the_plan, decisions, args) -> dict:
+    data = {}
+    for name in the_plan.order:
+        target_plan = the_plan.targets[name]
+        decision = decisions[name]
+        parameters = 0
+        for task in target_plan.tasks:
+            count = 1
+            for size in task.shape:
+                count *= size
+            parameters += count
+        estimates = _estimates(target_plan, args.jobs)
+        data[name] = {
+            "stale": decision.stale,
+            "reasons": list(decision.reasons),
+            "method": target_plan.target.method,
+            "output": str(target_plan.target.output),
+            "layers": target_plan.num_layers,
+            "tensors": len(target_plan.tasks),
+            "parameters": parameters,
+            "bytes": target_plan.nbytes,
+            "bytes_to_read": estimates["bytes_to_read"] if decision.stale else 0,
+            "peak_memory": estimates["peak_memory"] if decision.stale else 0,
+            "key": target_plan.key,
+        }
+    return data
+
+
+def _print_dry_run(the_plan, decisions, args) -> None:
+    data = _dry_run_data(the_plan, decisions, args)
+    if args.json:
+        print(json.dumps({"targets": data}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mbuild plan for {the_plan.mergefile.path.name}", show_lines=True)
+    for column in ("target", "state", "why", "method", "layers", "params", "output size", "to read", "peak mem"):
+        table.add_column(column, overflow="fold")
+    for name, row in data.items():
+        state = "[red]stale[/red]" if row["stale"] else "[green]fresh[/green]"
+        table.add_row(
+            name,
+            state,
+            "\n".join(row["reasons"]) or "up to date",
+            row["method"],
+            str(row["layers"]),
+            f"{row['parameters'] / 1e6:.1f}M",
+            _size(row["bytes"]),
+            _size(row["bytes_to_read"]),
+            _size(row["peak_memory"]),
+        )
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    stale = [n for n, r in data.items() if r["stale"]]
+    console.print(f"{len(stale)} of {len(data)} target(s) would be built" + (f": {', '.join(stale)}" if stale else ""))
+
+
+def _print_summary(reports) -> None:
+    built = [r for r in reports.values() if r.status == "built"]
+    if not built and all(r.status == "fresh" for r in reports.values()):
+        print(f"mbuild: nothing to do, {len(reports)} target(s) up to date")
+        return
+    for report in reports.values():
+        if report.status == "built":
+            print(
+                f"built {report.name}: {report.tensors_computed} tensors computed, "
+                f"{report.tensors_reused} reused ({report.seconds:.1f} s) -> {report.output}"
+            )
+        elif report.status == "fresh":
+            print(f"{report.name} is up to date")
+        else:
+            print(f"{report.name}: {report.status}: {report.error or ', '.join(report.reasons)}")
+
+
+class _Printer(Reporter):
+    """Progress on the terminal: rich bars on a TTY, plain lines otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty() and not quiet
+        self.progress = None
+        self.tasks = {}
+
+    def __enter__(self):
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                transient=False,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+    def note(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.progress:
+            self.progress.console.print(text)
+        else:
+            print(f"mbuild: {text}", file=sys.stderr, flush=True)
+
+    def target_started(self, name, total, reasons) -> None:
+        if self.progress:
+            self.tasks[name] = self.progress.add_task(f"building {name}", total=total)
+        elif not self.quiet:
+            why = f" ({'; '.join(reasons)})" if reasons else ""
+            print(f"mbuild: building {name}: {total} tensors{why}", file=sys.stderr, flush=True)
+
+    def tensor_done(self, name) -> None:
+        if self.progress and name in self.tasks:
+            self.progress.advance(self.tasks[name])
+
+    def target_finished(self, report) -> None:
+        if self.progress is None and not self.quiet and report.status == "built":
+            print(f"mbuild: {report.name} done in {report.seconds:.1f} s", file=sys.stderr, flush=True)
+
+
+def _subcommand(argv: list[str]) -> int:
+    name, rest = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(prog=f"mbuild {name}")
+    if name == "methods":
+        parser.add_argument("--json", action="store_true")
+        args = parser.parse_args(rest)
+        return _methods(args)
+    _common(parser)
+    if name == "graph":
+        parser.add_argument("--format", choices=("text", "dot"), default="text")
+    parser.add_argument("targets", nargs="*")
+    args = parser.parse_args(rest)
+    if name == "graph":
+        return _graph(args)
+    return _status(args)
+
+
+def _status(args) -> int:
+    from mbuild import engine, plan
+
+    mergefile, state = _load(args)
+    the_plan = plan.make_plan(mergefile, args.targets, lambda s: state.digests(s.info, compute=False), args.allow_pickle)
+    decisions = engine.decide_all(the_plan, state)
+    if args.json:
+        print(json.dumps({"targets": {n: {"stale": d.stale, "reasons": list(d.reasons)} for n, d in decisions.items()}}, indent=2))
+        return 0
+    for name, decision in decisions.items():
+        state_word = "stale" if decision.stale else "fresh"
+        why = f"  ({'; '.join(decision.reasons)})" if decision.reasons else ""
+        print(f"{name:24} {state_word}{why}")
+    return 0
+
+
+def _graph(args) -> int:
+    from mbuild import plan
+
+    mergefile = mergefile_module.load(args.file)
+    graph = plan.build_graph(mergefile)
+    order = plan.select(mergefile, graph, args.targets)
+    if args.format == "dot":
+        print("digraph mbuild {")
+        print("  rankdir=LR;")
+        for name in order:
+            print(f'  "{name}" [shape=box, label="{name}\\n{mergefile.targets[name].method}"];')
+            for ref in mergefile.targets[name].references():
+                shape = "" if ref.kind == "target" else " [shape=ellipse]"
+                if ref.kind != "target":
+                    print(f'  "{ref.text}"{shape};')
+                print(f'  "{ref.text}" -> "{name}";')
+        print("}")
+        return 0
+    for name in order:
+        target = mergefile.targets[name]
+        inputs = ", ".join(f"{r.text}{'' if r.kind == 'target' else ' (' + r.kind + ')'}" for r in target.references())
+        print(f"{name} [{target.method}] <- {inputs}")
+    return 0
+
+
+def _methods(args) -> int:
+    from mbuild import methods
+
+    rows = []
+    for method in methods.all_methods():
+        params = []
+        for p in method.parameters:
+            default = "required" if p.default is methods.REQUIRED else repr(p.default)
+            params.append({"name": p.name, "per_model": p.per_model, "default": default, "doc": p.doc})
+        rows.append({"name": method.name, "paper": method.paper, "summary": method.summary, "parameters": params})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']}: {row['summary']} ({row['paper']})")
+        for p in row["parameters"]:
+            scope = "per model" if p["per_model"] else "per tensor"
+            print(f"    {p['name']} ({scope}, default {p['default']}) {p['doc']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

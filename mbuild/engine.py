@@ -1,0 +1,451 @@
+"""The engine: decides what is stale and streams tensor tasks into output folders.
+
+Each stale target is built into a temporary folder beside its output: tensors are
+read lazily, merged in the compute dtype on the chosen device, cast, and written
+straight into pre-laid-out shards; config, tokenizer and model card follow, the
+manifest is written last, and the folder is renamed into place. A tensor whose
+key matches the previous output's is copied from it instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from mbuild import io, lock, methods
+from mbuild.cache import FileState
+from mbuild.errors import BuildError, Location, MbuildError
+from mbuild.plan import Decision, Plan, TargetPlan, TensorTask, decide, source_fingerprint
+
+MBUILD_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build: rebuild everything, parallel tasks, device, keep going past failures."""
+
+    force: bool = False
+    jobs: int = 1
+    device: str = "cpu"
+    keep_going: bool = False
+
+
+@dataclass
+class TargetReport:
+    """What happened to one target."""
+
+    name: str
+    status: str  # "built" | "fresh" | "failed" | "skipped"
+    reasons: tuple[str, ...] = ()
+    tensors_computed: int = 0
+    tensors_reused: int = 0
+    seconds: float = 0.0
+    output: str = ""
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        data = {
+            "status": self.status,
+            "tensors_computed": self.tensors_computed,
+            "tensors_reused": self.tensors_reused,
+            "seconds": round(self.seconds, 3),
+            "output": self.output,
+            "reasons": list(self.reasons),
+        }
+        if self.error:
+            data["error"] = self.error
+        return data
+
+
+class Reporter:
+    """Receives progress; the CLI subclasses it to draw bars or print lines."""
+
+    def target_started(self, name: str, total: int, reasons: tuple[str, ...]) -> None: ...
+
+    def tensor_done(self, name: str) -> None: ...
+
+    def target_finished(self, report: TargetReport) -> None: ...
+
+
+@dataclass
+class OutputState:
+    """What is on disk for a target's output: its manifest and what changed since."""
+
+    manifest: Mapping[str, Any] | None
+    changes: list[str] = field(default_factory=list)
+    foreign: bool = False  # a non-empty folder mbuild did not make
+
+
+def inspect_output(folder: Path) -> OutputState:
+    """Read an output's manifest and compare its files' sizes and mtimes, reading no tensor."""
+    manifest = io.read_manifest(folder)
+    if manifest is None:
+        foreign = folder.is_dir() and any(folder.iterdir())
+        return OutputState(None, [], foreign)
+    changes = []
+    for name, recorded in manifest.get("files", {}).items():
+        try:
+            stat = os.stat(folder / name)
+        except FileNotFoundError:
+            changes.append(f"{name} missing")
+            continue
+        if stat.st_size != recorded.get("size") or stat.st_mtime_ns != recorded.get("mtime_ns"):
+            changes.append(f"{name} changed")
+    for path in folder.glob("*.safetensors"):
+        if path.name not in manifest.get("files", {}):
+            changes.append(f"{path.name} not written by mbuild")
+    return OutputState(manifest, changes)
+
+
+def decide_all(plan: Plan, state: FileState | None, force: bool = False) -> dict[str, Decision]:
+    """Decide staleness for every planned target, upstream first."""
+    lock_data = lock.read(lock.lock_path(plan.mergefile.path))
+    fingerprints = source_fingerprints(plan, state)
+    decisions: dict[str, Decision] = {}
+    stale: set[str] = set()
+    for name in plan.order:
+        target_plan = plan.targets[name]
+        output = inspect_output(target_plan.target.output)
+        if force:
+            decision = Decision(True, ("--force",))
+        elif output.foreign:
+            decision = Decision(True, (f"output folder {target_plan.target.output} exists but was not made by mbuild",))
+        else:
+            decision = decide(
+                plan,
+                name,
+                lock_data["targets"].get(name),
+                output.manifest,
+                output.changes,
+                stale,
+                fingerprints,
+            )
+        decisions[name] = decision
+        if decision.stale:
+            stale.add(name)
+    return decisions
+
+
+def source_fingerprints(plan: Plan, state: FileState | None) -> dict[str, str | None]:
+    """Each source's content fingerprint from remembered digests (None if not hashed)."""
+    result = {}
+    for node, source in plan.sources.items():
+        found = state.digests(source.info, compute=False) if state else None
+        result[node] = source_fingerprint(source, found)
+    return result
+
+
+class Builder:
+    """Builds the stale targets of a plan, in order, reporting as it goes."""
+
+    def __init__(self, plan: Plan, state: FileState, options: BuildOptions, reporter: Reporter | None = None):
+        self.plan = plan
+        self.state = state
+        self.options = options
+        self.reporter = reporter or Reporter()
+        self.lock_path = lock.lock_path(plan.mergefile.path)
+
+    def run(self) -> dict[str, TargetReport]:
+        """Bring every planned target up to date; returns a report per target."""
+        decisions = decide_all(self.plan, self.state, self.options.force)
+        reports: dict[str, TargetReport] = {}
+        failed: set[str] = set()
+        for name in self.plan.order:
+            target_plan = self.plan.targets[name]
+            decision = decisions[name]
+            upstream_failed = [n.split(":", 1)[1] for n in target_plan.input_nodes if n.split(":", 1)[1] in failed]
+            if upstream_failed:
+                reports[name] = TargetReport(name, "skipped", (f"input {upstream_failed[0]} failed",))
+                failed.add(name)
+                continue
+            if not decision.stale:
+                reports[name] = TargetReport(
+                    name, "fresh", (), 0, len(target_plan.tasks), 0.0, str(target_plan.target.output)
+                )
+                self.reporter.target_finished(reports[name])
+                continue
+            try:
+                reports[name] = self.build_target(target_plan, decision)
+            except MbuildError as error:
+                if error.location is None:
+                    error.location = Location(self.plan.mergefile.path, None, name)
+                if not self.options.keep_going:
+                    raise
+                failed.add(name)
+                reports[name] = TargetReport(name, "failed", decision.reasons, error=str(error))
+                self.reporter.target_finished(reports[name])
+        return reports
+
+    def build_target(self, target_plan: TargetPlan, decision: Decision) -> TargetReport:
+        """Build one target into a temporary folder and move it into place."""
+        started = time.perf_counter()
+        target = target_plan.target
+        output = target.output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _recover(output)
+        existing = inspect_output(output)
+        if existing.foreign:
+            raise BuildError(
+                f"output folder {output} exists and was not made by mbuild; move it away or choose another 'output:'",
+                target.location("output"),
+            )
+        temporary = output.parent / f".{output.name}.mbuild-tmp-{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+        self.reporter.target_started(target.name, len(target_plan.tasks), decision.reasons)
+        try:
+            counts = self._write_tensors(target_plan, temporary, existing)
+            self._write_companions(target_plan, temporary)
+            _write_manifest(target_plan, temporary, counts["digests"], counts["shards"])
+            _fsync_folder(temporary)
+            _publish(temporary, output)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        self._record(target_plan, output)
+        report = TargetReport(
+            target.name,
+            "built",
+            decision.reasons,
+            counts["computed"],
+            counts["reused"],
+            time.perf_counter() - started,
+            str(output),
+        )
+        self.reporter.target_finished(report)
+        return report
+
+    def _input_models(self, target_plan: TargetPlan) -> dict[str, io.ModelInfo]:
+        models = {}
+        for node in target_plan.input_nodes:
+            if node.startswith("target:"):
+                upstream = self.plan.mergefile.targets[node.split(":", 1)[1]]
+                models[node] = io.read_model(upstream.output)
+            else:
+                models[node] = self.plan.sources[node].info
+        return models
+
+    def _write_tensors(self, target_plan: TargetPlan, folder: Path, existing: OutputState) -> dict[str, Any]:
+        import torch
+
+        models = self._input_models(target_plan)
+        previous: dict[str, Mapping[str, str]] = {}
+        previous_model = None
+        if existing.manifest and not self.options.force and not existing.changes:
+            previous = existing.manifest.get("tensors", {})
+            previous_model = io.read_model(target_plan.target.output)
+        writer = io.ShardedWriter(
+            folder, [(t.name, t.dtype, t.shape) for t in target_plan.tasks], target_plan.shard_bytes
+        )
+        reader = io.TensorReader()
+        device = torch.device(self.options.device)
+        counts = {"computed": 0, "reused": 0}
+
+        def run(task: TensorTask) -> str:
+            old = previous.get(task.name)
+            if previous_model is not None and old and task.key and old.get("key") == task.key:
+                data = _raw_bytes(reader.read(previous_model.tensors[task.name]))
+                if hashlib.sha256(data).hexdigest() == old.get("sha256"):
+                    writer.write(task.name, data)
+                    return "reused"
+            result = compute_task(task, models, reader, device, target_plan.target)
+            writer.write(task.name, _raw_bytes(result))
+            return "computed"
+
+        try:
+            jobs = max(1, self.options.jobs)
+            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+                pending: set[concurrent.futures.Future] = set()
+                for task in target_plan.tasks:
+                    pending.add(pool.submit(run, task))
+                    # A bounded window keeps memory at a few tensors per worker.
+                    while len(pending) >= 2 * jobs:
+                        pending = self._collect(pending, counts, target_plan.name)
+                while pending:
+                    pending = self._collect(pending, counts, target_plan.name)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            reader.close()
+        counts["digests"] = dict(writer.digests)
+        counts["shards"] = {name: slot.file for name, slot in writer.slots.items()}
+        return counts
+
+    def _collect(self, pending, counts, name):
+        done, rest = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            counts[future.result()] += 1
+            self.reporter.tensor_done(name)
+        return rest
+
+    def _write_companions(self, target_plan: TargetPlan, folder: Path) -> None:
+        for name, origin in target_plan.files.items():
+            shutil.copyfile(origin, folder / name)
+        io.write_json(folder / "config.json", target_plan.config)
+        (folder / "README.md").write_text(target_plan.card)
+
+    def _record(self, target_plan: TargetPlan, output: Path) -> None:
+        """Update Mergefile.lock with what this target was built from."""
+        from mbuild.plan import _plain
+
+        data = lock.read(self.lock_path)
+        inputs = {}
+        for node in target_plan.input_nodes:
+            if node.startswith("target:"):
+                inputs[node] = self.plan.targets[node.split(":", 1)[1]].key
+            else:
+                source = self.plan.sources[node]
+                fingerprint = source_fingerprint(source, self.state.digests(source.info, compute=False))
+                inputs[node] = fingerprint
+                data["sources"][node] = {
+                    "model": source.ref.text,
+                    "revision": source.revision,
+                    "fingerprint": fingerprint,
+                }
+        manifest = io.read_manifest(output) or {}
+        target = target_plan.target
+        method = methods.get(target.method)
+        try:
+            relative = str(output.relative_to(self.plan.mergefile.folder))
+        except ValueError:
+            relative = str(output)
+        data["targets"][target.name] = {
+            "key": target_plan.key,
+            "method": method.name,
+            "method_version": method.version,
+            "recipe": _plain(target.recipe),
+            "inputs": inputs,
+            "output": {
+                "path": relative,
+                "files": {name: entry.get("sha256") for name, entry in manifest.get("files", {}).items()},
+            },
+        }
+        lock.write(self.lock_path, data)
+
+
+def compute_task(task: TensorTask, models: Mapping[str, io.ModelInfo], reader: io.TensorReader, device, target):
+    """Read a task's inputs, run its method in the compute dtype, and cast to the output dtype."""
+    import torch
+
+    tensors = []
+    for item in task.inputs:
+        info = models[item.node].tensors.get(item.name)
+        if info is None:
+            raise BuildError(f"input '{item.node.split(':', 1)[1]}' has no tensor '{item.name}'")
+        tensors.append(reader.read(info))
+    if task.method == "copy":
+        return tensors[0]
+    compute_dtype = io.torch_dtype(task.compute_dtype)
+    inputs = [t.to(device=device, dtype=compute_dtype) for t in tensors]
+    del tensors
+    generator = None
+    if task.seed is not None:
+        # Drawn on the CPU whatever the device, so the bytes do not depend on it.
+        generator = torch.Generator("cpu").manual_seed(tensor_seed(task.seed, task.name))
+    method = methods.get(task.method)
+    result = method.kernel(
+        inputs,
+        base_index=task.base_index,
+        params=dict(task.params),
+        model_params=[dict(p) for p in task.model_params],
+        generator=generator,
+    )
+    del inputs
+    if not bool(torch.isfinite(result).all()):
+        raise BuildError(
+            f"tensor '{task.name}' has non-finite values (NaN or inf) after {task.method}",
+            target.location(),
+        )
+    return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
+
+
+def tensor_seed(seed: int, tensor_name: str) -> int:
+    """A per-tensor seed from the target's seed and the tensor's name: order-independent."""
+    material = hashlib.sha256(f"{seed}\0{tensor_name}".encode()).digest()
+    return int.from_bytes(material[:8], "little") & (2**63 - 1)
+
+
+def _raw_bytes(tensor) -> memoryview:
+    import torch
+
+    flat = tensor.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _write_manifest(
+    target_plan: TargetPlan, folder: Path, digests: Mapping[str, str], shard_of: Mapping[str, str]
+) -> None:
+    """The completion marker, written last: key, per-tensor keys and digests, file stats."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != io.MANIFEST_NAME:
+            stat = path.stat()
+            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            if not path.name.endswith(".safetensors"):
+                entry["sha256"] = io.hash_file(path)
+            files[path.name] = entry
+    # A shard's hash is the hash of its tensors' digests in order: computed while
+    # writing, so the shard is never read back.
+    for name, entry in files.items():
+        if name.endswith(".safetensors"):
+            in_shard = [t.name for t in target_plan.tasks if shard_of[t.name] == name]
+            entry["sha256"] = hashlib.sha256("".join(digests[t] for t in in_shard).encode()).hexdigest()
+    manifest = {
+        "mbuild": MBUILD_VERSION,
+        "target": target_plan.name,
+        "key": target_plan.key,
+        "tensors": {t.name: {"key": t.key, "sha256": digests[t.name]} for t in target_plan.tasks},
+        "files": files,
+    }
+    io.write_json(folder / io.MANIFEST_NAME, manifest)
+
+
+def _fsync_folder(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(temporary: Path, output: Path) -> None:
+    """Move a finished folder into place; the old output survives until the new one is there."""
+    retired = output.parent / f".{output.name}.mbuild-old-{os.getpid()}"
+    if output.exists():
+        os.rename(output, retired)
+    os.rename(temporary, output)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _recover(output: Path) -> None:
+    """Undo a publish interrupted between its two renames, and drop dead temporaries."""
+    for leftover in output.parent.glob(f".{output.name}.mbuild-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        if ".mbuild-old-" in leftover.name and not output.exists() and io.read_manifest(leftover):
+            os.rename(leftover, output)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

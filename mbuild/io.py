@@ -1,0 +1,460 @@
+"""Everything that touches model files: safetensors headers, lazy tensor reads,
+the sharded writer, Hugging Face folders and hub resolution.
+
+Header and folder functions do not import torch, so planning stays fast; the
+tensor functions import it when first called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from mbuild.errors import BuildError, ModelError
+
+# safetensors dtype codes <-> canonical torch dtype names, with element sizes.
+SAFETENSORS_DTYPES = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "BF16": ("bfloat16", 2),
+    "F16": ("float16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+DTYPE_CODES = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
+DTYPE_SIZES = {name: size for name, size in SAFETENSORS_DTYPES.values()}
+FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+MANIFEST_NAME = "mbuild.json"
+READ_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, from a safetensors header alone."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str | None  # absolute path; None for a target not built yet
+    start: int = 0  # absolute byte offset of the data in the file
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model folder's config and tensor table, read without touching tensor data."""
+
+    folder: Path | None
+    config: Mapping[str, Any]
+    tensors: Mapping[str, TensorInfo]
+    weight_files: tuple[str, ...] = ()
+
+    @property
+    def num_layers(self) -> int | None:
+        return layer_count(self.config)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def layer_count(config: Mapping[str, Any]) -> int | None:
+    """The decoder layer count a config declares (text_config for multimodal ones)."""
+    for holder in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(holder.get(key), int):
+                return holder[key]
+    return None
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """Parse a safetensors file's JSON header."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) != 8:
+                raise ModelError(f"{path} is not a safetensors file (too short)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > 100 * 1024 * 1024:
+                raise ModelError(f"{path} is not a safetensors file (header length {length})")
+            header = json.loads(handle.read(length))
+    except OSError as error:
+        raise ModelError(f"cannot read {path}: {error.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{path} is not a safetensors file (bad header)") from None
+    header["__data_start__"] = 8 + length
+    return header
+
+
+def read_model(folder: str | Path, allow_pickle: bool = False) -> ModelInfo:
+    """Read config.json and every safetensors header of a model folder."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not folder.is_dir():
+        raise ModelError(f"model folder not found: {folder}")
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{folder} has no config.json: not a Hugging Face model folder") from None
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{config_path} is not valid JSON: {error}") from None
+    files = weight_files(folder, allow_pickle)
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        header = read_header(file)
+        data_start = header.pop("__data_start__")
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            code = entry.get("dtype")
+            if code not in SAFETENSORS_DTYPES:
+                raise ModelError(f"{file}: tensor {name} has unsupported dtype {code}")
+            begin, end = entry["data_offsets"]
+            tensors[name] = TensorInfo(
+                name=name,
+                dtype=SAFETENSORS_DTYPES[code][0],
+                shape=tuple(entry["shape"]),
+                file=str(file),
+                start=data_start + begin,
+                end=data_start + end,
+            )
+    return ModelInfo(folder=folder, config=config, tensors=tensors, weight_files=tuple(str(f) for f in files))
+
+
+def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The safetensors files of a model (via its index when sharded); refuse pickles unless allowed."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise ModelError(f"{index} is not a valid safetensors index") from None
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ModelError(f"{folder}: the index lists missing shard(s): {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+    if pickles:
+        if not allow_pickle:
+            raise ModelError(
+                f"{folder} has only pickled weights ({pickles[0].name}); unpickling can run code, "
+                "so mbuild refuses it. Convert it to safetensors, or pass --allow-pickle to load it "
+                "with torch.load(weights_only=True)"
+            )
+        return _convert_pickles(folder, pickles)
+    raise ModelError(f"{folder} has no weights (*.safetensors)")
+
+
+def _convert_pickles(folder: Path, pickles: list[Path]) -> list[Path]:
+    """Convert pickled checkpoints once, with weights_only=True, into safetensors beside a hidden folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    converted = folder / ".mbuild-safetensors"
+    done = converted / "done"
+    if not done.exists():
+        converted.mkdir(exist_ok=True)
+        for pickle in pickles:
+            state = torch.load(pickle, map_location="cpu", weights_only=True)
+            state = {name: tensor.contiguous() for name, tensor in state.items()}
+            save_file(state, str(converted / (pickle.stem + ".safetensors")), metadata={"format": "pt"})
+        done.write_text("")
+    return sorted(converted.glob("*.safetensors"))
+
+
+def file_identity(path: str | Path) -> tuple[int, int, int]:
+    """(size, mtime_ns, inode): what tells us a file may have changed without reading it."""
+    stat = os.stat(path)
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def hash_tensor_bytes(tensors: Iterable[TensorInfo]) -> dict[str, str]:
+    """sha256 of each tensor's bytes, read in chunks straight from its file."""
+    digests = {}
+    handles: dict[str, int] = {}
+    try:
+        for info in tensors:
+            fd = handles.get(info.file)
+            if fd is None:
+                fd = handles[info.file] = os.open(info.file, os.O_RDONLY)
+            digest = hashlib.sha256()
+            position = info.start
+            while position < info.end:
+                chunk = os.pread(fd, min(READ_CHUNK, info.end - position), position)
+                if not chunk:
+                    raise ModelError(f"{info.file} is truncated (tensor {info.name})")
+                digest.update(chunk)
+                position += len(chunk)
+            digests[info.name] = digest.hexdigest()
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+    return digests
+
+
+def hash_file(path: str | Path) -> str:
+    """sha256 of a whole (small) file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(READ_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TensorReader:
+    """Reads tensors by positioned reads into fresh buffers.
+
+    pread rather than mmap: pages of a mapping stay resident (and count in RSS)
+    after a tensor is used, pread'd buffers are freed with the tensor.
+    """
+
+    def __init__(self):
+        self._handles: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            fd = self._handles.get(file)
+            if fd is None:
+                fd = self._handles[file] = os.open(file, os.O_RDONLY)
+            return fd
+
+    def read(self, info: TensorInfo):
+        """Load one tensor into CPU memory in its stored dtype."""
+        import torch
+
+        if info.file is None:
+            raise BuildError(f"tensor {info.name} has no file to read from")
+        buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
+        view = memoryview(buffer.numpy()).cast("B")
+        fd = self._fd(info.file)
+        done = 0
+        while done < len(view):
+            count = os.preadv(fd, [view[done:]], info.start + done)
+            if count == 0:
+                raise BuildError(f"{info.file} is truncated (tensor {info.name})")
+            done += count
+        return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._handles.values():
+                os.close(fd)
+            self._handles.clear()
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a canonical name ('bfloat16' -> torch.bfloat16)."""
+    import torch
+
+    return getattr(torch, name)
+
+
+@dataclass(frozen=True)
+class ShardSlot:
+    """Where one output tensor goes: its shard file and byte range."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    start: int
+    end: int
+
+
+def plan_shards(
+    tensors: Sequence[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int
+) -> dict[str, list[ShardSlot]]:
+    """Assign tensors, in order, to shard files of at most ``max_shard_bytes`` of data each."""
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, dtype, shape in tensors:
+        nbytes = TensorInfo(name, dtype, shape, None).nbytes
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, dtype, shape))
+        size += nbytes
+    if len(groups) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    shards: dict[str, list[ShardSlot]] = {}
+    for file, group in zip(names, groups):
+        header_length = len(_header_bytes(group))
+        offset = 8 + header_length
+        slots = []
+        for name, dtype, shape in group:
+            nbytes = TensorInfo(name, dtype, shape, None).nbytes
+            slots.append(ShardSlot(name, dtype, shape, file, offset, offset + nbytes))
+            offset += nbytes
+        shards[file] = slots
+    return shards
+
+
+def _header_bytes(group: Sequence[tuple[str, str, tuple[int, ...]]]) -> bytes:
+    """The safetensors header for tensors laid out in order, padded to 8 bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in group:
+        nbytes = TensorInfo(name, dtype, shape, None).nbytes
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+class ShardedWriter:
+    """Writes a model's tensors into pre-laid-out safetensors shards, in any order.
+
+    Every name, shape and dtype is known up front, so each shard's header is written
+    first and its space reserved (a full disk fails here, before any math); tensors
+    are then written at their offsets as they are computed, never buffered.
+    """
+
+    def __init__(self, folder: Path, tensors: Sequence[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int):
+        self.folder = folder
+        self.shards = plan_shards(tensors, max_shard_bytes)
+        self.slots = {slot.name: slot for slots in self.shards.values() for slot in slots}
+        self.digests: dict[str, str] = {}
+        self._handles: dict[str, int] = {}
+        self._lock = threading.Lock()
+        for file, slots in self.shards.items():
+            path = folder / file
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._handles[file] = fd
+            header = _header_bytes([(s.name, s.dtype, s.shape) for s in slots])
+            total = 8 + len(header) + sum(s.end - s.start for s in slots)
+            try:
+                _reserve(fd, total)
+                os.pwrite(fd, struct.pack("<Q", len(header)) + header, 0)
+            except OSError as error:
+                raise BuildError(f"cannot write {path}: {error.strerror}") from None
+
+    def write(self, name: str, data: memoryview | bytes) -> str:
+        """Write one tensor's raw bytes into its slot; returns their sha256."""
+        slot = self.slots[name]
+        if len(data) != slot.end - slot.start:
+            raise BuildError(f"tensor {name}: {len(data)} bytes computed, {slot.end - slot.start} expected")
+        digest = hashlib.sha256(data).hexdigest()
+        fd = self._handles[slot.file]
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], slot.start + done)
+        except OSError as error:
+            raise BuildError(f"cannot write {self.folder / slot.file}: {error.strerror}") from None
+        with self._lock:
+            self.digests[name] = digest
+        return digest
+
+    def close(self) -> None:
+        """Flush shards to disk and write the index when there are several."""
+        missing = [name for name in self.slots if name not in self.digests]
+        for fd in self._handles.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._handles.clear()
+        if missing:
+            raise BuildError(f"{len(missing)} tensor(s) never written, e.g. {missing[0]}")
+        if len(self.shards) > 1:
+            total = sum(slot.end - slot.start for slot in self.slots.values())
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {slot.name: slot.file for slot in self.slots.values()},
+            }
+            write_json(self.folder / "model.safetensors.index.json", index)
+
+    def abort(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
+        self._handles.clear()
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Reserve disk space for a file so a full disk fails now rather than mid-build."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as error:
+            if error.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: filesystem lacks fallocate
+                raise
+    os.ftruncate(fd, size)
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """An output folder's mbuild manifest, or None if absent or unreadable."""
+    try:
+        return json.loads((Path(folder) / MANIFEST_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON with a trailing newline, via a temporary file and rename."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(temporary, path)
+
+
+def companion_files(folder: Path) -> list[Path]:
+    """The top-level non-weight files of a model folder (config, tokenizer, custom code)."""
+    skip = {"README.md", MANIFEST_NAME, *INDEX_NAMES, ".gitattributes"}
+    files = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.name in skip:
+            continue
+        if path.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        files.append(path)
+    return files
+
+
+def copy_files(files: Iterable[Path], destination: Path) -> None:
+    """Copy files into a folder, keeping names."""
+    for path in files:
+        shutil.copyfile(path, destination / path.name)
+
+
+def resolve_hub_model(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    """Find (or fetch, when online) a hub model's snapshot; returns its folder and commit."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"],
+        )
+    except Exception as error:  # huggingface_hub raises many kinds; all mean "not available"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else "on the hub or in the local cache"
+        raise ModelError(f"hub model '{repo_id}' not found {where}: {type(error).__name__}") from None
+    folder = Path(folder)
+    return folder, folder.name

@@ -1,0 +1,82 @@
+"""Content keys: canonical hashing of operations, parameters and inputs.
+
+Keys compose Nix/Bazel style: a source tensor's key is the hash of its bytes, a
+tensor task's key hashes its operation, resolved parameters, method version and
+its inputs' keys, and a target's key hashes its tensor keys and other outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping, Sequence
+
+# Bump when the meaning of a key changes, so old outputs are never taken as fresh.
+KEY_SCHEMA = 1
+
+
+def canonical(data: Any) -> str:
+    """A stable JSON text for data: sorted keys, no spaces, floats as repr."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=_default)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
+
+
+def digest(data: Any) -> str:
+    """sha256 of data's canonical JSON."""
+    return hashlib.sha256(canonical(data).encode()).hexdigest()
+
+
+def source_tensor_key(content_digest: str) -> str:
+    """The key of a source tensor: its bytes' digest, marked as such."""
+    return "bytes:" + content_digest
+
+
+def task_key(
+    *,
+    method: str,
+    version: int,
+    params: Mapping[str, Any],
+    model_params: Sequence[Mapping[str, Any]],
+    base_index: int | None,
+    compute_dtype: str,
+    out_dtype: str,
+    shape: Sequence[int],
+    seed: int | None,
+    input_keys: Sequence[str],
+) -> str:
+    """The key of one output tensor's computation."""
+    return digest(
+        {
+            "schema": KEY_SCHEMA,
+            "method": method,
+            "version": version,
+            "params": dict(params),
+            "model_params": [dict(p) for p in model_params],
+            "base_index": base_index,
+            "compute_dtype": compute_dtype,
+            "out_dtype": out_dtype,
+            "shape": list(shape),
+            "seed": seed,
+            "inputs": list(input_keys),
+        }
+    )
+
+
+def target_key(tensor_keys: Mapping[str, str], config: Mapping[str, Any], files: Mapping[str, str], card: str) -> str:
+    """The key of a whole output folder: its tensors, config, copied files and model card."""
+    return digest(
+        {
+            "schema": KEY_SCHEMA,
+            "tensors": dict(tensor_keys),
+            "config": config,
+            "files": dict(files),
+            "card": hashlib.sha256(card.encode()).hexdigest(),
+        }
+    )

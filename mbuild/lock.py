@@ -1,0 +1,40 @@
+"""Mergefile.lock: what was built from what (DVC's dvc.lock, ninja's build log).
+
+The Mergefile says what the user wants; the lock records, per built target, the
+recipe as written, the method version, each input's content fingerprint and the
+output's key and file hashes. Staleness reasons are diffs against it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mbuild import io
+
+LOCK_VERSION = 1
+
+
+def lock_path(mergefile_path: Path) -> Path:
+    """Mergefile.lock sits beside the Mergefile."""
+    return mergefile_path.with_name(mergefile_path.name + ".lock")
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The lock's content, or an empty lock when there is none (or it is unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"version": LOCK_VERSION, "sources": {}, "targets": {}}
+    data.setdefault("sources", {})
+    data.setdefault("targets", {})
+    return data
+
+
+def write(path: Path, data: dict[str, Any]) -> None:
+    """Write the lock atomically, keys sorted so diffs in git stay small."""
+    data["version"] = LOCK_VERSION
+    data["sources"] = dict(sorted(data["sources"].items()))
+    data["targets"] = dict(sorted(data["targets"].items()))
+    io.write_json(path, data)

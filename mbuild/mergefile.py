@@ -1,0 +1,539 @@
+"""Parse a Mergefile (YAML) and validate it into typed, frozen recipes.
+
+A Mergefile maps target names to merge recipes. A recipe body is a mergekit
+merge config (``merge_method``, ``models``/``slices``, ``base_model``,
+``parameters``, ``dtype`` ...) plus mbuild's own ``output`` and ``seed``.
+Everything here works from the text alone: checks that need model metadata
+(shapes, layer counts) happen in :mod:`mbuild.plan`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from mbuild import methods
+from mbuild.errors import Location, MergefileError
+
+TOP_LEVEL_KEYS = ("targets", "defaults")
+RECIPE_KEYS = (
+    "merge_method",
+    "models",
+    "slices",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "chat_template",
+    "output",
+    "seed",
+    "description",
+)
+MODEL_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "base_model", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+FILTER_KEYS = ("filter", "value")
+
+# Names users write for dtypes, mapped to the canonical torch name.
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float64": "float64",
+    "fp64": "float64",
+}
+
+TARGET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A reference to a model as written: a target, a local folder, or a hub repository."""
+
+    text: str
+    kind: str  # "target" | "local" | "hub"
+    location: str  # target name, absolute folder, or hub repo id
+    revision: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class InputModel:
+    """One entry of a recipe's ``models:`` list."""
+
+    model: ModelRef
+    parameters: Mapping[str, Any]
+    path: tuple
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """One source of an output slice: a model and the layers taken from it."""
+
+    model: ModelRef
+    layer_range: tuple[int, int] | None
+    parameters: Mapping[str, Any]
+    path: tuple
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """One ``slices:`` entry: output layers made from aligned source layer ranges."""
+
+    sources: tuple[SliceSource, ...]
+    base_model: ModelRef | None
+    parameters: Mapping[str, Any]
+    path: tuple
+
+
+@dataclass(frozen=True)
+class Target:
+    """A named merge recipe, validated and with every model reference resolved in kind."""
+
+    name: str
+    method: str
+    models: tuple[InputModel, ...]
+    slices: tuple[OutputSlice, ...]
+    base_model: ModelRef | None
+    parameters: Mapping[str, Any]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: ModelRef | str | None
+    chat_template: str | None
+    output: Path
+    seed: int
+    recipe: Mapping[str, Any]  # the body as written, defaults applied: what the lock records
+    mergefile: "Mergefile" = field(repr=False, compare=False)
+
+    def references(self) -> list[ModelRef]:
+        """Every model reference in the recipe, in order of appearance, repeats removed."""
+        refs: list[ModelRef] = []
+        for model in self.models:
+            refs.append(model.model)
+        for output_slice in self.slices:
+            refs.extend(source.model for source in output_slice.sources)
+            if output_slice.base_model:
+                refs.append(output_slice.base_model)
+        if self.base_model:
+            refs.append(self.base_model)
+        if isinstance(self.tokenizer_source, ModelRef):
+            refs.append(self.tokenizer_source)
+        seen, unique = set(), []
+        for ref in refs:
+            if (ref.kind, ref.location) not in seen:
+                seen.add((ref.kind, ref.location))
+                unique.append(ref)
+        return unique
+
+    def location(self, *path: Any) -> Location:
+        """Where a part of this recipe is written (the target's own line if not found)."""
+        return self.mergefile.location(("targets", self.name, *path), self.name)
+
+
+@dataclass(frozen=True)
+class Mergefile:
+    """A parsed Mergefile: its path, its targets in written order, and line numbers."""
+
+    path: Path
+    targets: Mapping[str, Target]
+    lines: Mapping[tuple, int] = field(repr=False)
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def location(self, path: tuple, target: str | None = None) -> Location:
+        """The line of the deepest written part of ``path``."""
+        for end in range(len(path), 0, -1):
+            line = self.lines.get(tuple(path[:end]))
+            if line is not None:
+                return Location(self.path, line, target)
+        return Location(self.path, None, target)
+
+
+def load(path: str | Path) -> Mergefile:
+    """Read and validate a Mergefile; raise MergefileError naming file, line and target."""
+    path = Path(path).absolute()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise MergefileError(f"no Mergefile at {path}") from None
+    except OSError as error:
+        raise MergefileError(f"cannot read {path}: {error.strerror}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Mergefile:
+    """Validate Mergefile text; ``path`` anchors relative model folders and messages."""
+    data, lines = _load_yaml(text, path)
+    lines = dict(lines)
+    targets: dict[str, Target] = {}
+    mergefile = Mergefile(path=path, targets=targets, lines=lines)
+    checker = _Checker(mergefile)
+    if not isinstance(data, dict):
+        raise MergefileError("a Mergefile is a mapping with a 'targets:' key", Location(path, 1))
+    checker.unknown_keys(data, TOP_LEVEL_KEYS, ())
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise checker.error(("defaults",), "'defaults' must be a mapping of recipe keys")
+    checker.unknown_keys(defaults, RECIPE_KEYS, ("defaults",))
+    bodies = data.get("targets")
+    if not isinstance(bodies, dict) or not bodies:
+        raise checker.error(("targets",), "the Mergefile needs a non-empty 'targets:' mapping")
+    for name in bodies:
+        if not isinstance(name, str) or not TARGET_NAME.match(name) or name in ("all",):
+            raise checker.error(
+                ("targets", name),
+                f"invalid target name {name!r}: use letters, digits, '_', '-', '.' (and not 'all')",
+            )
+    for name, body in bodies.items():
+        targets[name] = checker.target(name, body, defaults, set(bodies))
+    return mergefile
+
+
+class _Checker:
+    """Turns the raw YAML of each target into a Target, failing at the first mistake."""
+
+    def __init__(self, mergefile: Mergefile):
+        self.mergefile = mergefile
+        self.target_name: str | None = None
+
+    def error(self, path: tuple, message: str) -> MergefileError:
+        return MergefileError(message, self.mergefile.location(path, self.target_name))
+
+    def unknown_keys(self, mapping: dict, allowed: Iterable[str], path: tuple) -> None:
+        allowed = tuple(allowed)
+        for key in mapping:
+            if key not in allowed:
+                hint = _suggest(str(key), allowed)
+                raise self.error((*path, key), f"unknown key '{key}'{hint}")
+
+    def target(self, name: str, body: Any, defaults: dict, target_names: set[str]) -> Target:
+        self.target_name = name
+        path = ("targets", name)
+        if not isinstance(body, dict):
+            raise self.error(path, "a target is a mapping (merge_method, models or slices, ...)")
+        self.unknown_keys(body, RECIPE_KEYS, path)
+        recipe = dict(defaults)
+        recipe.update(body)
+        if isinstance(defaults.get("parameters"), dict) and isinstance(body.get("parameters"), dict):
+            recipe["parameters"] = {**defaults["parameters"], **body["parameters"]}
+        where = lambda key: path + (key,) if key in body else ("defaults", key)  # noqa: E731
+
+        method_name = recipe.get("merge_method")
+        if method_name is None:
+            raise self.error(path, "missing 'merge_method'")
+        try:
+            method = methods.get(str(method_name))
+        except KeyError:
+            known = [m.name for m in methods.all_methods()]
+            hint = _suggest(str(method_name), known)
+            raise self.error(where("merge_method"), f"unknown merge_method '{method_name}'{hint}") from None
+
+        refs = _RefResolver(self, target_names)
+        models: list[InputModel] = []
+        slices: list[OutputSlice] = []
+        has_models, has_slices = "models" in recipe, "slices" in recipe
+        if has_models == has_slices:
+            raise self.error(path, "give exactly one of 'models' or 'slices'")
+        if has_models:
+            entries = recipe["models"]
+            if not isinstance(entries, list) or not entries:
+                raise self.error(where("models"), "'models' must be a non-empty list")
+            for index, entry in enumerate(entries):
+                entry_path = where("models") + (index,)
+                if isinstance(entry, str):
+                    entry = {"model": entry}
+                if not isinstance(entry, dict) or "model" not in entry:
+                    raise self.error(entry_path, "each entry of 'models' needs 'model:'")
+                self.unknown_keys(entry, MODEL_KEYS, entry_path)
+                model = refs.resolve(entry["model"], entry_path + ("model",))
+                parameters = self.parameters(method, entry.get("parameters"), entry_path + ("parameters",), per_model=True)
+                models.append(InputModel(model, parameters, entry_path))
+            seen: dict[tuple, int] = {}
+            for index, model in enumerate(models):
+                key = (model.model.kind, model.model.location)
+                if key in seen:
+                    raise self.error(
+                        model.path + ("model",),
+                        f"model '{model.model}' is listed twice in 'models' (entries {seen[key] + 1} and {index + 1})",
+                    )
+                seen[key] = index
+        else:
+            entries = recipe["slices"]
+            if not isinstance(entries, list) or not entries:
+                raise self.error(where("slices"), "'slices' must be a non-empty list")
+            for index, entry in enumerate(entries):
+                slices.append(self.output_slice(method, entry, where("slices") + (index,), refs))
+
+        base_model = None
+        if recipe.get("base_model") is not None:
+            base_model = refs.resolve(recipe["base_model"], where("base_model"))
+
+        parameters = self.parameters(method, recipe.get("parameters"), where("parameters"), per_model=None)
+        dtype = self.dtype(recipe.get("dtype"), where("dtype"))
+        out_dtype = self.dtype(recipe.get("out_dtype"), where("out_dtype"))
+
+        tokenizer_source = recipe.get("tokenizer_source")
+        if tokenizer_source is not None and tokenizer_source not in ("base", "union"):
+            tokenizer_source = refs.resolve(tokenizer_source, where("tokenizer_source"))
+        if tokenizer_source == "union":
+            raise self.error(where("tokenizer_source"), "tokenizer_source: union is not supported yet; use 'base' or a model")
+        if tokenizer_source == "base" and base_model is None:
+            raise self.error(where("tokenizer_source"), "tokenizer_source: base needs a 'base_model'")
+
+        chat_template = recipe.get("chat_template")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise self.error(where("chat_template"), "'chat_template' must be a string")
+
+        output = recipe.get("output", f"build/{name}")
+        if "output" in body and not isinstance(output, str):
+            raise self.error(where("output"), "'output' must be a folder path")
+        if "output" in defaults and "output" not in body:
+            raise self.error(("defaults", "output"), "'output' cannot be a default: each target needs its own folder")
+        output_path = (self.mergefile.folder / str(output)).expanduser().absolute()
+
+        seed = recipe.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise self.error(where("seed"), f"'seed' must be a non-negative integer, not {seed!r}")
+
+        self._check_method_shape(method, models, slices, base_model, path)
+        target = Target(
+            name=name,
+            method=method.name,
+            models=tuple(models),
+            slices=tuple(slices),
+            base_model=base_model,
+            parameters=parameters,
+            dtype=dtype,
+            out_dtype=out_dtype,
+            tokenizer_source=tokenizer_source,
+            chat_template=chat_template,
+            output=output_path,
+            seed=seed,
+            recipe=recipe,
+            mergefile=self.mergefile,
+        )
+        self.target_name = None
+        return target
+
+    def output_slice(self, method, entry: Any, path: tuple, refs: "_RefResolver") -> OutputSlice:
+        if not isinstance(entry, dict) or "sources" not in entry:
+            raise self.error(path, "each slice needs 'sources:'")
+        self.unknown_keys(entry, SLICE_KEYS, path)
+        raw_sources = entry["sources"]
+        if not isinstance(raw_sources, list) or not raw_sources:
+            raise self.error(path + ("sources",), "'sources' must be a non-empty list")
+        sources = []
+        for index, raw in enumerate(raw_sources):
+            source_path = path + ("sources", index)
+            if not isinstance(raw, dict) or "model" not in raw:
+                raise self.error(source_path, "each slice source needs 'model:'")
+            self.unknown_keys(raw, SOURCE_KEYS, source_path)
+            model = refs.resolve(raw["model"], source_path + ("model",))
+            layer_range = None
+            if "layer_range" in raw:
+                layer_range = self.layer_range(raw["layer_range"], source_path + ("layer_range",))
+            parameters = self.parameters(method, raw.get("parameters"), source_path + ("parameters",), per_model=True)
+            sources.append(SliceSource(model, layer_range, parameters, source_path))
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sources if s.layer_range}
+        if len(lengths) > 1:
+            raise self.error(path + ("sources",), f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        base_model = refs.resolve(entry["base_model"], path + ("base_model",)) if entry.get("base_model") else None
+        parameters = self.parameters(method, entry.get("parameters"), path + ("parameters",), per_model=None)
+        return OutputSlice(tuple(sources), base_model, parameters, path)
+
+    def layer_range(self, value: Any, path: tuple) -> tuple[int, int]:
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            raise self.error(path, f"'layer_range' must be [start, end] (integers, end exclusive), not {value!r}")
+        start, end = value
+        if start < 0 or end <= start:
+            raise self.error(path, f"layer_range [{start}, {end}] is empty or negative: end must be greater than start >= 0")
+        return (start, end)
+
+    def dtype(self, value: Any, path: tuple) -> str | None:
+        if value is None:
+            return None
+        canonical = DTYPE_NAMES.get(str(value).lower())
+        if canonical is None:
+            raise self.error(path, f"unknown dtype '{value}'{_suggest(str(value), list(DTYPE_NAMES))}")
+        return canonical
+
+    def parameters(self, method, value: Any, path: tuple, per_model: bool | None) -> dict:
+        """Check a ``parameters:`` mapping: known names, well-formed settings, values in range.
+
+        ``per_model`` is True under a model or slice source (only per-model parameters
+        make sense there) and None at target or slice level (both kinds allowed).
+        """
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(path, "'parameters' must be a mapping of parameter names to values")
+        for name, setting in value.items():
+            try:
+                parameter = method.parameter(str(name))
+            except KeyError:
+                names = [p.name for p in method.parameters]
+                hint = _suggest(str(name), names) or (
+                    f" ({method.name} takes: {', '.join(names)})" if names else f" ({method.name} takes no parameters)"
+                )
+                raise self.error((*path, name), f"unknown parameter '{name}' for {method.name}{hint}") from None
+            if per_model and not parameter.per_model:
+                raise self.error(
+                    (*path, name),
+                    f"'{name}' is one value per tensor for {method.name}; set it under the target's (or slice's) parameters, not under a model",
+                )
+            self.setting(parameter, setting, (*path, name))
+        return dict(value)
+
+    def setting(self, parameter, setting: Any, path: tuple) -> None:
+        """Check one setting: a scalar, a gradient list, or a list of filter rules."""
+        if isinstance(setting, dict):
+            setting = [setting]
+            singular = True
+        else:
+            singular = False
+        if isinstance(setting, list):
+            if not setting:
+                raise self.error(path, f"empty list for '{parameter.name}'")
+            if all(isinstance(item, dict) for item in setting):
+                for index, rule in enumerate(setting):
+                    rule_path = path if singular else path + (index,)
+                    self.unknown_keys(rule, FILTER_KEYS, rule_path)
+                    if "value" not in rule:
+                        raise self.error(rule_path, f"filter rule for '{parameter.name}' needs 'value:'")
+                    if rule.get("filter") is not None and not isinstance(rule["filter"], str):
+                        raise self.error(rule_path + ("filter",), "'filter' must be a string")
+                    self.setting(parameter, rule["value"], rule_path + ("value",))
+                return
+            for index, item in enumerate(setting):
+                if isinstance(item, (dict, list)):
+                    raise self.error(path + (index,), f"mixed list for '{parameter.name}': give either values (a gradient) or filter rules")
+                self.scalar(parameter, item, path + (index,))
+            return
+        self.scalar(parameter, setting, path)
+
+    def scalar(self, parameter, value: Any, path: tuple) -> None:
+        try:
+            parameter.validate(value)
+        except (ValueError, TypeError) as error:
+            raise self.error(path, f"bad value for '{parameter.name}': {error}") from None
+
+    def _check_method_shape(self, method, models, slices, base_model, path) -> None:
+        """Input-count and base-model rules a method declares, checked per slice."""
+        groups: list[tuple[tuple, list[ModelRef], ModelRef | None]] = []
+        if models:
+            refs = [m.model for m in models]
+            if base_model is not None and all(r.location != base_model.location for r in refs):
+                refs.append(base_model)
+            groups.append((path + ("models",), refs, base_model))
+        for output_slice in slices:
+            refs = [s.model for s in output_slice.sources]
+            groups.append((output_slice.path, refs, output_slice.base_model or base_model))
+        for group_path, refs, base in groups:
+            has_base = base is not None and any(r.location == base.location for r in refs)
+            if method.base == "required" and not has_base:
+                where = "" if base is None else f" ('{base}' is not among this slice's sources)"
+                raise self.error(group_path, f"{method.name} needs a 'base_model'{where}")
+            count = len(refs)
+            if count < method.min_models:
+                raise self.error(group_path, f"{method.name} needs at least {method.min_models} models, got {count}")
+            if method.max_models is not None and count > method.max_models:
+                raise self.error(group_path, f"{method.name} takes at most {method.max_models} model(s) per slice, got {count}")
+
+
+class _RefResolver:
+    """Decides what each model string means: a target name wins, then a folder, then the hub."""
+
+    def __init__(self, checker: _Checker, target_names: set[str]):
+        self.checker = checker
+        self.target_names = target_names
+
+    def resolve(self, value: Any, path: tuple) -> ModelRef:
+        line = self.checker.mergefile.location(path).line
+        if not isinstance(value, str) or not value.strip():
+            raise self.checker.error(path, f"a model reference must be a non-empty string, not {value!r}")
+        text = value.strip()
+        if "+" in text and not Path(text).exists():
+            raise self.checker.error(path, f"'{text}': LoRA references (model+adapter) are not supported yet")
+        if text in self.target_names:
+            return ModelRef(text, "target", text, None, line)
+        folder = (self.checker.mergefile.folder / text).expanduser()
+        if folder.exists():
+            if not folder.is_dir():
+                raise self.checker.error(path, f"model '{text}' is a file, not a model folder ({folder.absolute()})")
+            return ModelRef(text, "local", str(folder.absolute()), None, line)
+        looks_local = text.startswith((".", "/", "~")) or not HUB_ID.match(text)
+        if looks_local:
+            hint = _suggest(text, sorted(self.target_names))
+            raise self.checker.error(
+                path,
+                f"model '{text}' not found: no folder {folder.absolute()} and no target of that name{hint}",
+            )
+        repo, _, revision = text.partition("@")
+        return ModelRef(text, "hub", repo, revision or None, line)
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (a duplicate target is a silent overwrite in YAML)."""
+
+
+def _load_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
+    """Load YAML and remember the 1-based line of every mapping key and list item."""
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(error, "problem", None) or str(error)
+        raise MergefileError(f"invalid YAML: {problem}", Location(path, line)) from None
+    if node is None:
+        raise MergefileError("the Mergefile is empty", Location(path, 1))
+    lines: dict[tuple, int] = {}
+    constructor = _LineLoader(text)
+
+    def convert(node: yaml.Node, where: tuple) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            result = {}
+            for key_node, value_node in node.value:
+                key = constructor.construct_object(key_node, deep=True)
+                if isinstance(key, list):
+                    key = tuple(key)
+                if key in result:
+                    raise MergefileError(f"duplicate key '{key}'", Location(path, key_node.start_mark.line + 1))
+                lines[where + (key,)] = key_node.start_mark.line + 1
+                result[key] = convert(value_node, where + (key,))
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            items = []
+            for index, item in enumerate(node.value):
+                lines[where + (index,)] = item.start_mark.line + 1
+                items.append(convert(item, where + (index,)))
+            return items
+        return constructor.construct_object(node, deep=True)
+
+    return convert(node, ()), lines

@@ -1,0 +1,158 @@
+"""The merge methods: each declared once (name, parameters, defaults, paper) and registered by name.
+
+The Mergefile checker, the planner, the CLI and the engine all read these declarations.
+This module and every method module stay free of a module-level torch import, so the
+planner can load the registry for a fast no-op build; kernels import torch when they run.
+
+Every kernel has the same signature::
+
+    kernel(tensors, *, base_index, params, model_params, generator) -> torch.Tensor
+
+``tensors`` are the inputs in mergekit's model order (already in the compute dtype, never
+modified), ``params`` the resolved global values, ``model_params[i]`` the resolved per-model
+values of input ``i``, and ``generator`` the only source of randomness a kernel may use.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+
+class _Required:
+    """The type of REQUIRED: a parameter default meaning "the recipe must give a value"."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+    def __reduce__(self) -> str:
+        # Pickle and copy by name, so `default is REQUIRED` still holds in another process.
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+_PARAMETER_TYPES = (float, bool, int, str)
+_BASE_POLICIES = ("required", "optional", "ignored")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One knob of a merge method, with its type, default and allowed range."""
+
+    name: str
+    type: type
+    per_model: bool
+    default: Any = REQUIRED
+    minimum: float | None = None
+    maximum: float | None = None
+    applies_to_base: bool = True
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.type not in _PARAMETER_TYPES:
+            raise ValueError(f"parameter {self.name!r}: type must be float, bool, int or str, not {self.type!r}")
+        if self.default is not REQUIRED and self.default is not None:
+            self.validate(self.default)
+
+    def validate(self, value: Any) -> Any:
+        """Return one resolved value checked and coerced to this parameter's type; ValueError if it is not."""
+        if value is None and self.default is None:
+            return None
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"expected true or false, got {value!r}")
+            return value
+        if self.type is str:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {value!r}")
+            return value
+        # bool is an int subclass in Python, but `weight: true` is a mistake, not 1.
+        if self.type is int:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"expected a whole number, got {value!r}")
+            value = int(value)
+        else:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"expected a number, got {value!r}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"expected a finite number, got {value!r}")
+        self._check_range(value)
+        return value
+
+    def _check_range(self, value: float) -> None:
+        low, high = self.minimum, self.maximum
+        if (low is not None and value < low) or (high is not None and value > high):
+            if low is not None and high is not None:
+                allowed = f"from {low:g} to {high:g}"
+            elif low is not None:
+                allowed = f"at least {low:g}"
+            else:
+                allowed = f"at most {high:g}"
+            raise ValueError(f"expected a value {allowed}, got {value:g}")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method: its kernel plus everything needed to check and plan a recipe without running it."""
+
+    name: str
+    kernel: Callable[..., "torch.Tensor"]
+    parameters: tuple[Parameter, ...]
+    paper: str
+    version: int = 1
+    base: str = "ignored"
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if self.base not in _BASE_POLICIES:
+            raise ValueError(f"method {self.name!r}: base must be one of {_BASE_POLICIES}, not {self.base!r}")
+        names = [parameter.name for parameter in self.parameters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method {self.name!r} declares a parameter twice: {names}")
+        if self.min_models < 1 or (self.max_models is not None and self.max_models < self.min_models):
+            raise ValueError(f"method {self.name!r}: bad model count bounds {self.min_models}..{self.max_models}")
+
+    def parameter(self, name: str) -> Parameter:
+        """Return the parameter called `name`; KeyError if this method has none."""
+        for parameter in self.parameters:
+            if parameter.name == name:
+                return parameter
+        raise KeyError(f"method {self.name!r} has no parameter {name!r}")
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Make `method` available by name; a second method with the same name is a ValueError."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    """Return the method registered as `name`; KeyError if there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown merge method {name!r}") from None
+
+
+def all_methods() -> tuple[Method, ...]:
+    """Return every registered method, sorted by name."""
+    return tuple(sorted(_REGISTRY.values(), key=lambda method: method.name))
+
+
+# The built-in families register themselves on import; they need the names defined above.
+from mbuild.methods import linear, passthrough, slerp, task_arithmetic  # noqa: E402,F401

@@ -1,0 +1,98 @@
+"""SLERP: spherical linear interpolation from the base model towards one other model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from mbuild.methods import Method, Parameter, register
+
+if TYPE_CHECKING:
+    import torch
+
+# Above this |cos(angle)| the two tensors are treated as parallel and interpolated linearly,
+# where the spherical formula would divide by a vanishing sin(angle).
+DOT_THRESHOLD = 0.9995
+# Norms at or below this are left undivided, so an all-zero tensor does not become NaN.
+NORM_EPS = 1e-8
+# Elements per row converted to the working dtype at once; bounds scratch memory.
+CHUNK_ELEMENTS = 1024 * 1024
+
+
+def merge_slerp(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base_index: int | None,
+    params: Mapping[str, Any],
+    model_params: Sequence[Mapping[str, Any]],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Interpolate along the great circle from the base (t=0) to the other input (t=1)."""
+    import torch
+
+    if base_index is None or len(tensors) != 2:
+        raise ValueError("slerp needs exactly two inputs, one of them the base model")
+    start, end = tensors[base_index], tensors[1 - base_index]
+    work_dtype = torch.float64 if start.dtype == torch.float64 else torch.float32
+
+    # mergekit sees each output tensor as a batch holding one row and reduces along that row
+    # in fixed-size chunks; reducing the same way reproduces its float32 rounding to the bit.
+    a = start.reshape(1, -1)
+    b = end.reshape(1, -1)
+    t = torch.tensor(params["t"], dtype=work_dtype, device=start.device).reshape(1, 1)
+    width = a.shape[1]
+    if width == 0:
+        return torch.empty_like(start)
+    chunks = [slice(offset, offset + CHUNK_ELEMENTS) for offset in range(0, width, CHUNK_ELEMENTS)]
+
+    norm_a = _row_norm(a, chunks, work_dtype)
+    norm_b = _row_norm(b, chunks, work_dtype)
+    norm_a = norm_a
+    norm_b = torch.where(norm_b > NORM_EPS, norm_b, 1)
+    # Dividing by the norms before multiplying keeps large weights from overflowing the dot.
+    dot_parts = [
+        ((a[:, chunk].to(work_dtype) / norm_a) * (b[:, chunk].to(work_dtype) / norm_b)).sum(dim=1, keepdim=True)
+        for chunk in chunks
+    ]
+    dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
+
+    parallel = dot.abs() > DOT_THRESHOLD
+    theta = torch.acos(torch.where(parallel, 0, dot))
+    sin_theta = torch.sin(theta)
+    weight_a = torch.where(parallel, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    weight_b = torch.where(parallel, t, torch.sin(t * theta) / sin_theta)
+
+    result = torch.empty_like(a)
+    for chunk in chunks:
+        result[:, chunk] = weight_a * a[:, chunk].to(work_dtype) + weight_b * b[:, chunk].to(work_dtype)
+    return result.reshape(start.shape)
+
+
+def _row_norm(row: torch.Tensor, chunks: list[slice], work_dtype: torch.dtype) -> torch.Tensor:
+    """Return the L2 norm of a (1, n) row as a (1, 1) tensor: the norm of its chunks' norms."""
+    import torch
+
+    parts = [torch.linalg.vector_norm(row[:, chunk].to(work_dtype), dim=1, keepdim=True) for chunk in chunks]
+    return torch.linalg.vector_norm(torch.stack(parts), dim=0)
+
+
+register(
+    Method(
+        name="slerp",
+        kernel=merge_slerp,
+        parameters=(
+            Parameter(
+                "t",
+                float,
+                per_model=False,
+                minimum=0.0,
+                maximum=1.0,
+                doc="interpolation factor: 0 gives the base model, 1 the other model",
+            ),
+        ),
+        paper="https://en.wikipedia.org/wiki/Slerp",
+        base="required",
+        min_models=2,
+        max_models=2,
+        summary="spherical interpolation between the base model and one other",
+    )
+)

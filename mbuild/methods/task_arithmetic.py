@@ -1,0 +1,271 @@
+"""The task-arithmetic family: task arithmetic, TIES, DARE (linear and TIES).
+
+Every member adds weighted task vectors (model minus base) to the base. They differ in
+two optional steps, so each member is one row of data: how each task vector is thinned
+(a sparsifier) and whether the vectors vote on a sign per element (a consensus). Adding
+a member (breadcrumbs, DELLA) is adding a sparsifier and a row in VARIANTS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from mbuild.methods import Method, Parameter, register
+
+if TYPE_CHECKING:
+    import torch
+
+# Below this L1 norm a task vector is not rescaled after masking (nothing meaningful to preserve).
+RESCALE_EPS = 1e-7
+# A total weight this close to zero is not divided by when normalizing.
+WEIGHT_EPS = 1e-8
+
+
+def _masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """Return `delta * mask`, scaled back to the L1 norm of `delta` when `rescale` is on."""
+    import torch
+
+    kept = delta * mask
+    if not rescale:
+        return kept
+    norm_before = delta.abs().sum()
+    norm_after = kept.abs().sum()
+    if not (norm_before.isfinite() and norm_after.isfinite()):
+        # A float16 sum overflows past 65504 and mergekit's ratio becomes NaN; float32 sums keep
+        # the bytes equal to mergekit's wherever its answer is finite.
+        norm_before = delta.abs().sum(dtype=torch.float32)
+        norm_after = kept.abs().sum(dtype=torch.float32)
+    if norm_before < RESCALE_EPS or norm_after < RESCALE_EPS:
+        return kept
+    return kept * (norm_before / norm_after)
+
+
+def keep_largest(
+    delta: torch.Tensor, settings: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Keep the `density` fraction of elements largest in magnitude (at least one), zero the rest."""
+    import torch
+
+    density = settings["density"]
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    count = max(1, int(density * delta.numel()))
+    # Rank in float32 like mergekit: exact for 16-bit magnitudes, and argsort's order among
+    # equal magnitudes (common in bf16) then picks the same survivors. Not stable=True: CPU
+    # argsort is unstable on large inputs and we must pick what mergekit picks.
+    magnitudes = delta.abs().reshape(-1).float()
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[torch.argsort(magnitudes, descending=True)[:count]] = 1
+    return _masked(delta, mask.reshape_as(delta), rescale)
+
+
+def keep_random(
+    delta: torch.Tensor, settings: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Keep each element with probability `density` (DARE), drawing from `generator` only."""
+    import torch
+
+    if generator is None:
+        raise ValueError("random sparsification needs a torch.Generator; the global RNG is never used")
+    density = settings["density"]
+    if density >= 1:
+        return delta
+    # Draw from float32 probabilities whatever the compute dtype: the density is not rounded
+    # to 16 bits, bernoulli works for every dtype on CPU, and one seed gives one mask.
+    work_dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    probabilities = torch.full(delta.shape, density, dtype=torch.float32, device=delta.device)
+    mask = torch.bernoulli(probabilities, generator=generator).to(work_dtype)
+    return _masked(delta.to(work_dtype), mask, rescale).to(delta.dtype)
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """A way to thin a task vector, with the per-model parameters it reads beyond `density`."""
+
+    keep: Callable[..., "torch.Tensor"]  # (delta, model settings, rescale, generator) -> thinned delta
+    random: bool
+    parameters: tuple[Parameter, ...] = ()
+
+
+SPARSIFIERS: dict[str, Sparsifier] = {
+    "magnitude": Sparsifier(keep_largest, random=False),
+    "random": Sparsifier(keep_random, random=True),
+}
+
+
+def _sign_by_sum(deltas: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Elect per element the sign of the summed (weighted) task vectors."""
+    return deltas.sum(dim=0) >= 0
+
+
+def _sign_by_count(deltas: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Elect per element the sign held by more task vectors."""
+    return signs.sum(dim=0) >= 0
+
+
+# Each returns True where the elected sign is positive; ties elect positive.
+CONSENSUS: dict[str, Callable[..., "torch.Tensor"]] = {"sum": _sign_by_sum, "count": _sign_by_count}
+
+
+def agreement_mask(deltas: torch.Tensor, consensus: str, mask_dtype: torch.dtype) -> torch.Tensor:
+    """Return a bool mask, per task vector and element, of entries whose sign matches the elected one."""
+    signs = deltas.sign().to(mask_dtype)
+    elected = CONSENSUS[consensus](deltas, signs).to(mask_dtype) * 2 - 1
+    return signs == elected
+
+
+@dataclass(frozen=True)
+class TaskArithmeticVariant:
+    """One member of the family, as data: how task vectors are thinned and whether they vote."""
+
+    name: str
+    sparsification: str | None
+    consensus: str | None
+    normalize: bool
+    rescale: bool
+    paper: str
+    summary: str
+
+    def method(self) -> Method:
+        """Return this variant's declaration, with its kernel and parameters."""
+        sparsifier = SPARSIFIERS[self.sparsification] if self.sparsification else None
+        extra = sparsifier.parameters if sparsifier else ()
+        return Method(
+            name=self.name,
+            kernel=self.merge,
+            parameters=(
+                Parameter("weight", float, per_model=True, applies_to_base=False, doc="scale of this task vector"),
+                Parameter(
+                    "density",
+                    float,
+                    per_model=True,
+                    default=1.0,
+                    minimum=0.0,
+                    maximum=1.0,
+                    applies_to_base=False,
+                    doc="fraction of the task vector kept",
+                ),
+                *extra,
+                Parameter(
+                    "normalize", bool, per_model=False, default=self.normalize, doc="divide by the sum of the weights"
+                ),
+                Parameter(
+                    "rescale",
+                    bool,
+                    per_model=False,
+                    default=self.rescale,
+                    doc="scale a thinned task vector back to its L1 norm",
+                ),
+                Parameter("lambda", float, per_model=False, default=1.0, doc="scale of the merged task vector"),
+                Parameter(
+                    "int8_mask", bool, per_model=False, default=False, doc="hold the sign mask in int8 to save memory"
+                ),
+            ),
+            paper=self.paper,
+            base="required",
+            random=bool(sparsifier and sparsifier.random),
+            summary=self.summary,
+        )
+
+    def merge(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        base_index: int | None,
+        params: Mapping[str, Any],
+        model_params: Sequence[Mapping[str, Any]],
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Add the weighted, thinned and sign-agreeing task vectors to the base."""
+        import torch
+
+        if base_index is None:
+            raise ValueError(f"{self.name} needs a base model")
+        base = tensors[base_index]
+        others = [index for index in range(len(tensors)) if index != base_index]
+        if not others:
+            return base.clone()
+        sparsifier = SPARSIFIERS[self.sparsification] if self.sparsification else None
+
+        # One stacked buffer in the compute dtype, reduced over dim 0 below: the same sums,
+        # and so the same rounding, as mergekit.
+        deltas = base.new_empty((len(others), *base.shape))
+        for row, index in enumerate(others):
+            delta = tensors[index] - base
+            if sparsifier is not None:
+                delta = sparsifier.keep(delta, model_params[index], params["rescale"], generator)
+            deltas[row] = delta
+            del delta
+        weights = torch.tensor(
+            [model_params[index]["weight"] for index in others], dtype=deltas.dtype, device=deltas.device
+        ).reshape(len(others), *(1,) * base.ndim)
+        deltas.mul_(weights)
+
+        if self.consensus is not None:
+            mask_dtype = torch.int8 if params["int8_mask"] else base.dtype
+            agree = agreement_mask(deltas, self.consensus, mask_dtype)
+            mixed = (deltas * agree).sum(dim=0)
+            # Normalize by the weight of the models that actually contributed to each element.
+            divisor = (weights * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            # float16 rounds 1e-8 to 0, so mergekit divides by a zero total there; compare in
+            # float32 (exact for float16, same answer as mergekit for every other dtype).
+            magnitude = divisor.abs() if divisor.dtype != torch.float16 else divisor.float().abs()
+            divisor[magnitude < WEIGHT_EPS] = 1
+        del deltas
+
+        if params["normalize"]:
+            mixed /= divisor
+        if params["lambda"] != 1:
+            mixed *= params["lambda"]
+        return (base + mixed).to(base.dtype)
+
+
+VARIANTS: tuple[TaskArithmeticVariant, ...] = (
+    TaskArithmeticVariant(
+        name="task_arithmetic",
+        sparsification=None,
+        consensus=None,
+        normalize=False,
+        rescale=False,
+        paper="https://arxiv.org/abs/2212.04089",
+        summary="add weighted task vectors (model minus base) to the base",
+    ),
+    TaskArithmeticVariant(
+        name="ties",
+        sparsification="magnitude",
+        consensus="sum",
+        normalize=True,
+        rescale=False,
+        paper="https://arxiv.org/abs/2306.01708",
+        summary="task arithmetic keeping the largest changes and only those agreeing in sign (TIES)",
+    ),
+    TaskArithmeticVariant(
+        name="dare_linear",
+        sparsification="random",
+        consensus=None,
+        normalize=False,
+        rescale=True,
+        paper="https://arxiv.org/abs/2311.03099",
+        summary="task arithmetic on randomly dropped and rescaled task vectors (DARE)",
+    ),
+    TaskArithmeticVariant(
+        name="dare_ties",
+        sparsification="random",
+        consensus="sum",
+        normalize=False,
+        rescale=True,
+        paper="https://arxiv.org/abs/2311.03099",
+        summary="DARE's random drop with TIES' sign consensus",
+    ),
+)
+
+for _variant in VARIANTS:
+    register(_variant.method())
+del _variant

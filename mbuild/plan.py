@@ -1,0 +1,654 @@
+"""The plan: the DAG of targets and sources, each target expanded into tensor tasks,
+with keys and a staleness decision per target. Pure data; never imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+from mbuild import io, keys, methods, parameters
+from mbuild.errors import Location, MergefileError, ModelError
+from mbuild.mergefile import Mergefile, ModelRef, Target
+
+# A decoder layer's tensors: "<prefix><index>.<suffix>", e.g. model.layers.3.mlp.up_proj.weight.
+LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<suffix>.+)$")
+# Non-layer tensors that sit before the layer stack (the rest come after it).
+PRE_LAYER = re.compile(r"(embed|wte|wpe|word_embeddings)")
+TOKENIZER_FILE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|.*\.model|.*\.tiktoken|chat_template.*)$"
+)
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint the family reads: a local folder or a resolved hub snapshot."""
+
+    node: str
+    ref: ModelRef
+    info: io.ModelInfo
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    """One input of a tensor task: a tensor of a source or of an earlier target."""
+
+    node: str
+    name: str
+    key: str | None
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: an operation with its resolved parameters over input tensors."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    compute_dtype: str
+    method: str  # a registered method, or "copy" for non-float buffers
+    params: tuple[tuple[str, Any], ...]
+    model_params: tuple[tuple[tuple[str, Any], ...], ...]
+    base_index: int | None
+    seed: int | None
+    inputs: tuple[TensorInput, ...]
+    key: str | None
+
+    @property
+    def nbytes(self) -> int:
+        return io.TensorInfo(self.name, self.dtype, self.shape, None).nbytes
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """A target expanded: every output tensor, the config, copied files, card and key."""
+
+    target: Target
+    tasks: tuple[TensorTask, ...]
+    config: Mapping[str, Any]
+    files: Mapping[str, str]  # output file name -> the original file it is copied from
+    file_digests: Mapping[str, str | None]
+    card: str
+    key: str | None
+    input_nodes: tuple[str, ...]
+    num_layers: int | None
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def nbytes(self) -> int:
+        return sum(task.nbytes for task in self.tasks)
+
+    def model_info(self) -> io.ModelInfo:
+        """What downstream planning sees of this target before it is built."""
+        tensors = {t.name: io.TensorInfo(t.name, t.dtype, t.shape, None) for t in self.tasks}
+        return io.ModelInfo(folder=None, config=self.config, tensors=tensors)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a target must be rebuilt, and why (as before -> now differences)."""
+
+    stale: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass
+class Plan:
+    """The targets to consider in build order, their expansions and the sources they read."""
+
+    mergefile: Mergefile
+    order: tuple[str, ...]
+    targets: dict[str, TargetPlan]
+    sources: dict[str, Source]
+    graph: Any = field(repr=False)
+    unhashed: frozenset[str] = frozenset()  # source nodes whose bytes are not yet hashed
+
+
+def node_of(ref: ModelRef) -> str:
+    """The graph node a model reference points at."""
+    if ref.kind == "target":
+        return "target:" + ref.location
+    if ref.kind == "hub":
+        return f"hub:{ref.location}@{ref.revision or 'main'}"
+    return "local:" + ref.location
+
+
+def build_graph(mergefile: Mergefile):
+    """The DAG of targets and sources; a cycle is a MergefileError at the closing reference."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    for name, target in mergefile.targets.items():
+        graph.add_node("target:" + name, kind="target")
+        for ref in target.references():
+            graph.add_node(node_of(ref), kind=ref.kind if ref.kind != "target" else "target")
+            graph.add_edge(node_of(ref), "target:" + name, line=ref.line)
+    try:
+        cycle = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:
+        return graph
+    names = [edge[0].split(":", 1)[1] for edge in cycle] + [cycle[0][0].split(":", 1)[1]]
+    closing = cycle[-1]
+    target = closing[1].split(":", 1)[1]
+    line = graph.edges[closing].get("line")
+    raise MergefileError(
+        "dependency cycle: " + " -> ".join(names), Location(mergefile.path, line, target)
+    )
+
+
+def select(mergefile: Mergefile, graph, requested: Sequence[str]) -> tuple[str, ...]:
+    """The requested targets and every target they depend on, in build order."""
+    import networkx as nx
+
+    names = list(mergefile.targets)
+    if not requested or list(requested) == ["all"]:
+        wanted = set(names)
+    else:
+        wanted = set()
+        for name in requested:
+            if name not in mergefile.targets:
+                from mbuild.mergefile import _suggest
+
+                raise MergefileError(f"no target named '{name}'{_suggest(name, names)}", Location(mergefile.path))
+            wanted.add(name)
+            wanted.update(n.split(":", 1)[1] for n in nx.ancestors(graph, "target:" + name) if n.startswith("target:"))
+    position = {name: index for index, name in enumerate(names)}
+    order = nx.lexicographical_topological_sort(
+        graph.subgraph(["target:" + n for n in wanted]), key=lambda node: position[node.split(":", 1)[1]]
+    )
+    return tuple(node.split(":", 1)[1] for node in order)
+
+
+DigestLookup = Callable[[Source], "Mapping[str, str] | None"]
+
+
+def make_plan(
+    mergefile: Mergefile,
+    requested: Sequence[str] = (),
+    digests: DigestLookup = lambda source: None,
+    allow_pickle: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Plan:
+    """Resolve sources, expand the selected targets into tensor tasks and compute keys."""
+    graph = build_graph(mergefile)
+    order = select(mergefile, graph, requested)
+    sources: dict[str, Source] = {}
+    plans: dict[str, TargetPlan] = {}
+    unhashed: set[str] = set()
+    source_digests: dict[str, Mapping[str, str] | None] = {}
+    for name in order:
+        target = mergefile.targets[name]
+        infos: dict[str, io.ModelInfo] = {}
+        for ref in target.references():
+            node = node_of(ref)
+            if ref.kind == "target":
+                infos[node] = plans[ref.location].model_info()
+                continue
+            if node not in sources:
+                sources[node] = _open_source(ref, node, target, allow_pickle)
+                found = digests(sources[node])
+                source_digests[node] = found
+                if found is None:
+                    unhashed.add(node)
+            infos[node] = sources[node].info
+        plans[name] = expand(target, infos, plans, source_digests, shard_bytes)
+    return Plan(mergefile, order, plans, sources, graph, frozenset(unhashed))
+
+
+def _open_source(ref: ModelRef, node: str, target: Target, allow_pickle: bool) -> Source:
+    location = target.mergefile.location(("targets", target.name), target.name)
+    location = Location(location.file, ref.line or location.line, target.name)
+    try:
+        if ref.kind == "hub":
+            folder, revision = io.resolve_hub_model(ref.location, ref.revision)
+            return Source(node, ref, io.read_model(folder, allow_pickle), revision)
+        return Source(node, ref, io.read_model(ref.location, allow_pickle))
+    except ModelError as error:
+        raise ModelError(f"model '{ref}': {error.message}", location) from None
+
+
+@dataclass
+class _Group:
+    """One normalised slice: aligned sources, base, and the settings that apply."""
+
+    refs: list[ModelRef]
+    ranges: list[tuple[int, int] | None]
+    model_settings: list[Mapping[str, Any]]
+    settings: Mapping[str, Any]
+    base: ModelRef | None
+    paths: list[tuple]
+    path: tuple
+
+
+def _groups(target: Target) -> list[_Group]:
+    """mergekit's normal form: a models list is one slice over every layer, base appended."""
+    if target.models:
+        refs = [m.model for m in target.models]
+        settings = [m.parameters for m in target.models]
+        paths = [m.path for m in target.models]
+        base = target.base_model
+        if base is not None and all(node_of(r) != node_of(base) for r in refs):
+            refs.append(base)
+            settings.append({})
+            paths.append(("base_model",))
+        return [_Group(refs, [None] * len(refs), settings, {}, base, paths, ("models",))]
+    groups = []
+    for output_slice in target.slices:
+        groups.append(
+            _Group(
+                [s.model for s in output_slice.sources],
+                [s.layer_range for s in output_slice.sources],
+                [s.parameters for s in output_slice.sources],
+                output_slice.parameters,
+                output_slice.base_model or target.base_model,
+                [s.path for s in output_slice.sources],
+                output_slice.path,
+            )
+        )
+    return groups
+
+
+def _layers(info: io.ModelInfo) -> tuple[dict[int, dict[str, str]], list[str]]:
+    """Split a model's tensor names into {layer: {suffix: name}} and non-layer names."""
+    layers: dict[int, dict[str, str]] = {}
+    others = []
+    for name in info.tensors:
+        match = LAYER_NAME.match(name)
+        if match:
+            layers.setdefault(int(match["index"]), {})[match["suffix"]] = name
+        else:
+            others.append(name)
+    return layers, others
+
+
+def _promote(dtypes: Sequence[str]) -> str:
+    """torch.promote_types over float dtype names, without torch."""
+    unique = set(dtypes)
+    if len(unique) == 1:
+        return dtypes[0]
+    if "float64" in unique:
+        return "float64"
+    return "float32"
+
+
+def expand(
+    target: Target,
+    infos: Mapping[str, io.ModelInfo],
+    plans: Mapping[str, TargetPlan],
+    source_digests: Mapping[str, Mapping[str, str] | None],
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> TargetPlan:
+    """Expand one target into its tensor tasks, checking layer ranges and shapes."""
+    method = methods.get(target.method)
+    groups = _groups(target)
+    layer_tables = {node: _layers(info) for node, info in infos.items()}
+
+    def error(path: tuple, message: str) -> MergefileError:
+        return MergefileError(message, target.location(*path))
+
+    # Layer ranges against each source's real layer count.
+    for group in groups:
+        for index, (ref, layer_range) in enumerate(zip(group.refs, group.ranges)):
+            info = infos[node_of(ref)]
+            count = info.num_layers
+            layer_ids = layer_tables[node_of(ref)][0]
+            if count is None:
+                count = (max(layer_ids) + 1) if layer_ids else 0
+            if layer_range is None:
+                group.ranges[index] = (0, count)
+            elif layer_range[1] > count:
+                raise error(
+                    group.paths[index] + ("layer_range",),
+                    f"layer_range [{layer_range[0]}, {layer_range[1]}] is out of range: '{ref}' has {count} layers",
+                )
+        lengths = {r[1] - r[0] for r in group.ranges}
+        if len(lengths) > 1:
+            counts = ", ".join(f"'{r}': {rg[1] - rg[0]}" for r, rg in zip(group.refs, group.ranges))
+            raise error(group.path, f"models have different layer counts ({counts}); merge them with slices and layer_range")
+
+    tasks: list[TensorTask] = []
+    seen_names: set[str] = set()
+    out_layer = 0
+    layer_origin: list[tuple[str, int]] = []  # output layer -> (source node, source layer)
+
+    def add_task(out_name: str, group: _Group, in_names: list[str], t: float) -> None:
+        if out_name in seen_names:
+            raise error(group.path, f"two slices produce tensor '{out_name}'")
+        seen_names.add(out_name)
+        tensor_infos = []
+        for ref, in_name, path in zip(group.refs, in_names, group.paths):
+            info = infos[node_of(ref)]
+            found = info.tensors.get(in_name)
+            if found is None and in_name == "lm_head.weight" and info.config.get("tie_word_embeddings", False):
+                # A tied model's output head is its input embedding.
+                in_name = _embedding_name(info)
+                found = info.tensors.get(in_name) if in_name else None
+            if found is None:
+                raise error(path + ("model",), f"model '{ref}' has no tensor '{in_name}'")
+            tensor_infos.append(found)
+        shapes = {tuple(ti.shape) for ti in tensor_infos}
+        if len(shapes) > 1:
+            detail = ", ".join(f"'{r}' {list(ti.shape)}" for r, ti in zip(group.refs, tensor_infos))
+            raise error(group.path, f"shape mismatch for tensor '{out_name}': {detail}")
+        base_index = None
+        if group.base is not None:
+            for index, ref in enumerate(group.refs):
+                if node_of(ref) == node_of(group.base):
+                    base_index = index
+        in_dtypes = [ti.dtype for ti in tensor_infos]
+        is_float = all(d in io.FLOAT_DTYPES for d in in_dtypes)
+        if is_float:
+            out_dtype = target.out_dtype or target.dtype or _promote(in_dtypes)
+            compute_dtype = target.dtype or ("float64" if "float64" in in_dtypes else "float32")
+            params, model_params = _resolve(method, target, group, out_name, in_names, t, base_index, error)
+            op, seed = method.name, (target.seed if method.random else None)
+        else:
+            # Integer buffers are copied from the first input, as mergekit does.
+            out_dtype, compute_dtype = in_dtypes[0], in_dtypes[0]
+            params, model_params, op, seed = (), (), "copy", None
+            tensor_infos = tensor_infos[:1]
+            in_names = in_names[:1]
+            base_index = None
+        inputs = []
+        for ref, in_name in zip(group.refs, in_names):
+            node = node_of(ref)
+            inputs.append(TensorInput(node, in_name, _input_key(node, in_name, plans, source_digests)))
+        version = method.version if op != "copy" else 1
+        key = None
+        if all(i.key is not None for i in inputs):
+            key = keys.task_key(
+                method=op,
+                version=version,
+                params=dict(params),
+                model_params=[dict(p) for p in model_params],
+                base_index=base_index,
+                compute_dtype=compute_dtype,
+                out_dtype=out_dtype,
+                shape=tensor_infos[0].shape,
+                seed=seed,
+                input_keys=[i.key for i in inputs],
+            )
+        tasks.append(
+            TensorTask(
+                name=out_name,
+                shape=tuple(tensor_infos[0].shape),
+                dtype=out_dtype,
+                compute_dtype=compute_dtype,
+                method=op,
+                params=params,
+                model_params=model_params,
+                base_index=base_index,
+                seed=seed,
+                inputs=tuple(inputs),
+                key=key,
+            )
+        )
+
+    first, last = groups[0], groups[-1]
+    first_others = layer_tables[node_of(first.refs[0])][1]
+    last_others = layer_tables[node_of(last.refs[0])][1]
+    for name in sorted(n for n in first_others if PRE_LAYER.search(n)):
+        add_task(name, first, [name] * len(first.refs), 0.0)
+    for group in groups:
+        length = group.ranges[0][1] - group.ranges[0][0]
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            lead_node = node_of(group.refs[0])
+            lead_layers, _ = layer_tables[lead_node]
+            source_layer = group.ranges[0][0] + offset
+            suffixes = lead_layers.get(source_layer, {})
+            for suffix in sorted(suffixes):
+                out_name = LAYER_NAME.sub(lambda m: f"{m['prefix']}{out_layer}.{m['suffix']}", suffixes[suffix])
+                in_names = []
+                for ref, layer_range in zip(group.refs, group.ranges):
+                    layers, _ = layer_tables[node_of(ref)]
+                    in_layer = layers.get(layer_range[0] + offset, {})
+                    if suffix not in in_layer:
+                        raise error(group.path, f"model '{ref}' has no '{suffix}' in layer {layer_range[0] + offset}")
+                    in_names.append(in_layer[suffix])
+                add_task(out_name, group, in_names, t)
+            layer_origin.append((lead_node, source_layer))
+            out_layer += 1
+    for name in sorted(n for n in last_others if not PRE_LAYER.search(n)):
+        add_task(name, last, [name] * len(last.refs), 0.0)
+
+    config_node = node_of(target.base_model) if target.base_model else node_of(first.refs[0])
+    config = _output_config(infos[config_node].config, infos, layer_origin, tasks)
+    files = _companion_files(target, config_node, infos, plans)
+    file_digests = {name: _file_digest(path) for name, path in files.items()}
+    card = model_card(target, [node_of(r) for r in target.references()])
+    input_nodes = tuple(node_of(r) for r in target.references())
+    target_key = None
+    if all(t.key for t in tasks) and all(d is not None for d in file_digests.values()):
+        target_key = keys.target_key({t.name: t.key for t in tasks}, config, file_digests, card)
+    return TargetPlan(
+        target=target,
+        tasks=tuple(tasks),
+        config=config,
+        files=files,
+        file_digests=file_digests,
+        card=card,
+        key=target_key,
+        input_nodes=input_nodes,
+        num_layers=out_layer,
+        shard_bytes=shard_bytes,
+    )
+
+
+def _embedding_name(info: io.ModelInfo) -> str | None:
+    for name in info.tensors:
+        if PRE_LAYER.search(name) and name.endswith("weight") and "position" not in name:
+            return name
+    return None
+
+
+def _resolve(method, target: Target, group: _Group, out_name, in_names, t, base_index, error):
+    """Resolve every parameter for one tensor: global ones by output name, per-model by input name."""
+    global_scopes = (group.settings, target.parameters)
+    params = []
+    for parameter in method.parameters:
+        if parameter.per_model:
+            continue
+        try:
+            params.append((parameter.name, parameters.resolve(parameter, global_scopes, out_name, t)))
+        except KeyError:
+            raise error(("parameters",), f"{method.name} needs '{parameter.name}' (no value for tensor '{out_name}')") from None
+    model_params = []
+    for index, (ref, in_name, settings) in enumerate(zip(group.refs, in_names, group.model_settings)):
+        values = []
+        for parameter in method.parameters:
+            if not parameter.per_model or (index == base_index and not parameter.applies_to_base):
+                continue
+            scopes = (settings, group.settings, target.parameters)
+            try:
+                values.append((parameter.name, parameters.resolve(parameter, scopes, in_name, t)))
+            except KeyError:
+                raise error(
+                    group.paths[index], f"{method.name} needs '{parameter.name}' for model '{ref}' (tensor '{in_name}')"
+                ) from None
+        model_params.append(tuple(values))
+    return tuple(params), tuple(model_params)
+
+
+def _input_key(node: str, name: str, plans: Mapping[str, TargetPlan], source_digests) -> str | None:
+    if node.startswith("target:"):
+        upstream = plans[node.split(":", 1)[1]]
+        for task in upstream.tasks:
+            if task.name == name:
+                return task.key
+        return None
+    found = source_digests.get(node)
+    if found is None or name not in found:
+        return None
+    return keys.source_tensor_key(found[name])
+
+
+def _output_config(donor: Mapping[str, Any], infos, layer_origin, tasks) -> dict[str, Any]:
+    """The donor's config with the layer count (and per-layer lists) made to fit the output."""
+    import copy
+
+    config = copy.deepcopy(dict(donor))
+    holder = config.get("text_config") if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict) else config
+    old_count = io.layer_count(config)
+    new_count = len(layer_origin)
+    if old_count is not None and new_count != old_count:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(holder.get(key), int):
+                holder[key] = new_count
+        for key, value in list(holder.items()):
+            if isinstance(value, list) and len(value) == old_count and key != "architectures":
+                rebuilt = []
+                for node, layer in layer_origin:
+                    source_config = infos[node].config
+                    source_list = source_config.get(key) if isinstance(source_config.get(key), list) else value
+                    rebuilt.append(source_list[layer % len(source_list)])
+                holder[key] = rebuilt
+    float_dtypes = [t.dtype for t in tasks if t.dtype in io.FLOAT_DTYPES]
+    if float_dtypes:
+        dtype = max(set(float_dtypes), key=float_dtypes.count)
+        written = False
+        for key in ("torch_dtype", "dtype"):
+            if key in holder:
+                holder[key] = dtype
+                written = True
+        if not written:
+            holder["torch_dtype"] = dtype
+    return config
+
+
+def _companion_files(target: Target, config_node: str, infos, plans) -> dict[str, str]:
+    """Which non-weight files the output gets, and from where: config donor, then tokenizer."""
+
+    def files_of(node: str) -> dict[str, str]:
+        if node.startswith("target:"):
+            return dict(plans[node.split(":", 1)[1]].files)
+        folder = infos[node].folder
+        return {p.name: str(p) for p in io.companion_files(folder)} if folder else {}
+
+    files = {n: p for n, p in files_of(config_node).items() if n != "config.json"}
+    tokenizer_ref = target.tokenizer_source
+    if tokenizer_ref == "base":
+        tokenizer_ref = target.base_model
+    if isinstance(tokenizer_ref, ModelRef):
+        files = {n: p for n, p in files.items() if not TOKENIZER_FILE.match(n)}
+        files.update({n: p for n, p in files_of(node_of(tokenizer_ref)).items() if TOKENIZER_FILE.match(n)})
+    return dict(sorted(files.items()))
+
+
+def _file_digest(path: str) -> str | None:
+    try:
+        return io.hash_file(path)
+    except OSError:
+        return None
+
+
+def model_card(target: Target, input_nodes: Sequence[str]) -> str:
+    """The README.md of an output: what it is, the recipe as written, and its lineage."""
+    recipe = yaml.safe_dump({target.name: dict(target.recipe)}, sort_keys=False).rstrip()
+    lineage = "\n".join(f"- `{node.split(':', 1)[1]}` ({node.split(':', 1)[0]})" for node in input_nodes)
+    method = methods.get(target.method)
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- mbuild\n- merge\n---\n"
+        f"# {target.name}\n\n"
+        f"A merge built by mbuild with **{method.name}** ({method.paper}).\n\n"
+        f"## Inputs\n\n{lineage}\n\n"
+        f"## Recipe\n\n```yaml\n{recipe}\n```\n"
+    )
+
+
+def recipe_diff(before: Any, now: Any, prefix: str = "") -> list[str]:
+    """Human differences between two recipes as 'path: before -> now' lines."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        lines = []
+        for key in list(before) + [k for k in now if k not in before]:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in now:
+                lines.append(f"{path}: {_short(before[key])} → (removed)")
+            elif key not in before:
+                lines.append(f"{path}: (unset) → {_short(now[key])}")
+            else:
+                lines.extend(recipe_diff(before[key], now[key], path))
+        return lines
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        lines = []
+        for index, (b, n) in enumerate(zip(before, now)):
+            lines.extend(recipe_diff(b, n, f"{prefix}[{index}]"))
+        return lines
+    if before != now:
+        return [f"{prefix}: {_short(before)} → {_short(now)}"]
+    return []
+
+
+def _short(value: Any) -> str:
+    text = keys.canonical(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def source_fingerprint(source: Source, found: Mapping[str, str] | None) -> str | None:
+    """One hash for a source's content (its tensors' digests and revision)."""
+    if found is None:
+        return None
+    return keys.digest({"revision": source.revision, "tensors": dict(found)})
+
+
+def decide(
+    plan: Plan,
+    name: str,
+    lock_entry: Mapping[str, Any] | None,
+    manifest: Mapping[str, Any] | None,
+    output_changes: Sequence[str],
+    stale_upstream: set[str],
+    source_fingerprints: Mapping[str, str | None],
+) -> Decision:
+    """The one place that decides whether a target is stale, with the reasons."""
+    target_plan = plan.targets[name]
+    target = target_plan.target
+    reasons: list[str] = []
+    if manifest is None:
+        reasons.append("output missing" if lock_entry else "never built")
+        return Decision(True, tuple(reasons))
+    if target_plan.key is not None and manifest.get("key") == target_plan.key:
+        if output_changes:
+            return Decision(True, tuple(f"output modified: {change}" for change in output_changes))
+        return Decision(False, ())
+    # Stale: explain by comparing with what was recorded at the last build.
+    if lock_entry:
+        reasons.extend(recipe_diff(lock_entry.get("recipe", {}), _plain(target.recipe)))
+        method = methods.get(target.method)
+        if lock_entry.get("method_version") not in (None, method.version):
+            reasons.append(f"method {method.name}: version {lock_entry['method_version']} → {method.version}")
+        recorded_inputs = lock_entry.get("inputs", {})
+    else:
+        recorded_inputs = {}
+    for node in target_plan.input_nodes:
+        label = node.split(":", 1)[1]
+        if node.startswith("target:"):
+            if label in stale_upstream:
+                reasons.append(f"input {label}: rebuilt")
+            continue
+        now = source_fingerprints.get(node)
+        before = recorded_inputs.get(node)
+        if now is None:
+            reasons.append(f"source {label}: changed on disk (bytes not yet re-hashed)")
+        elif before is not None and before != now:
+            reasons.append(f"source {label}: content changed")
+    if not reasons:
+        reasons.append("inputs changed" if lock_entry else "built by another Mergefile or version")
+    return Decision(True, tuple(reasons))
+
+
+def _plain(data: Any) -> Any:
+    """Recipe data as JSON would give it back (tuples to lists), for comparing with the lock."""
+    import json
+
+    return json.loads(keys.canonical(data))

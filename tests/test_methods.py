@@ -1,0 +1,602 @@
+"""Tests for mbuild.methods: the registry, the declarations, and every kernel's numbers.
+
+Hand-computed values come first; the bit-for-bit comparisons with mergekit sit in their
+own section at the end and skip cleanly when mergekit is not installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mbuild import methods
+from mbuild.methods import REQUIRED, Method, Parameter
+from mbuild.methods.task_arithmetic import TaskArithmeticVariant
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT_IN = {"dare_linear", "dare_ties", "linear", "passthrough", "slerp", "task_arithmetic", "ties"}
+
+
+def resolve(method: Method, count: int, base_index: int | None, values: dict) -> tuple[dict, list[dict]]:
+    """Resolve values the way the engine does: defaults filled, per-model lists split by input, base skipped where due."""
+    params: dict = {}
+    model_params: list[dict] = [{} for _ in range(count)]
+    for parameter in method.parameters:
+        given = values.get(parameter.name, parameter.default)
+        if not parameter.per_model:
+            params[parameter.name] = given
+            continue
+        for index in range(count):
+            if index == base_index and not parameter.applies_to_base:
+                continue
+            value = given[index] if isinstance(given, (list, tuple)) else given
+            assert value is not REQUIRED, f"test forgot {parameter.name}"
+            model_params[index][parameter.name] = value
+    return params, model_params
+
+
+def merge(name: str, tensors, *, base_index=None, generator=None, **values) -> torch.Tensor:
+    """Run a registered kernel on `tensors` with `values` (per-model ones as a list over all inputs)."""
+    method = methods.get(name)
+    params, model_params = resolve(method, len(tensors), base_index, values)
+    return method.kernel(
+        tensors, base_index=base_index, params=params, model_params=model_params, generator=generator
+    )
+
+
+def t(*values, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and declarations
+
+
+def test_import_does_not_import_torch():
+    code = "import mbuild.methods, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_built_in_method_is_registered_sorted():
+    names = [method.name for method in methods.all_methods()]
+    assert names == sorted(names)
+    assert BUILT_IN <= set(names)
+    assert methods.get("ties").name == "ties"
+
+
+def test_unknown_method_is_key_error():
+    with pytest.raises(KeyError, match="no_such_method"):
+        methods.get("no_such_method")
+
+
+def test_duplicate_registration_is_rejected(monkeypatch):
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(methods.get("linear"))
+    fresh = Method(name="test_only", kernel=lambda *a, **k: None, parameters=(), paper="x")
+    assert methods.register(fresh) is fresh
+    assert methods.get("test_only") is fresh
+
+
+def test_method_parameter_lookup():
+    ties = methods.get("ties")
+    assert ties.parameter("density").default == 1.0
+    with pytest.raises(KeyError):
+        ties.parameter("t")
+
+
+def test_declarations():
+    linear = methods.get("linear")
+    assert linear.parameter("weight").default is REQUIRED and linear.parameter("weight").per_model
+    assert linear.parameter("normalize").default is True and not linear.parameter("normalize").per_model
+    assert linear.base == "ignored" and not linear.random
+
+    slerp = methods.get("slerp")
+    assert (slerp.base, slerp.min_models, slerp.max_models) == ("required", 2, 2)
+    assert (slerp.parameter("t").minimum, slerp.parameter("t").maximum) == (0.0, 1.0)
+
+    expected = {  # name: (normalize, rescale, random)
+        "task_arithmetic": (False, False, False),
+        "ties": (True, False, False),
+        "dare_linear": (False, True, True),
+        "dare_ties": (False, True, True),
+    }
+    for name, (normalize, rescale, random) in expected.items():
+        method = methods.get(name)
+        assert method.base == "required" and method.random is random, name
+        assert method.parameter("normalize").default is normalize, name
+        assert method.parameter("rescale").default is rescale, name
+        assert method.parameter("lambda").default == 1.0
+        assert method.parameter("int8_mask").default is False
+        assert not method.parameter("weight").applies_to_base
+        assert method.parameter("weight").default is REQUIRED
+        assert (method.parameter("density").minimum, method.parameter("density").maximum) == (0.0, 1.0)
+
+    passthrough = methods.get("passthrough")
+    assert passthrough.max_models == 1 and passthrough.parameter("scale").default is None
+
+    for method in methods.all_methods():
+        assert method.summary and method.paper.startswith("https://"), method.name
+
+
+def test_method_declaration_is_checked():
+    with pytest.raises(ValueError, match="base"):
+        Method(name="x", kernel=print, parameters=(), paper="p", base="sometimes")
+    weight = Parameter("weight", float, per_model=True)
+    with pytest.raises(ValueError, match="twice"):
+        Method(name="x", kernel=print, parameters=(weight, weight), paper="p")
+
+
+def test_required_survives_pickle_and_copy():
+    assert pickle.loads(pickle.dumps(REQUIRED)) is REQUIRED
+    assert copy.deepcopy(methods.get("linear")).parameter("weight").default is REQUIRED
+    assert repr(REQUIRED) == "REQUIRED"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter.validate
+
+
+def test_validate_float_accepts_int_and_coerces():
+    weight = methods.get("linear").parameter("weight")
+    value = weight.validate(2)
+    assert value == 2.0 and type(value) is float
+
+
+@pytest.mark.parametrize("bad", [True, "0.5", None, [0.5], float("nan"), float("inf")])
+def test_validate_float_rejects(bad):
+    with pytest.raises(ValueError):
+        methods.get("linear").parameter("weight").validate(bad)
+
+
+def test_validate_range_is_inclusive_and_named_in_message():
+    density = methods.get("ties").parameter("density")
+    assert density.validate(0) == 0.0 and density.validate(1) == 1.0
+    with pytest.raises(ValueError, match=r"from 0 to 1, got 1\.5"):
+        density.validate(1.5)
+    with pytest.raises(ValueError, match=r"got -0\.1"):
+        density.validate(-0.1)
+    one_sided = Parameter("k", int, per_model=False, default=1, minimum=1)
+    with pytest.raises(ValueError, match="at least 1"):
+        one_sided.validate(0)
+
+
+def test_validate_bool_int_str_and_optional():
+    normalize = methods.get("linear").parameter("normalize")
+    assert normalize.validate(False) is False
+    for bad in (1, 0, "true"):
+        with pytest.raises(ValueError):
+            normalize.validate(bad)
+    count = Parameter("k", int, per_model=False, default=1)
+    assert count.validate(3) == 3
+    for bad in (True, 2.5):
+        with pytest.raises(ValueError):
+            count.validate(bad)
+    label = Parameter("label", str, per_model=False, default="a")
+    assert label.validate("b") == "b"
+    with pytest.raises(ValueError):
+        label.validate(3)
+    scale = methods.get("passthrough").parameter("scale")
+    assert scale.validate(None) is None and scale.validate(2) == 2.0
+    with pytest.raises(ValueError):  # None only where None is the default
+        methods.get("ties").parameter("density").validate(None)
+
+
+def test_parameter_rejects_default_out_of_range():
+    with pytest.raises(ValueError):
+        Parameter("density", float, per_model=True, default=2.0, minimum=0.0, maximum=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear
+
+
+A = t(1.0, 2.0, -4.0, 0.5)
+B = t(3.0, -2.0, 0.0, 8.5)
+
+
+def test_linear_normalized():
+    # (1*A + 3*B) = [10, -4, -4, 26], divided by 1 + 3
+    out = merge("linear", [A, B], weight=[1.0, 3.0])
+    assert torch.equal(out, t(2.5, -1.0, -1.0, 6.5))
+
+
+def test_linear_unnormalized():
+    out = merge("linear", [A, B], weight=[1.0, 3.0], normalize=False)
+    assert torch.equal(out, t(10.0, -4.0, -4.0, 26.0))
+
+
+def test_linear_keeps_16_bit_dtype_and_inputs():
+    a, b = A.to(torch.bfloat16), B.to(torch.bfloat16)
+    a_before, b_before = a.clone(), b.clone()
+    out = merge("linear", [a, b], weight=[1.0, 3.0])
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, t(2.5, -1.0, -1.0, 6.5, dtype=torch.bfloat16))
+    assert torch.equal(a, a_before) and torch.equal(b, b_before)
+
+
+def test_linear_of_scalars_and_matrices():
+    # 0.25 * 8 + 0.75 * 4 = 5
+    assert torch.equal(merge("linear", [torch.tensor(8.0), torch.tensor(4.0)], weight=[0.25, 0.75]), torch.tensor(5.0))
+    out = merge("linear", [torch.ones(2, 3), torch.zeros(2, 3), torch.full((2, 3), 4.0)], weight=[1.0, 2.0, 1.0])
+    assert torch.equal(out, torch.full((2, 3), 1.25))  # (1 + 0 + 4) / 4
+
+
+# ---------------------------------------------------------------------------------------------
+# slerp
+
+
+def test_slerp_orthogonal_midpoint():
+    # angle pi/2: both coefficients are sin(pi/4) / sin(pi/2) = sqrt(2)/2
+    out = merge("slerp", [t(2.0, 0.0), t(0.0, 3.0)], base_index=0, t=0.5)
+    half = math.sqrt(2) / 2
+    assert torch.allclose(out, t(2 * half, 3 * half), rtol=1e-6, atol=0)
+
+
+def test_slerp_goes_from_the_base():
+    # base e1, other e2, t=1/3: (sin(pi/3), sin(pi/6)) = (0.8660254, 0.5); base listed second
+    out = merge("slerp", [t(0.0, 1.0), t(1.0, 0.0)], base_index=1, t=1 / 3)
+    assert torch.allclose(out, t(0.8660254, 0.5), rtol=1e-6, atol=1e-7)
+
+
+def test_slerp_endpoints():
+    a, b = t(1.0, 2.0, 3.0), t(-2.0, 0.5, 1.0)
+    assert torch.equal(merge("slerp", [a, b], base_index=0, t=0.0), a)
+    assert torch.allclose(merge("slerp", [a, b], base_index=0, t=1.0), b, rtol=1e-6, atol=1e-7)
+
+
+def test_slerp_parallel_and_antiparallel_fall_back_to_lerp():
+    # parallel: 0.75 * [1, 2] + 0.25 * [2, 4]
+    assert torch.equal(merge("slerp", [t(1.0, 2.0), t(2.0, 4.0)], base_index=0, t=0.25), t(1.25, 2.5))
+    # antiparallel: 0.5 * [1, 2] + 0.5 * [-1, -2]
+    assert torch.equal(merge("slerp", [t(1.0, 2.0), t(-1.0, -2.0)], base_index=0, t=0.5), t(0.0, 0.0))
+
+
+def test_slerp_shape_dtype_and_errors():
+    a = torch.eye(3, dtype=torch.bfloat16)
+    out = merge("slerp", [a, a.flip(0)], base_index=0, t=0.5)
+    assert out.shape == (3, 3) and out.dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        merge("slerp", [A, B, A], base_index=0, t=0.5)
+    with pytest.raises(ValueError):
+        merge("slerp", [A, B], base_index=None, t=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# task arithmetic family
+
+BASE = t(1.0, 1.0, 1.0, 1.0)
+M1 = t(2.0, 0.0, 1.0, 3.0)  # delta [1, -1, 0, 2]
+M2 = t(1.0, 3.0, 0.0, 1.0)  # delta [0, 2, -1, 0]
+
+
+def test_task_arithmetic_sum_of_weighted_deltas():
+    # 0.5*[1, -1, 0, 2] + [0, 2, -1, 0] = [0.5, 1.5, -1, 1], plus the base
+    out = merge("task_arithmetic", [M1, M2, BASE], base_index=2, weight=[0.5, 1.0, None])
+    assert torch.equal(out, t(1.5, 2.5, 0.0, 2.0))
+    # base listed first: same numbers
+    out = merge("task_arithmetic", [BASE, M1, M2], base_index=0, weight=[None, 0.5, 1.0])
+    assert torch.equal(out, t(1.5, 2.5, 0.0, 2.0))
+
+
+def test_task_arithmetic_normalize_and_lambda():
+    out = merge("task_arithmetic", [M1, M2, BASE], base_index=2, weight=[0.5, 1.0, None], normalize=True)
+    assert torch.allclose(out, t(4 / 3, 2.0, 1 / 3, 5 / 3), rtol=1e-6, atol=0)  # mixed / 1.5
+    out = merge("task_arithmetic", [M1, M2, BASE], base_index=2, weight=[0.5, 1.0, None], **{"lambda": 2.0})
+    assert torch.equal(out, t(2.0, 4.0, -1.0, 3.0))  # 2 * mixed
+
+
+def test_task_arithmetic_base_alone_and_inputs_untouched():
+    out = merge("task_arithmetic", [BASE], base_index=0)
+    assert torch.equal(out, BASE) and out.data_ptr() != BASE.data_ptr()
+    before = [x.clone() for x in (M1, M2, BASE)]
+    merge("ties", [M1, M2, BASE], base_index=2, weight=[1.0, 1.0, None], density=0.5)
+    assert all(torch.equal(x, y) for x, y in zip((M1, M2, BASE), before))
+    with pytest.raises(ValueError, match="base"):
+        merge("task_arithmetic", [M1, M2], base_index=None, weight=[1.0, 1.0])
+
+
+ZERO = torch.zeros(4)
+T1 = t(3.0, -1.0, 0.5, -2.0)
+T2 = t(-4.0, 2.0, 0.25, -1.0)
+
+
+def test_ties_trim_elect_merge():
+    # density 0.5 keeps 2 of 4: T1 -> [3, 0, 0, -2], T2 -> [-4, 2, 0, 0]. Weighted [6,0,0,-4] + [-4,2,0,0]
+    # sum [2, 2, 0, -4] elects signs [+, +, +, -]; agreeing: T1 at 0 and 3, T2 at 1.
+    # mixed [6, 2, 0, -4] / agreeing weight [2, 1, 0->1, 2] = [3, 2, 0, -2]
+    out = merge("ties", [T1, T2, ZERO], base_index=2, weight=[2.0, 1.0, None], density=[0.5, 0.5, None])
+    assert torch.equal(out, t(3.0, 2.0, 0.0, -2.0))
+    unnormalized = merge(
+        "ties", [T1, T2, ZERO], base_index=2, weight=[2.0, 1.0, None], density=0.5, normalize=False
+    )
+    assert torch.equal(unnormalized, t(6.0, 2.0, 0.0, -4.0))
+
+
+def test_ties_equal_weights_elect_differently():
+    # sum [-1, 2, 0, -2] elects [-, +, +, -]: T1 agrees at 3 only, T2 at 0 and 1
+    out = merge("ties", [T1, T2, ZERO], base_index=2, weight=[1.0, 1.0, None], density=0.5)
+    assert torch.equal(out, t(-4.0, 2.0, 0.0, -2.0))
+    with_int8 = merge("ties", [T1, T2, ZERO], base_index=2, weight=[1.0, 1.0, None], density=0.5, int8_mask=True)
+    assert torch.equal(with_int8, out)
+
+
+def test_ties_density_extremes():
+    # density 1: sum [-1, 1, 0.75, -3] elects [-, +, +, -]; T1 agrees at 2, 3; T2 everywhere
+    # mixed [-4, 2, 0.75, -3] / [1, 1, 2, 2]
+    out = merge("ties", [T1, T2, ZERO], base_index=2, weight=[1.0, 1.0, None])
+    assert torch.equal(out, t(-4.0, 2.0, 0.375, -1.5))
+    # density 0.1 of 4 elements still keeps one: [3, 0, 0, 0] and [-4, 0, 0, 0]; -4 wins the vote
+    out = merge("ties", [T1, T2, ZERO], base_index=2, weight=[1.0, 1.0, None], density=0.1)
+    assert torch.equal(out, t(-4.0, 0.0, 0.0, 0.0))
+    out = merge("ties", [T1, T2, BASE], base_index=2, weight=[1.0, 1.0, None], density=0.0)
+    assert torch.equal(out, BASE)
+
+
+def test_float16_zero_total_weight_and_large_norms_stay_finite():
+    # weights 1 and -1 cancel: normalize must leave the sum undivided (1e-8 is 0 in float16)
+    half = [x.to(torch.float16) for x in (M1, M2, BASE)]
+    out = merge("task_arithmetic", half, base_index=2, weight=[1.0, -1.0, None], normalize=True)
+    assert torch.equal(out, t(2.0, -2.0, 2.0, 3.0, dtype=torch.float16))  # base + [1, -3, 1, 2]
+    # an L1 norm of 100000 overflows a float16 sum (max 65504); the rescale, x 10/9, must stay finite
+    delta = t(30000.0, -30000.0, 30000.0, 10000.0, dtype=torch.float16)
+    out = merge("ties", [delta, torch.zeros_like(delta)], base_index=1, weight=[1.0, None], density=0.75, rescale=True)
+    third = 100000.0 / 3
+    assert torch.allclose(out.float(), t(third, -third, third, 0.0), rtol=1e-3)
+
+
+def test_ties_rescale_restores_l1_norm():
+    # keeps [3, 0, 0, -2] (L1 5 of 6.5), scaled by 1.3
+    out = merge("ties", [T1, ZERO], base_index=1, weight=[1.0, None], density=0.5, rescale=True)
+    assert torch.allclose(out, t(3.9, 0.0, 0.0, -2.6), rtol=1e-6, atol=0)
+
+
+def test_count_consensus_variant():
+    variant = TaskArithmeticVariant(
+        name="ties_count", sparsification=None, consensus="count", normalize=True, rescale=False, paper="", summary=""
+    )
+    method = variant.method()
+    tensors = [t(3.0), t(-1.0), t(-1.0), t(0.0)]
+    params, model_params = resolve(method, 4, 3, {"weight": [1.0, 1.0, 1.0, None]})
+    out = method.kernel(tensors, base_index=3, params=params, model_params=model_params, generator=None)
+    assert torch.equal(out, t(-1.0))  # two negatives outvote one positive: (-1 - 1) / 2
+    # the same inputs under "sum" elect + (3 - 1 - 1 = 1): only the 3 survives
+    assert torch.equal(merge("ties", tensors, base_index=3, weight=[1.0, 1.0, 1.0, None]), t(3.0))
+
+
+def test_dare_without_drop_is_task_arithmetic():
+    # density 1 drops nothing. Weighted deltas [0.5, -0.5, 0, 1] and [0, 2, -1, 0]: dare_linear adds
+    # them; dare_ties elects + at element 1, so the -0.5 is left out there (1 + 2 = 3).
+    expected = {"dare_linear": t(1.5, 2.5, 0.0, 2.0), "dare_ties": t(1.5, 3.0, 0.0, 2.0)}
+    for name in ("dare_linear", "dare_ties"):
+        out = merge(name, [M1, M2, BASE], base_index=2, weight=[0.5, 1.0, None], generator=seeded(0))
+        assert torch.equal(out, expected[name]), name
+        dropped = merge(name, [M1, M2, BASE], base_index=2, weight=[0.5, 1.0, None], density=0.0, generator=seeded(0))
+        assert torch.equal(dropped, BASE), name
+
+
+def test_dare_needs_a_generator():
+    with pytest.raises(ValueError, match="Generator"):
+        merge("dare_linear", [M1, BASE], base_index=1, weight=[1.0, None], density=0.5)
+
+
+def _large_pair(seed: int = 7, dtype=torch.float32):
+    generator = seeded(seed)
+    base = torch.randn(1000, 1000, generator=generator)
+    model = base + torch.randn(1000, 1000, generator=generator)
+    return base.to(dtype), model.to(dtype)
+
+
+def test_dare_reproducible_from_seed():
+    base, model = _large_pair()
+    other = base + 0.5
+    args = dict(base_index=2, weight=[0.7, 0.3, None], density=0.4)
+    for name in ("dare_linear", "dare_ties"):
+        first = merge(name, [model, other, base], generator=seeded(123), **args)
+        again = merge(name, [model, other, base], generator=seeded(123), **args)
+        different = merge(name, [model, other, base], generator=seeded(124), **args)
+        assert torch.equal(first, again), name
+        assert not torch.equal(first, different), name
+
+
+def test_dare_keeps_density_fraction_and_l1_norm():
+    base, model = _large_pair()
+    zero = torch.zeros_like(base)
+    delta = model - base
+    out = merge("dare_linear", [delta, zero], base_index=1, weight=[1.0, None], density=0.3, generator=seeded(5))
+    kept = out != 0
+    # one million Bernoulli(0.3) draws: standard error 0.00046; allow ~6 of them
+    assert abs(kept.float().mean().item() - 0.3) < 0.003
+    assert torch.allclose(out.abs().sum(), delta.abs().sum(), rtol=1e-5)
+    assert torch.allclose(out[kept] / delta[kept], torch.tensor(1 / 0.3), rtol=0.02)
+
+    plain = merge(
+        "dare_linear", [delta, zero], base_index=1, weight=[1.0, None], density=0.3, rescale=False, generator=seeded(5)
+    )
+    assert torch.equal(plain != 0, kept)  # same seed, same mask
+    assert torch.equal(plain[kept], delta[kept])  # without rescale the survivors are untouched
+
+
+def test_dare_mask_does_not_depend_on_compute_dtype():
+    base, model = _large_pair()
+    zero = torch.zeros_like(base)
+    delta = model - base
+    full = merge("dare_linear", [delta, zero], base_index=1, weight=[1.0, None], density=0.5, generator=seeded(9))
+    half = delta.to(torch.bfloat16)
+    low = merge(
+        "dare_linear", [half, zero.to(torch.bfloat16)], base_index=1, weight=[1.0, None], density=0.5, generator=seeded(9)
+    )
+    assert low.dtype == torch.bfloat16
+    # the same elements survive, except where rounding to bf16 made the delta itself zero
+    assert torch.equal((full != 0) & (half != 0), low != 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# passthrough
+
+
+def test_passthrough_copies_or_scales():
+    x = t(1.0, -2.0, 3.0)
+    out = merge("passthrough", [x])
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    assert torch.equal(merge("passthrough", [x], scale=[2.0]), t(2.0, -4.0, 6.0))
+    with pytest.raises(ValueError):
+        merge("passthrough", [x, x])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with mergekit, bit for bit, at kernel level
+
+
+@pytest.fixture(scope="module")
+def mergekit_methods():
+    pytest.importorskip("mergekit")
+    from mergekit import merge_methods
+
+    return merge_methods
+
+
+def mergekit_merge(mergekit_methods, name, tensors, *, base_index=None, **values):
+    """Run mergekit's method on one tensor group, per-model values given as a list over all inputs."""
+    group = mergekit_methods.TensorGroup.from_tensors(tensors, base_index=base_index)
+    parameters = {
+        key: {index: v for index, v in enumerate(value) if v is not None} if isinstance(value, list) else value
+        for key, value in values.items()
+    }
+    (out,) = mergekit_methods.get(name)([group], parameters=parameters, dtype=tensors[0].dtype)
+    return out
+
+
+def random_models(shape, count, dtype, seed, spread=0.05):
+    """A base and `count - 1` fine-tunes of it: the last tensor is the base."""
+    generator = seeded(seed)
+    base = torch.randn(shape, generator=generator)
+    tunes = [base + spread * torch.randn(shape, generator=generator) for _ in range(count - 1)]
+    return [x.to(dtype) for x in (*tunes, base)]
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(64, 48), (300,)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_matches_mergekit(mergekit_methods, dtype, shape, normalize):
+    tensors = random_models(shape, 3, dtype, seed=1, spread=1.0)
+    weights = [0.3, 0.55, 0.15] if normalize else [0.7, -0.2, 1.3]
+    ours = merge("linear", tensors, weight=weights, normalize=normalize)
+    theirs = mergekit_merge(mergekit_methods, "linear", tensors, weight=weights, normalize=normalize)
+    assert ours.dtype == theirs.dtype == dtype
+    assert torch.equal(ours, theirs)
+
+
+def _slerp_pairs(shape):
+    """Float32 pairs: unrelated, nearly parallel (cosine above 0.9995), and opposite."""
+    generator = seeded(2)
+    a = torch.randn(shape, generator=generator)
+    b = torch.randn(shape, generator=generator)
+    near = 2 * a + 0.01 * torch.randn(shape, generator=generator)
+    return {"random": (a, b), "near_parallel": (a, near), "antiparallel": (a, -a)}
+
+
+SLERP_CASES = [
+    *((dtype, shape) for dtype in (torch.float32, torch.bfloat16, torch.float64) for shape in SHAPES),
+    # 1.5M elements: two chunks of mergekit's 1M-element norm and dot reductions
+    (torch.float32, (1536, 1024)),
+    (torch.bfloat16, (1536, 1024)),
+]
+
+
+@pytest.mark.parametrize("dtype, shape", SLERP_CASES)
+def test_slerp_matches_mergekit(mergekit_methods, dtype, shape):
+    pairs = _slerp_pairs(shape)
+    for label, (a, b) in pairs.items():
+        a, b = a.to(dtype), b.to(dtype)
+        for base_index, factor in ((0, 0.3), (1, 0.75)):
+            tensors = [a, b] if base_index == 0 else [b, a]
+            ours = merge("slerp", tensors, base_index=base_index, t=factor)
+            theirs = mergekit_merge(mergekit_methods, "slerp", tensors, base_index=base_index, t=factor)
+            assert ours.dtype == theirs.dtype == dtype
+            assert torch.equal(ours, theirs), (label, base_index)
+        if label == "near_parallel":  # really took the linear branch
+            expected = 0.7 * a.double() + 0.3 * b.double()
+            assert torch.allclose(merge("slerp", [a, b], base_index=0, t=0.3).double(), expected, rtol=0.02, atol=0.02)
+
+
+TASK_CASES = [
+    # (method, values) with per-model lists for three fine-tunes then the base
+    ("task_arithmetic", {"weight": [0.3, 0.7, 1.1, None]}),
+    ("task_arithmetic", {"weight": [0.3, 0.7, 1.1, None], "normalize": True, "lambda": 0.6}),
+    ("task_arithmetic", {"weight": [1.0, -1.0, 0.0, None], "normalize": True}),  # zero total weight
+    ("ties", {"weight": [0.5, 0.3, 0.9, None], "density": [0.2, 0.5, 0.9, None]}),
+    ("ties", {"weight": [1.0, 1.0, 1.0, None], "density": 0.35, "int8_mask": True}),
+    ("ties", {"weight": [0.4, 0.6, 1.2, None], "density": [1.0, 0.0, 0.7, None], "lambda": 1.5}),
+    ("ties", {"weight": [0.4, 0.6, 1.2, None], "density": 0.3, "normalize": False, "rescale": True}),
+    ("ties", {"weight": [0.5, -0.5, 0.25, None], "density": 0.001}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name, values", TASK_CASES)
+@pytest.mark.parametrize("base_first", [False, True])
+def test_task_arithmetic_family_matches_mergekit(mergekit_methods, dtype, shape, name, values, base_first):
+    tensors = random_models(shape, 4, dtype, seed=3)
+    base_index = 3
+    if base_first:  # move the base (and its None) to the front
+        tensors = [tensors[3], *tensors[:3]]
+        values = {k: [v[3], *v[:3]] if isinstance(v, list) else v for k, v in values.items()}
+        base_index = 0
+    ours = merge(name, tensors, base_index=base_index, **values)
+    theirs = mergekit_merge(mergekit_methods, name, tensors, base_index=base_index, **values)
+    assert ours.dtype == theirs.dtype == dtype
+    if torch.isfinite(theirs).all():
+        assert torch.equal(ours, theirs)
+    else:  # mergekit divides by a float16 zero total weight; we deliberately do not
+        assert dtype == torch.float16 and torch.isfinite(ours).all()
+
+
+def test_ties_matches_mergekit_on_a_large_tensor(mergekit_methods):
+    # bf16 deltas repeat magnitudes often, so the argsort tie order is exercised at scale.
+    tensors = random_models((1024, 1100), 3, torch.bfloat16, seed=4)
+    values = {"weight": [0.6, 0.4, None], "density": [0.3, 0.6, None]}
+    ours = merge("ties", tensors, base_index=2, **values)
+    theirs = mergekit_merge(mergekit_methods, "ties", tensors, base_index=2, **values)
+    assert torch.equal(ours, theirs)
+
+
+def test_passthrough_matches_mergekit(mergekit_methods):
+    (x,) = random_models((64, 48), 1, torch.bfloat16, seed=5)
+    for scale in (None, 0.37):
+        ours = merge("passthrough", [x], scale=[scale])
+        theirs = mergekit_merge(mergekit_methods, "passthrough", [x], scale=[scale] if scale else None)
+        assert torch.equal(ours, theirs)
+
+
+def test_declarations_match_mergekit(mergekit_methods):
+    from mergekit.merge_methods.base import MISSING, BasePolicy, ParameterScope
+
+    for ours in methods.all_methods():
+        spec = mergekit_methods.get(ours.name).spec
+        assert {p.name for p in ours.parameters} == {p.name for p in spec.parameters}, ours.name
+        assert ours.base == {BasePolicy.REQUIRED: "required", BasePolicy.IGNORED: "ignored"}[spec.contract.base]
+        assert (ours.min_models, ours.max_models) == (spec.contract.min_inputs or 1, spec.contract.max_inputs)
+        for theirs in spec.parameters:
+            mine = ours.parameter(theirs.name)
+            assert mine.per_model == (theirs.scope != ParameterScope.SHARED), (ours.name, theirs.name)
+            assert mine.applies_to_base == (theirs.scope != ParameterScope.NON_BASE), (ours.name, theirs.name)
+            expected_default = REQUIRED if theirs.default is MISSING else theirs.default
+            assert mine.default == expected_default or mine.default is expected_default, (ours.name, theirs.name)
