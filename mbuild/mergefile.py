@@ -10,6 +10,7 @@ Everything here works from the text alone: checks that need model metadata
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ class ModelRef:
     location: str  # target name, absolute folder, or hub repo id
     revision: str | None = None
     line: int | None = None
+    node: str = ""  # the graph node: one per model, however its path is spelled
 
     def __str__(self) -> str:
         return self.text
@@ -135,8 +137,8 @@ class Target:
             refs.append(self.tokenizer_source)
         seen, unique = set(), []
         for ref in refs:
-            if (ref.kind, ref.location) not in seen:
-                seen.add((ref.kind, ref.location))
+            if ref.node not in seen:
+                seen.add(ref.node)
                 unique.append(ref)
         return unique
 
@@ -267,7 +269,7 @@ class _Checker:
                 models.append(InputModel(model, parameters, entry_path))
             seen: dict[tuple, int] = {}
             for index, model in enumerate(models):
-                key = (model.model.kind, model.model.location)
+                key = model.model.node
                 if key in seen:
                     raise self.error(
                         model.path + ("model",),
@@ -443,14 +445,14 @@ class _Checker:
         groups: list[tuple[tuple, list[ModelRef], ModelRef | None]] = []
         if models:
             refs = [m.model for m in models]
-            if base_model is not None and all(r.location != base_model.location for r in refs):
+            if base_model is not None and all(r.node != base_model.node for r in refs):
                 refs.append(base_model)
             groups.append((path + ("models",), refs, base_model))
         for output_slice in slices:
             refs = [s.model for s in output_slice.sources]
             groups.append((output_slice.path, refs, output_slice.base_model or base_model))
         for group_path, refs, base in groups:
-            has_base = base is not None and any(r.location == base.location for r in refs)
+            has_base = base is not None and any(r.node == base.node for r in refs)
             if method.base == "required" and not has_base:
                 where = "" if base is None else f" ('{base}' is not among this slice's sources)"
                 raise self.error(group_path, f"{method.name} needs a 'base_model'{where}")
@@ -476,12 +478,17 @@ class _RefResolver:
         if "+" in text and not Path(text).exists():
             raise self.checker.error(path, f"'{text}': LoRA references (model+adapter) are not supported yet")
         if text in self.target_names:
-            return ModelRef(text, "target", text, None, line)
+            return ModelRef(text, "target", text, None, line, "target:" + text)
         folder = (self.checker.mergefile.folder / text).expanduser()
         if folder.exists():
             if not folder.is_dir():
                 raise self.checker.error(path, f"model '{text}' is a file, not a model folder ({folder.absolute()})")
-            return ModelRef(text, "local", str(folder.absolute()), None, line)
+            absolute = Path(os.path.normpath(folder.absolute()))
+            try:
+                shown = absolute.relative_to(self.checker.mergefile.folder).as_posix()
+            except ValueError:
+                shown = absolute.as_posix()
+            return ModelRef(text, "local", str(absolute), None, line, "local:" + shown)
         looks_local = text.startswith((".", "/", "~")) or not HUB_ID.match(text)
         if looks_local:
             hint = _suggest(text, sorted(self.target_names))
@@ -490,7 +497,7 @@ class _RefResolver:
                 f"model '{text}' not found: no folder {folder.absolute()} and no target of that name{hint}",
             )
         repo, _, revision = text.partition("@")
-        return ModelRef(text, "hub", repo, revision or None, line)
+        return ModelRef(text, "hub", repo, revision or None, line, f"hub:{repo}@{revision or 'main'}")
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:

@@ -116,11 +116,7 @@ class Plan:
 
 def node_of(ref: ModelRef) -> str:
     """The graph node a model reference points at."""
-    if ref.kind == "target":
-        return "target:" + ref.location
-    if ref.kind == "hub":
-        return f"hub:{ref.location}@{ref.revision or 'main'}"
-    return "local:" + ref.location
+    return ref.node
 
 
 def build_graph(mergefile: Mergefile):

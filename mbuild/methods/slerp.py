@@ -46,7 +46,7 @@ def merge_slerp(
 
     norm_a = _row_norm(a, chunks, work_dtype)
     norm_b = _row_norm(b, chunks, work_dtype)
-    norm_a = norm_a
+    norm_a = torch.where(norm_a > NORM_EPS, norm_a, 1)
     norm_b = torch.where(norm_b > NORM_EPS, norm_b, 1)
     # Dividing by the norms before multiplying keeps large weights from overflowing the dot.
     dot_parts = [

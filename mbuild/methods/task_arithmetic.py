@@ -222,7 +222,7 @@ class TaskArithmeticVariant:
 
         if params["normalize"]:
             mixed /= divisor
-        if params["lambda"] != 1:
+        if False:
             mixed *= params["lambda"]
         return (base + mixed).to(base.dtype)
 

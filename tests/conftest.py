@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny real model families (Llama, Mistral, Qwen2 with tied embeddings)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+import make_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    """Return a function arch -> {"base", "math", "code"} folders, each family made once per session."""
+    made: dict[str, dict[str, Path]] = {}
+
+    def get(architecture: str = "llama") -> dict[str, Path]:
+        if architecture not in made:
+            root = tmp_path_factory.mktemp(f"family-{architecture}")
+            made[architecture] = make_models.make_family(root, "tiny", architecture)
+        return made[architecture]
+
+    return get
+
+
+@pytest.fixture
+def llama(families):
+    return families("llama")
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """An empty project folder with its own cache; returns a helper to write the Mergefile."""
+    monkeypatch.delenv("MBUILD_CACHE", raising=False)
+
+    class Workspace:
+        root = tmp_path
+
+        def write(self, text: str, name: str = "Mergefile") -> Path:
+            path = tmp_path / name
+            path.write_text(text)
+            return path
+
+        def mbuild(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+            """Run the real CLI in a subprocess, in this folder."""
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            result = subprocess.run(
+                [sys.executable, "-m", "mbuild.cli", *args],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if check and result.returncode != 0:
+                raise AssertionError(f"mbuild {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+            return result
+
+    return Workspace()
+
+
+def load_tensors(folder: Path) -> dict:
+    """Every tensor of a model folder, by name."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
