@@ -66,6 +66,7 @@ def make_model(
     tie_embeddings: bool | None = None,
     num_hidden_layers: int | None = None,
     vocab_size: int | None = None,
+    overrides: dict | None = None,
 ) -> Path:
     """Save one checkpoint; with ``base`` it is that model plus seeded noise (a mock fine-tune)."""
     import torch
@@ -92,6 +93,7 @@ def make_model(
         options = dict(SIZES[size])
         if num_hidden_layers is not None:
             options["num_hidden_layers"] = num_hidden_layers
+        options.update(overrides or {})
         tied = architecture == "qwen2" if tie_embeddings is None else tie_embeddings
         config = config_class(
             vocab_size=len(tokenizer),

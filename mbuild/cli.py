@@ -52,7 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="where the math runs: cpu (default) or cuda")
     parser.add_argument("-k", "--keep-going", action="store_true", help="build what does not depend on a failed target")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors (and --json output)")
+    parser.add_argument("--shard-size", default="5G", type=_byte_count, help="largest output shard (default 5G)")
     return parser
+
+
+def _byte_count(text: str) -> int:
+    units = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+    value = text.strip().upper().removesuffix("B")
+    unit = value[-1] if value and value[-1] in units else ""
+    try:
+        count = float(value[: len(value) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500M or 5G)") from None
+    if count <= 0:
+        raise argparse.ArgumentTypeError("the shard size must be positive")
+    return int(count)
 
 
 def _load(args):
@@ -71,7 +85,11 @@ def _build(args) -> int:
     mergefile, state = _load(args)
     if args.dry_run:
         the_plan = plan.make_plan(
-            mergefile, args.targets, lambda source: state.digests(source.info, compute=False), args.allow_pickle
+            mergefile,
+            args.targets,
+            lambda source: state.digests(source.info, compute=False),
+            args.allow_pickle,
+            args.shard_size,
         )
         decisions = engine.decide_all(the_plan, state, args.force)
         _print_dry_run(the_plan, decisions, args)
@@ -84,6 +102,7 @@ def _build(args) -> int:
         args.targets,
         lambda source: _hash_source(state, source, printer),
         args.allow_pickle,
+        args.shard_size,
     )
     options = engine.BuildOptions(force=args.force, jobs=args.jobs, device=args.device, keep_going=args.keep_going)
     with printer:

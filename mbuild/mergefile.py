@@ -143,7 +143,13 @@ class Target:
         return unique
 
     def location(self, *path: Any) -> Location:
-        """Where a part of this recipe is written (the target's own line if not found)."""
+        """Where a part of this recipe is written (the target's own line if not found).
+
+        ``path`` is relative to the target, or absolute when it starts at the top
+        ('targets' or 'defaults'), as the paths stored on models and slices do.
+        """
+        if path and path[0] in TOP_LEVEL_KEYS:
+            return self.mergefile.location(tuple(path), self.name)
         return self.mergefile.location(("targets", self.name, *path), self.name)
 
 
@@ -248,6 +254,9 @@ class _Checker:
             raise self.error(where("merge_method"), f"unknown merge_method '{method_name}'{hint}") from None
 
         refs = _RefResolver(self, target_names)
+        base_model = None
+        if recipe.get("base_model") is not None:
+            base_model = refs.resolve(recipe["base_model"], where("base_model"))
         models: list[InputModel] = []
         slices: list[OutputSlice] = []
         has_models, has_slices = "models" in recipe, "slices" in recipe
@@ -282,10 +291,6 @@ class _Checker:
                 raise self.error(where("slices"), "'slices' must be a non-empty list")
             for index, entry in enumerate(entries):
                 slices.append(self.output_slice(method, entry, where("slices") + (index,), refs))
-
-        base_model = None
-        if recipe.get("base_model") is not None:
-            base_model = refs.resolve(recipe["base_model"], where("base_model"))
 
         parameters = self.parameters(method, recipe.get("parameters"), where("parameters"), per_model=None)
         dtype = self.dtype(recipe.get("dtype"), where("dtype"))

@@ -53,9 +53,9 @@ def keep_largest(
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     count = max(1, int(density * delta.numel()))
-    # Rank in float32 like mergekit: exact for 16-bit magnitudes, and argsort's order among
-    # equal magnitudes (common in bf16) then picks the same survivors. Not stable=True: CPU
-    # argsort is unstable on large inputs and we must pick what mergekit picks.
+    # Rank in float32 on every device (mergekit does on CPU): exact for 16-bit magnitudes, and
+    # argsort's order among equal magnitudes (common in bf16) then picks mergekit's survivors.
+    # Not stable=True: CPU argsort is unstable on large inputs, and we must pick what it picks.
     magnitudes = delta.abs().reshape(-1).float()
     mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
     mask[torch.argsort(magnitudes, descending=True)[:count]] = 1
@@ -76,8 +76,10 @@ def keep_random(
     # Draw from float32 probabilities whatever the compute dtype: the density is not rounded
     # to 16 bits, bernoulli works for every dtype on CPU, and one seed gives one mask.
     work_dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    probabilities = torch.full(delta.shape, density, dtype=torch.float32, device=delta.device)
-    mask = torch.bernoulli(probabilities, generator=generator).to(work_dtype)
+    # The mask is drawn where the generator lives (the engine passes a CPU one) and then
+    # moved, so one seed gives the same mask on every device.
+    probabilities = torch.full(delta.shape, density, dtype=torch.float32, device=generator.device)
+    mask = torch.bernoulli(probabilities, generator=generator).to(device=delta.device, dtype=work_dtype)
     return _masked(delta.to(work_dtype), mask, rescale).to(delta.dtype)
 
 
@@ -222,7 +224,7 @@ class TaskArithmeticVariant:
 
         if params["normalize"]:
             mixed /= divisor
-        if False:
+        if params["lambda"] != 1:
             mixed *= params["lambda"]
         return (base + mixed).to(base.dtype)
 

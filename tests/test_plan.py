@@ -1,0 +1,266 @@
+"""The plan: graph checks against real model headers, tensor expansion, and staleness rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mbuild import engine, mergefile, plan
+from mbuild.cache import FileState
+from mbuild.cli import main
+from mbuild.errors import MbuildError, MergefileError
+
+CHAIN = """
+targets:
+  franken:
+    merge_method: passthrough
+    slices:
+      - sources: [{{model: {base}, layer_range: [0, 6]}}]
+      - sources: [{{model: {base}, layer_range: [4, 8]}}]
+  franken-math:
+    merge_method: passthrough
+    slices:
+      - sources: [{{model: {math}, layer_range: [0, 6]}}]
+      - sources: [{{model: {math}, layer_range: [4, 8]}}]
+  tuned:
+    merge_method: ties
+    base_model: franken
+    models:
+      - model: franken-math
+        parameters: {{weight: 1.0, density: 0.5}}
+  final:
+    merge_method: slerp
+    base_model: franken
+    models: [{{model: franken}}, {{model: tuned}}]
+    parameters:
+      t:
+        - filter: self_attn
+          value: {attn_t}
+        - value: 0.5
+  side:
+    merge_method: linear
+    models:
+      - model: {base}
+        parameters: {{weight: 0.5}}
+      - model: {code}
+        parameters: {{weight: 0.5}}
+"""
+
+
+def chain(family, attn_t="0.3") -> str:
+    return CHAIN.format(base=family["base"], math=family["math"], code=family["code"], attn_t=attn_t)
+
+
+def status(path: Path) -> dict[str, plan.Decision]:
+    parsed = mergefile.load(path)
+    state = FileState(path.parent / "cache")
+    the_plan = plan.make_plan(parsed, (), lambda s: state.digests(s.info, compute=False))
+    return engine.decide_all(the_plan, state)
+
+
+def build(path: Path, *args: str) -> dict:
+    """Run `mbuild` in-process with --json and return its report."""
+    import contextlib
+    import io as stdio
+
+    out = stdio.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["-f", str(path), "--json", *args])
+    assert code == 0, out.getvalue()
+    return json.loads(out.getvalue())["targets"]
+
+
+def test_expansion_renumbers_passthrough_layers_and_resolves_gradients(llama, tmp_path):
+    path = tmp_path / "Mergefile"
+    path.write_text(chain(llama, attn_t="[0.0, 1.0]"))
+    the_plan = plan.make_plan(mergefile.load(path))
+    franken = the_plan.targets["franken"]
+    assert franken.num_layers == 10
+    assert franken.config["num_hidden_layers"] == 10
+    # Output layer 6 is source layer 4 of the second slice.
+    task = next(t for t in franken.tasks if t.name == "model.layers.6.mlp.up_proj.weight")
+    assert task.inputs[0].name == "model.layers.4.mlp.up_proj.weight"
+    final = the_plan.targets["final"]
+    t_of = {task.name: dict(task.params)["t"] for task in final.tasks}
+    # The gradient runs over the 10 layers of the single slice: layer 0 -> 0, layer 9 -> 1.
+    assert t_of["model.layers.0.self_attn.q_proj.weight"] == 0.0
+    assert t_of["model.layers.9.self_attn.q_proj.weight"] == 1.0
+    assert t_of["model.layers.3.self_attn.q_proj.weight"] == pytest.approx(3 / 9)
+    assert t_of["model.layers.3.mlp.up_proj.weight"] == 0.5
+    # Tensors outside the layer stack take the gradient's first value (t = 0).
+    assert t_of["model.embed_tokens.weight"] == 0.5  # not self_attn: the fallback rule
+    assert [n for n in the_plan.order] == ["franken", "franken-math", "tuned", "final", "side"]
+
+
+def test_selecting_a_target_pulls_in_only_its_ancestors(llama, tmp_path):
+    path = tmp_path / "Mergefile"
+    path.write_text(chain(llama))
+    the_plan = plan.make_plan(mergefile.load(path), ["tuned"])
+    assert the_plan.order == ("franken", "franken-math", "tuned")
+
+
+@pytest.mark.parametrize(
+    "recipe, fragment, line",
+    [
+        (
+            "targets:\n  a:\n    merge_method: passthrough\n    slices:\n      - sources: [{{model: {base}, layer_range: [0, 9]}}]\n",
+            "out of range: '{base}' has 8 layers",
+            5,
+        ),
+        (
+            "targets:\n  a:\n    merge_method: linear\n    models:\n      - model: {base}\n        parameters: {{weight: 1}}\n      - model: b\n        parameters: {{weight: 1}}\n  b:\n    merge_method: passthrough\n    slices:\n      - sources: [{{model: {base}, layer_range: [0, 4]}}]\n",
+            "different layer counts",
+            4,
+        ),
+        (
+            "targets:\n  a:\n    merge_method: slerp\n    base_model: b\n    models: [{{model: b}}, {{model: {base}}}]\n    parameters: {{t: 0.5}}\n  b:\n    merge_method: slerp\n    base_model: a\n    models: [{{model: a}}, {{model: {base}}}]\n    parameters: {{t: 0.5}}\n",
+            "dependency cycle",
+            None,
+        ),
+    ],
+)
+def test_model_level_mistakes_are_caught_before_work(llama, tmp_path, recipe, fragment, line):
+    path = tmp_path / "Mergefile"
+    path.write_text(recipe.format(base=llama["base"]))
+    with pytest.raises(MergefileError) as caught:
+        plan.make_plan(mergefile.load(path))
+    assert fragment.format(base=llama["base"]) in caught.value.message
+    assert caught.value.location.file == path
+    if line:
+        assert caught.value.location.line == line
+    assert caught.value.location.target in ("a", "b")
+
+
+def test_shape_mismatch_names_the_tensor_and_models(llama, tmp_path):
+    import make_models
+
+    wide = make_models.make_model(tmp_path / "wide", "llama", overrides={"intermediate_size": 96})
+    path = tmp_path / "Mergefile"
+    path.write_text(
+        f"targets:\n  x:\n    merge_method: slerp\n    base_model: {llama['base']}\n"
+        f"    models: [{{model: {llama['base']}}}, {{model: wide}}]\n    parameters: {{t: 0.5}}\n"
+    )
+    with pytest.raises(MbuildError) as caught:
+        plan.make_plan(mergefile.load(path))
+    message = caught.value.message
+    assert "shape mismatch for tensor 'model.layers.0.mlp.down_proj.weight'" in message
+    assert "[64, 128]" in message and "'wide' [64, 96]" in message
+    assert caught.value.location.target == "x"
+
+
+def test_pickled_checkpoints_are_refused_unless_allowed(llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((llama["base"] / "config.json").read_text())
+    state = load_file(llama["base"] / "model.safetensors")
+    torch.save(state, pickled / "pytorch_model.bin")
+    path = tmp_path / "Mergefile"
+    path.write_text(f"targets:\n  x:\n    merge_method: passthrough\n    models: [{{model: pickled}}]\n")
+    with pytest.raises(MbuildError) as caught:
+        plan.make_plan(mergefile.load(path))
+    assert "pickled" in caught.value.message and "--allow-pickle" in caught.value.message
+    assert caught.value.location.line == 4
+    allowed = plan.make_plan(mergefile.load(path), allow_pickle=True)
+    assert len(allowed.targets["x"].tasks) == len(state)
+
+
+class TestStaleness:
+    def test_fresh_after_build_then_one_edit_makes_exactly_it_and_dependents_stale(self, llama, tmp_path):
+        path = tmp_path / "Mergefile"
+        path.write_text(chain(llama))
+        assert all(d.stale for d in status(path).values())
+        build(path)
+        assert not any(d.stale for d in status(path).values())
+        path.write_text(chain(llama, attn_t="0.7"))
+        decisions = status(path)
+        assert {n for n, d in decisions.items() if d.stale} == {"final"}
+        assert "parameters.t[0].value: 0.3 → 0.7" in decisions["final"].reasons
+
+    def test_an_upstream_edit_cascades_with_the_reason(self, llama, tmp_path):
+        path = tmp_path / "Mergefile"
+        path.write_text(chain(llama))
+        build(path)
+        path.write_text(chain(llama).replace("density: 0.5", "density: 0.6"))
+        decisions = status(path)
+        assert {n for n, d in decisions.items() if d.stale} == {"tuned", "final"}
+        assert "models[0].parameters.density: 0.5 → 0.6" in decisions["tuned"].reasons
+        assert "input tuned: rebuilt" in decisions["final"].reasons
+
+    def test_changed_source_bytes_make_its_dependents_stale(self, families, tmp_path):
+        import shutil
+
+        family = {k: tmp_path / k for k in ("base", "math", "code")}
+        for name, folder in family.items():
+            shutil.copytree(families("llama")[name], folder)
+        path = tmp_path / "Mergefile"
+        path.write_text(chain(family))
+        build(path)
+        weights = family["code"] / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-2] ^= 0x40  # flip a bit of the last tensor
+        weights.write_bytes(bytes(data))
+        decisions = status(path)
+        assert {n for n, d in decisions.items() if d.stale} == {"side"}
+        assert any("source code: changed on disk" in r for r in decisions["side"].reasons)
+        report = build(path)
+        assert report["side"]["status"] == "built"
+        assert not any(d.stale for d in status(path).values())
+
+    def test_modified_or_missing_output_is_stale(self, llama, tmp_path):
+        import shutil
+
+        path = tmp_path / "Mergefile"
+        path.write_text(chain(llama))
+        build(path)
+        weights = tmp_path / "build" / "side" / "model.safetensors"
+        os.utime(weights, ns=(1, 1))
+        shutil.rmtree(tmp_path / "build" / "franken-math")
+        decisions = status(path)
+        assert decisions["side"].reasons == ("output modified: model.safetensors changed",)
+        assert decisions["franken-math"].reasons == ("output missing",)
+        # Rebuilding franken-math gives the same bytes, so its dependents stay fresh.
+        assert not decisions["tuned"].stale
+
+    def test_an_edit_recomputes_only_the_tensors_it_touches(self, llama, tmp_path):
+        path = tmp_path / "Mergefile"
+        path.write_text(chain(llama))
+        build(path)
+        path.write_text(chain(llama, attn_t="0.9"))
+        report = build(path, "final")
+        final = report["final"]
+        assert final["reasons"] == ["parameters.t[0].value: 0.3 → 0.9"]
+        # Only the self_attn tensors (4 weights per layer x 10 layers) change.
+        assert final["tensors_computed"] == 40
+        assert final["tensors_reused"] == len(_names(tmp_path / "build/final")) - 40
+        path.write_text(chain(llama))
+        undone = build(path, "final")["final"]
+        assert undone["tensors_computed"] == 40  # the previous output held the 0.9 bytes
+
+    def test_noop_reads_no_tensor_and_imports_no_torch(self, llama, tmp_path):
+        path = tmp_path / "Mergefile"
+        path.write_text(chain(llama))
+        build(path)
+        script = (
+            "import sys, json; from mbuild.cli import main; "
+            f"code = main(['all', '-f', {str(path)!r}, '--json']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(code)"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)["targets"]
+        assert {r["status"] for r in report.values()} == {"fresh"}
+        assert all(r["tensors_computed"] == 0 for r in report.values())
+
+
+def _names(folder: Path) -> list[str]:
+    from mbuild import io
+
+    return list(io.read_model(folder).tensors)
