@@ -199,3 +199,30 @@ class TestParameterResolution:
     def test_boolean_gradients_pick_discrete_values(self):
         assert parameters.evaluate([True, False], "x", 0.4, self.normalize) is True
         assert parameters.evaluate([True, False], "x", 1.0, self.normalize) is False
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*.Mergefile")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    parsed = mergefile.load(recipe)
+    assert parsed.targets
+    for target in parsed.targets.values():
+        assert all(ref.kind in ("hub", "target") for ref in target.references())
+
+
+def test_example_mergefile_builds_then_is_a_noop(llama, tmp_path):
+    """Mergefile.example, on the same small models the README's first command makes."""
+    import json
+
+    from mbuild.cli import main
+
+    example = tmp_path / "Mergefile.example"
+    example.write_text((Path(__file__).parent.parent / "Mergefile.example").read_text())
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "models").symlink_to(llama["base"].parent)
+    parsed = mergefile.load(example)
+    assert list(parsed.targets) == ["base-deep", "math-deep", "code-deep", "deep-ties", "final"]
+    assert main(["all", "-f", str(example), "-q"]) == 0
+    assert all((tmp_path / "build" / name / "mbuild.json").exists() for name in parsed.targets)
+    lock = json.loads((tmp_path / "Mergefile.example.lock").read_text())
+    assert set(lock["targets"]) == set(parsed.targets)
+    assert "local:examples/models/base" in lock["sources"]

@@ -1,0 +1,123 @@
+"""The command line: dry-run, JSON reports, status, graph, methods and error reporting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mbuild import io
+from mbuild.cli import main
+
+FAMILY = """
+targets:
+  franken:
+    merge_method: passthrough
+    slices:
+      - sources: [{{model: {base}, layer_range: [0, 6]}}]
+      - sources: [{{model: {base}, layer_range: [2, 8]}}]
+  franken-code:
+    merge_method: passthrough
+    slices:
+      - sources: [{{model: {code}, layer_range: [0, 6]}}]
+      - sources: [{{model: {code}, layer_range: [2, 8]}}]
+  final:
+    merge_method: slerp
+    base_model: franken
+    models: [{{model: franken}}, {{model: franken-code}}]
+    parameters: {{t: {t}}}
+"""
+
+
+@pytest.fixture
+def project(llama, tmp_path):
+    path = tmp_path / "Mergefile"
+    path.write_text(FAMILY.format(t=0.3, **llama))
+    return path
+
+
+def no_tensor_reads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensor data was read")
+
+    monkeypatch.setattr(io.TensorReader, "read", refuse)
+    monkeypatch.setattr(io, "hash_tensor_bytes", refuse)
+
+
+def test_dry_run_json_reads_no_tensor_and_explains(project, llama, monkeypatch, capsys):
+    assert main(["-f", str(project), "--json"]) == 0
+    capsys.readouterr()
+    project.write_text(FAMILY.format(t=0.7, **llama))
+    no_tensor_reads(monkeypatch)
+    assert main(["final", "-f", str(project), "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["targets"]
+    assert set(report) == {"franken", "franken-code", "final"}
+    assert report["franken"]["stale"] is False and report["franken"]["reasons"] == []
+    final = report["final"]
+    assert final["stale"] is True
+    assert final["reasons"] == ["parameters.t: 0.3 → 0.7"]
+    assert final["layers"] == 12
+    assert final["bytes"] == sum(t.nbytes for t in io.read_model(project.parent / "build" / "final").tensors.values())
+    assert final["bytes_to_read"] == 2 * final["bytes"]
+    assert final["peak_memory"] > 0
+    assert not (project.parent / "Mergefile.lock").read_text().count("0.7")  # nothing recorded
+
+
+def test_dry_run_table_shows_reasons(project, capsys):
+    assert main(["-f", str(project), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "never built" in out and "3 of 3 target(s) would be built" in out
+    assert not (project.parent / "build").exists()
+
+
+def test_build_json_then_noop(project, capsys):
+    assert main(["-f", str(project), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["targets"]
+    assert {name: r["status"] for name, r in first.items()} == dict.fromkeys(first, "built")
+    assert first["final"]["tensors_computed"] == len(io.read_model(project.parent / "build" / "final").tensors)
+    assert main(["-f", str(project)]) == 0
+    assert "nothing to do, 3 target(s) up to date" in capsys.readouterr().out
+
+
+def test_status_and_graph(project, capsys):
+    assert main(["status", "-f", str(project)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["franken", "stale"], ["franken-code", "stale"], ["final", "stale"]]
+    assert main(["graph", "-f", str(project)]) == 0
+    text = capsys.readouterr().out
+    assert "final [slerp] <- franken, franken-code" in text
+    assert main(["graph", "-f", str(project), "--format", "dot"]) == 0
+    dot = capsys.readouterr().out
+    assert dot.startswith("digraph mbuild {") and '"franken" -> "final";' in dot
+
+
+def test_methods_lists_every_method_with_parameters(capsys):
+    assert main(["methods", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "passthrough"} <= set(rows)
+    t = next(p for p in rows["slerp"]["parameters"] if p["name"] == "t")
+    assert t["default"] == "required" and t["per_model"] is False
+
+
+def test_a_mistake_exits_2_with_location_and_touches_nothing(project, llama, capsys):
+    project.write_text(FAMILY.format(t=0.3, **llama).replace("merge_method: slerp", "merge_method: slurp"))
+    assert main(["-f", str(project)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mbuild: error: {project}:")
+    assert "target 'final'" in err and "did you mean 'slerp'" in err
+    assert not (project.parent / "build").exists()
+    assert not (project.parent / "Mergefile.lock").exists()
+
+
+def test_unknown_target_on_the_command_line(project, capsys):
+    assert main(["fnal", "-f", str(project)]) == 2
+    assert "no target named 'fnal' (did you mean 'final'?)" in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(project, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["-f", str(project), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
