@@ -1,61 +1,82 @@
-"""On-disk memory of work already done: the file-hash state database.
+"""On-disk memory of work already done.
 
-Source files are hashed once per version: their per-tensor digests are remembered
-by path, size, mtime and inode (like DVC's state), so unchanged files are never
-re-read to plan. SQLite makes it safe for two mbuild processes at once.
+- ``State`` (SQLite, ``state.db``): per-tensor digests of source files, remembered by
+  path, size, mtime and inode like DVC's state, so unchanged files are never re-read;
+  and the content digest of every tensor task ever computed, by task key, so a
+  downstream key can use the bytes an upstream task produced (early cutoff).
+- ``TensorCache`` (diskcache, ``tensors/``): the computed tensors themselves, content
+  addressed by task key, bounded with least-recently-used eviction, each entry checked
+  against its digest before reuse.
+
+Both are safe for two mbuild processes at once (SQLite locking; diskcache writes each
+value under a unique file name before committing its row).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import sqlite3
+import threading
+import time
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from mbuild import io
 
+GIB = 1024**3
 
-class FileState:
-    """Per-tensor digests of safetensors files, keyed by the file's identity."""
+
+class State:
+    """Remembered digests: of source files' tensors, and of computed tensor tasks."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.folder / "state.db", timeout=60, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
                 " inode INTEGER, digests TEXT)"
             )
+            self._db.execute("CREATE TABLE IF NOT EXISTS outputs (key TEXT PRIMARY KEY, sha256 TEXT, used REAL)")
         return self._db
+
+    def _exists(self) -> bool:
+        return self._db is not None or (self.folder / "state.db").exists()
 
     def lookup(self, path: str) -> dict[str, str] | None:
         """The remembered digests of a file, if it has not changed since."""
-        if not (self.folder / "state.db").exists():
+        if not self._exists():
             return None
         try:
             identity = io.file_identity(path)
         except OSError:
             return None
-        row = self._connect().execute(
-            "SELECT size, mtime_ns, inode, digests FROM files WHERE path = ?", (str(path),)
-        ).fetchone()
+        with self._lock:
+            row = self._connect().execute(
+                "SELECT size, mtime_ns, inode, digests FROM files WHERE path = ?", (str(path),)
+            ).fetchone()
         if row is None or tuple(row[:3]) != identity:
             return None
         return json.loads(row[3])
 
     def remember(self, path: str, identity: tuple[int, int, int], digests: Mapping[str, str]) -> None:
         """Store a file's digests under the identity it had when it was read."""
-        db = self._connect()
-        with db:
-            db.execute(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
-                (str(path), *identity, json.dumps(dict(digests))),
-            )
+        with self._lock:
+            db = self._connect()
+            with db:
+                db.execute(
+                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
+                    (str(path), *identity, json.dumps(dict(digests))),
+                )
 
     def digests(self, model: io.ModelInfo, compute: bool) -> dict[str, str] | None:
         """Per-tensor digests of a model; hashes changed files only when ``compute``."""
@@ -72,10 +93,104 @@ class FileState:
             result.update(found)
         return result
 
+    def output_digest(self, key: str) -> str | None:
+        """The digest of the bytes task ``key`` produced, if it was ever computed."""
+        if not self._exists():
+            return None
+        with self._lock:
+            row = self._connect().execute("SELECT sha256 FROM outputs WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def remember_outputs(self, digests: Mapping[str, str]) -> None:
+        """Record task key -> output digest pairs (kept even when the bytes are evicted)."""
+        if not digests:
+            return
+        now = time.time()
+        with self._lock:
+            db = self._connect()
+            with db:
+                db.executemany(
+                    "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?)", [(k, v, now) for k, v in digests.items()]
+                )
+
+    def forget_outputs(self, keep: Iterable[str], older_than: float | None) -> int:
+        """Drop digests of tasks not in ``keep`` (or not used since ``older_than``); returns the count."""
+        if not self._exists():
+            return 0
+        keep = set(keep)
+        with self._lock:
+            db = self._connect()
+            rows = db.execute("SELECT key, used FROM outputs").fetchall()
+            doomed = [k for k, used in rows if k not in keep or (older_than is not None and used < older_than)]
+            with db:
+                db.executemany("DELETE FROM outputs WHERE key = ?", [(k,) for k in doomed])
+        return len(doomed)
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+class TensorCache:
+    """Computed tensors by task key, as raw bytes with their sha256 as the entry's tag."""
+
+    def __init__(self, folder: Path, size_limit: int | None = None):
+        import diskcache
+
+        folder.mkdir(parents=True, exist_ok=True)
+        if size_limit is None:
+            size_limit = default_size_limit(folder)
+        # diskcache's own default silently caps at 1 GiB and evicts by store time;
+        # set both explicitly. Values from 32 KiB up live as files, not in SQLite.
+        self.store = diskcache.Cache(
+            str(folder),
+            size_limit=size_limit,
+            eviction_policy="least-recently-used",
+            disk_min_file_size=32 * 1024,
+            sqlite_mmap_size=0,
+        )
+
+    def get(self, key: str) -> bytes | None:
+        """The bytes of a computed tensor, or None; a corrupt entry is dropped, never returned."""
+        found = self.store.get(key, default=None, tag=True, retry=True)
+        value, digest = found
+        if value is None:
+            return None
+        if hashlib.sha256(value).hexdigest() != digest:
+            self.store.delete(key, retry=True)
+            return None
+        return value
+
+    def put(self, key: str, data: bytes | memoryview, digest: str) -> None:
+        """Commit one computed tensor (atomically: a reader sees all of it or nothing)."""
+        self.store.set(key, bytes(data), tag=digest, retry=True)
+
+    def contains(self, key: str) -> bool:
+        """Whether an entry exists (not verified: reading it does that)."""
+        return key in self.store
+
+    def keys(self) -> list[str]:
+        return list(self.store.iterkeys())
+
+    def delete(self, key: str) -> None:
+        self.store.delete(key, retry=True)
+
+    def volume(self) -> int:
+        return self.store.volume()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def default_size_limit(folder: Path) -> int:
+    """Half of the disk still free where the cache lives, plus what it already holds; at least 1 GiB."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return 8 * GIB
+    held = sum(p.stat().st_size for p in folder.rglob("*.val")) if folder.exists() else 0
+    return max(GIB, held + free // 2)
 
 
 def default_cache_dir(mergefile_folder: Path) -> Path:

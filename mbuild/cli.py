@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-k", "--keep-going", action="store_true", help="build what does not depend on a failed target")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors (and --json output)")
     parser.add_argument("--shard-size", default="5G", type=_byte_count, help="largest output shard (default 5G)")
+    parser.add_argument(
+        "--cache-size", type=_byte_count, help="bound of the tensor cache (default: half the free disk where it lives)"
+    )
     return parser
 
 
@@ -65,16 +68,40 @@ def _byte_count(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500M or 5G)") from None
     if count <= 0:
-        raise argparse.ArgumentTypeError("the shard size must be positive")
+        raise argparse.ArgumentTypeError("a size must be positive")
     return int(count)
 
 
 def _load(args):
-    from mbuild.cache import FileState, default_cache_dir
+    from mbuild.cache import State, default_cache_dir
 
     mergefile = mergefile_module.load(args.file)
     cache_dir = Path(args.cache_dir).absolute() if args.cache_dir else default_cache_dir(mergefile.folder)
-    return mergefile, FileState(cache_dir)
+    return mergefile, State(cache_dir)
+
+
+def _tensor_cache(state, args, create: bool):
+    """The tensor cache under the cache folder; None in read-only uses when it does not exist yet."""
+    from mbuild.cache import TensorCache
+
+    folder = state.folder / "tensors"
+    if not create and not folder.exists():
+        return None
+    return TensorCache(folder, getattr(args, "cache_size", None))
+
+
+def _read_only_plan(args, mergefile, state):
+    """A plan that reads no tensor: unhashed sources leave their keys unknown."""
+    from mbuild import engine, plan
+
+    return plan.make_plan(
+        mergefile,
+        args.targets,
+        lambda source: state.digests(source.info, compute=False),
+        args.allow_pickle,
+        getattr(args, "shard_size", plan.DEFAULT_SHARD_BYTES),
+        engine.output_digests(state, mergefile),
+    )
 
 
 def _build(args) -> int:
@@ -84,29 +111,39 @@ def _build(args) -> int:
         raise MbuildError(f"unknown --device '{args.device}': use cpu or cuda")
     mergefile, state = _load(args)
     if args.dry_run:
-        the_plan = plan.make_plan(
-            mergefile,
-            args.targets,
-            lambda source: state.digests(source.info, compute=False),
-            args.allow_pickle,
-            args.shard_size,
-        )
-        decisions = engine.decide_all(the_plan, state, args.force)
+        the_plan = _read_only_plan(args, mergefile, state)
+        cache = _tensor_cache(state, args, create=False)
+        has_tensor = (lambda key: cache.contains(key)) if cache is not None and not args.force else (lambda key: False)
+        decisions = engine.decide_all(the_plan, state, args.force, has_tensor)
         _print_dry_run(the_plan, decisions, args)
         return 0
     if args.device.startswith("cuda"):
         _require_cuda()
     printer = _Printer(quiet=args.quiet or args.json)
-    graph_plan = plan.make_plan(
-        mergefile,
-        args.targets,
-        lambda source: _hash_source(state, source, printer),
-        args.allow_pickle,
-        args.shard_size,
-    )
+
+    def replan():
+        return plan.make_plan(
+            mergefile,
+            args.targets,
+            lambda source: _hash_source(state, source, printer),
+            args.allow_pickle,
+            args.shard_size,
+            engine.output_digests(state, mergefile),
+        )
+
+    first_plan = replan()
+    # Decide everything before the first tensor: a no-op never opens the tensor cache.
+    decisions = engine.decide_all(first_plan, state)
+    cache = None
+    if args.force or any(d.stale for d in decisions.values()):
+        cache = _tensor_cache(state, args, create=True)
     options = engine.BuildOptions(force=args.force, jobs=args.jobs, device=args.device, keep_going=args.keep_going)
-    with printer:
-        reports = engine.Builder(graph_plan, state, options, printer).run()
+    try:
+        with printer:
+            reports = engine.Builder(first_plan, state, options, printer, cache, replan).run()
+    finally:
+        if cache is not None:
+            cache.close()
     if args.json:
         print(json.dumps({"targets": {name: r.as_json() for name, r in reports.items()}}, indent=2))
     elif not args.quiet:
@@ -171,6 +208,7 @@ def _dry_run_data(the_plan, decisions, args) -> dict:
         estimates = _estimates(target_plan, args.jobs)
         data[name] = {
             "stale": decision.stale,
+            "action": decision.action,
             "reasons": list(decision.reasons),
             "method": target_plan.target.method,
             "output": str(target_plan.target.output),
@@ -197,7 +235,7 @@ def _print_dry_run(the_plan, decisions, args) -> None:
     for column in ("target", "state", "why", "method", "layers", "params", "output size", "to read", "peak mem"):
         table.add_column(column, overflow="fold")
     for name, row in data.items():
-        state = "[red]stale[/red]" if row["stale"] else "[green]fresh[/green]"
+        state = f"[red]{row['action']}[/red]" if row["stale"] else "[green]fresh[/green]"
         table.add_row(
             name,
             state,

@@ -16,10 +16,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from mbuild import io, lock, methods
-from mbuild.cache import FileState
+from mbuild.cache import State, TensorCache
 from mbuild.errors import BuildError, Location, MbuildError
 from mbuild.plan import Decision, Plan, TargetPlan, TensorTask, decide, source_fingerprint
 
@@ -72,6 +72,8 @@ class Reporter:
 
     def target_finished(self, report: TargetReport) -> None: ...
 
+    def waiting(self, message: str) -> None: ...
+
 
 @dataclass
 class OutputState:
@@ -103,36 +105,72 @@ def inspect_output(folder: Path) -> OutputState:
     return OutputState(manifest, changes)
 
 
-def decide_all(plan: Plan, state: FileState | None, force: bool = False) -> dict[str, Decision]:
+def decide_all(
+    plan: Plan,
+    state: State | None,
+    force: bool = False,
+    has_tensor: Callable[[str], bool] = lambda key: False,
+) -> dict[str, Decision]:
     """Decide staleness for every planned target, upstream first."""
     lock_data = lock.read(lock.lock_path(plan.mergefile.path))
     fingerprints = source_fingerprints(plan, state)
     decisions: dict[str, Decision] = {}
     stale: set[str] = set()
     for name in plan.order:
-        target_plan = plan.targets[name]
-        output = inspect_output(target_plan.target.output)
-        if force:
-            decision = Decision(True, ("--force",))
-        elif output.foreign:
-            decision = Decision(True, (f"output folder {target_plan.target.output} exists but was not made by mbuild",))
-        else:
-            decision = decide(
-                plan,
-                name,
-                lock_data["targets"].get(name),
-                output.manifest,
-                output.changes,
-                stale,
-                fingerprints,
-            )
-        decisions[name] = decision
-        if decision.stale:
+        decisions[name] = decide_target(plan, name, lock_data, fingerprints, stale, force, has_tensor)
+        if decisions[name].stale:
             stale.add(name)
     return decisions
 
 
-def source_fingerprints(plan: Plan, state: FileState | None) -> dict[str, str | None]:
+def decide_target(plan, name, lock_data, fingerprints, stale, force, has_tensor) -> Decision:
+    """One target's decision, given the decisions upstream of it."""
+    target_plan = plan.targets[name]
+    output = inspect_output(target_plan.target.output)
+    if force:
+        return Decision(True, ("--force",), "rebuild")
+    if output.foreign:
+        return Decision(
+            True, (f"output folder {target_plan.target.output} exists but was not made by mbuild",), "rebuild"
+        )
+    previous = {}
+    if output.manifest and not output.changes:
+        previous = {n: entry.get("key") for n, entry in output.manifest.get("tensors", {}).items()}
+    return decide(
+        plan,
+        name,
+        lock_data["targets"].get(name),
+        output.manifest,
+        output.changes,
+        stale,
+        fingerprints,
+        lambda task: task.key is not None and (previous.get(task.name) == task.key or has_tensor(task.key)),
+    )
+
+
+def output_digests(state: State | None, mergefile) -> Callable[[str], str | None]:
+    """A lookup task key -> digest of the bytes it produced: the state first, then the
+    manifests of the Mergefile's outputs (so a fresh clone with built outputs needs no cache)."""
+    from_manifests: dict[str, str] | None = None
+
+    def lookup(key: str) -> str | None:
+        nonlocal from_manifests
+        found = state.output_digest(key) if state else None
+        if found:
+            return found
+        if from_manifests is None:
+            from_manifests = {}
+            for target in mergefile.targets.values():
+                manifest = io.read_manifest(target.output) or {}
+                for entry in manifest.get("tensors", {}).values():
+                    if entry.get("key") and entry.get("sha256"):
+                        from_manifests[entry["key"]] = entry["sha256"]
+        return from_manifests.get(key)
+
+    return lookup
+
+
+def source_fingerprints(plan: Plan, state: State | None) -> dict[str, str | None]:
     """Each source's content fingerprint from remembered digests (None if not hashed)."""
     result = {}
     for node, source in plan.sources.items():
@@ -142,44 +180,71 @@ def source_fingerprints(plan: Plan, state: FileState | None) -> dict[str, str | 
 
 
 class Builder:
-    """Builds the stale targets of a plan, in order, reporting as it goes."""
+    """Builds the stale targets of a plan, in order, reporting as it goes.
 
-    def __init__(self, plan: Plan, state: FileState, options: BuildOptions, reporter: Reporter | None = None):
+    After each target it re-plans (``replan``): downstream keys then name the bytes
+    just produced, so a rebuild that changed nothing stops the cascade there.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        state: State,
+        options: BuildOptions,
+        reporter: Reporter | None = None,
+        cache: TensorCache | None = None,
+        replan: Callable[[], Plan] | None = None,
+    ):
         self.plan = plan
         self.state = state
         self.options = options
         self.reporter = reporter or Reporter()
+        self.cache = cache
+        self.replan = replan or (lambda: self.plan)
         self.lock_path = lock.lock_path(plan.mergefile.path)
+
+    def _has_tensor(self, key: str) -> bool:
+        return self.cache is not None and not self.options.force and self.cache.contains(key)
 
     def run(self) -> dict[str, TargetReport]:
         """Bring every planned target up to date; returns a report per target."""
-        decisions = decide_all(self.plan, self.state, self.options.force)
         reports: dict[str, TargetReport] = {}
         failed: set[str] = set()
+        stale: set[str] = set()
         for name in self.plan.order:
             target_plan = self.plan.targets[name]
-            decision = decisions[name]
             upstream_failed = [n.split(":", 1)[1] for n in target_plan.input_nodes if n.split(":", 1)[1] in failed]
             if upstream_failed:
                 reports[name] = TargetReport(name, "skipped", (f"input {upstream_failed[0]} failed",))
                 failed.add(name)
+                self.reporter.target_finished(reports[name])
                 continue
-            if not decision.stale:
-                reports[name] = TargetReport(
-                    name, "fresh", (), 0, len(target_plan.tasks), 0.0, str(target_plan.target.output)
+            with io.target_lock(target_plan.target.output, self.reporter.waiting):
+                # Another process may have built it meanwhile; keys may name new upstream bytes.
+                self.plan = self.replan()
+                target_plan = self.plan.targets[name]
+                lock_data = lock.read(self.lock_path)
+                fingerprints = source_fingerprints(self.plan, self.state)
+                decision = decide_target(
+                    self.plan, name, lock_data, fingerprints, stale, self.options.force, self._has_tensor
                 )
-                self.reporter.target_finished(reports[name])
-                continue
-            try:
-                reports[name] = self.build_target(target_plan, decision)
-            except MbuildError as error:
-                if error.location is None:
-                    error.location = Location(self.plan.mergefile.path, None, name)
-                if not self.options.keep_going:
-                    raise
-                failed.add(name)
-                reports[name] = TargetReport(name, "failed", decision.reasons, error=str(error))
-                self.reporter.target_finished(reports[name])
+                if not decision.stale:
+                    reports[name] = TargetReport(
+                        name, "fresh", (), 0, len(target_plan.tasks), 0.0, str(target_plan.target.output)
+                    )
+                    self.reporter.target_finished(reports[name])
+                    continue
+                stale.add(name)
+                try:
+                    reports[name] = self.build_target(target_plan, decision)
+                except MbuildError as error:
+                    if error.location is None:
+                        error.location = Location(self.plan.mergefile.path, None, name)
+                    if not self.options.keep_going:
+                        raise
+                    failed.add(name)
+                    reports[name] = TargetReport(name, "failed", decision.reasons, error=str(error))
+                    self.reporter.target_finished(reports[name])
         return reports
 
     def build_target(self, target_plan: TargetPlan, decision: Decision) -> TargetReport:
@@ -247,15 +312,29 @@ class Builder:
         device = torch.device(self.options.device)
         counts = {"computed": 0, "reused": 0}
 
+        cache = None if self.options.force else self.cache
+        made: dict[str, str] = {}  # task key -> digest of the bytes it produced
+
         def run(task: TensorTask) -> str:
+            if cache is not None and task.key:
+                data = cache.get(task.key)
+                if data is not None:
+                    made[task.key] = writer.write(task.name, data)
+                    return "reused"
             old = previous.get(task.name)
             if previous_model is not None and old and task.key and old.get("key") == task.key:
                 data = _raw_bytes(reader.read(previous_model.tensors[task.name]))
                 if hashlib.sha256(data).hexdigest() == old.get("sha256"):
-                    writer.write(task.name, data)
+                    made[task.key] = writer.write(task.name, data)
                     return "reused"
             result = compute_task(task, models, reader, device, target_plan.target)
-            writer.write(task.name, _raw_bytes(result))
+            data = _raw_bytes(result)
+            digest = writer.write(task.name, data)
+            if task.key:
+                made[task.key] = digest
+                if self.cache is not None:
+                    # Committed as soon as computed: a killed build resumes from here.
+                    self.cache.put(task.key, data, digest)
             return "computed"
 
         try:
@@ -275,6 +354,7 @@ class Builder:
             raise
         finally:
             reader.close()
+            self.state.remember_outputs(made)
         counts["digests"] = dict(writer.digests)
         counts["shards"] = {name: slot.file for name, slot in writer.slots.items()}
         return counts
@@ -294,6 +374,11 @@ class Builder:
 
     def _record(self, target_plan: TargetPlan, output: Path) -> None:
         """Update Mergefile.lock with what this target was built from."""
+        lock_of_lock = self.state.folder / "locks" / (hashlib.sha256(str(self.lock_path).encode()).hexdigest()[:16] + ".lock")
+        with io.FileLock(lock_of_lock):
+            self._record_locked(target_plan, output)
+
+    def _record_locked(self, target_plan: TargetPlan, output: Path) -> None:
         from mbuild.plan import _plain
 
         data = lock.read(self.lock_path)
@@ -402,10 +487,25 @@ def _write_manifest(
         "mbuild": MBUILD_VERSION,
         "target": target_plan.name,
         "key": target_plan.key,
-        "tensors": {t.name: {"key": t.key, "sha256": digests[t.name]} for t in target_plan.tasks},
+        "tensors": {t.name: _tensor_record(t, digests[t.name]) for t in target_plan.tasks},
         "files": files,
     }
     io.write_json(folder / io.MANIFEST_NAME, manifest)
+
+
+def _tensor_record(task: TensorTask, digest: str) -> dict[str, Any]:
+    """What the manifest keeps per tensor: enough for reuse, and for `mbuild explain` to diff."""
+    return {
+        "key": task.key,
+        "sha256": digest,
+        "method": task.method,
+        "params": dict(task.params),
+        "model_params": [dict(p) for p in task.model_params],
+        "inputs": [f"{i.node.split(':', 1)[1]}:{i.name}" for i in task.inputs],
+        "input_keys": [i.key for i in task.inputs],
+        "dtype": task.dtype,
+        "compute_dtype": task.compute_dtype,
+    }
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -434,6 +534,8 @@ def _recover(output: Path) -> None:
     for leftover in output.parent.glob(f".{output.name}.mbuild-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
         if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        if leftover.name.endswith("-lock"):
             continue
         if ".mbuild-old-" in leftover.name and not output.exists() and io.read_manifest(leftover):
             os.rename(leftover, output)

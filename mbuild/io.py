@@ -423,6 +423,49 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(temporary, path)
 
 
+class FileLock:
+    """An exclusive flock on a lock file holding the holder's pid and host.
+
+    The kernel releases it when the holder dies (even by kill -9), so a dead holder
+    never blocks anyone; a live one is waited for, with ``on_wait`` told who it is.
+    """
+
+    def __init__(self, path: Path, on_wait=None):
+        self.path = Path(path)
+        self.on_wait = on_wait
+        self.fd: int | None = None
+
+    def __enter__(self) -> "FileLock":
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if self.on_wait is not None:
+                holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+                self.on_wait(f"waiting for {holder} (lock {self.path.name})")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def target_lock(output: Path, on_wait=None) -> FileLock:
+    """The lock a process holds while it decides and builds one target's output."""
+    return FileLock(output.parent / f".{output.name}.mbuild-lock", on_wait)
+
+
 def companion_files(folder: Path) -> list[Path]:
     """The top-level non-weight files of a model folder (config, tokenizer, custom code)."""
     skip = {"README.md", MANIFEST_NAME, *INDEX_NAMES, ".gitattributes"}

@@ -33,9 +33,23 @@ def digest(data: Any) -> str:
     return hashlib.sha256(canonical(data).encode()).hexdigest()
 
 
-def source_tensor_key(content_digest: str) -> str:
-    """The key of a source tensor: its bytes' digest, marked as such."""
-    return "bytes:" + content_digest
+def content_key(content_digest: str, dtype: str, shape: Sequence[int]) -> str:
+    """The key of a tensor known by its bytes: what it is (dtype, shape) and its digest.
+
+    Source tensors and computed tensors share this form, so identical bytes are one
+    input however they were made: an upstream rebuild that yields the same bytes
+    leaves downstream keys unchanged (early cutoff).
+    """
+    return f"bytes:{dtype}:{'x'.join(map(str, shape))}:{content_digest}"
+
+
+def pending_key(task_key: str) -> str:
+    """The key of a tensor whose bytes are not known yet: the task that will make it."""
+    return "task:" + task_key
+
+
+def is_pending(key: str) -> bool:
+    return key.startswith("task:")
 
 
 def task_key(

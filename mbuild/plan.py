@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -64,6 +65,11 @@ class TensorTask:
     def nbytes(self) -> int:
         return io.TensorInfo(self.name, self.dtype, self.shape, None).nbytes
 
+    @property
+    def pending(self) -> bool:
+        """Whether the key depends on upstream bytes that are not computed yet."""
+        return any(i.key is not None and keys.is_pending(i.key) for i in self.inputs)
+
 
 @dataclass(frozen=True)
 class TargetPlan:
@@ -84,6 +90,19 @@ class TargetPlan:
     def name(self) -> str:
         return self.target.name
 
+    @cached_property
+    def _tasks_by_name(self) -> dict[str, TensorTask]:
+        return {t.name: t for t in self.tasks}
+
+    def task(self, name: str) -> TensorTask | None:
+        """The task producing output tensor ``name``."""
+        return self._tasks_by_name.get(name)
+
+    @property
+    def pending(self) -> bool:
+        """Whether the key waits on upstream bytes not computed yet."""
+        return any(t.pending for t in self.tasks)
+
     @property
     def nbytes(self) -> int:
         return sum(task.nbytes for task in self.tasks)
@@ -96,10 +115,16 @@ class TargetPlan:
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether a target must be rebuilt, and why (as before -> now differences)."""
+    """Whether a target must be rebuilt, why (as before -> now differences), and what that costs.
+
+    ``action`` is "fresh", "cached" (every tensor is in the cache or the previous output),
+    "rebuild unless upstream bytes are unchanged" (it waits on upstream tensors not
+    computed yet; if they come out identical the cascade stops), or "rebuild".
+    """
 
     stale: bool
     reasons: tuple[str, ...]
+    action: str = "rebuild"
 
 
 @dataclass
@@ -166,6 +191,7 @@ def select(mergefile: Mergefile, graph, requested: Sequence[str]) -> tuple[str, 
 
 
 DigestLookup = Callable[[Source], "Mapping[str, str] | None"]
+OutputLookup = Callable[[str], "str | None"]
 
 
 def make_plan(
@@ -174,8 +200,14 @@ def make_plan(
     digests: DigestLookup = lambda source: None,
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    output_digest: OutputLookup = lambda key: None,
 ) -> Plan:
-    """Resolve sources, expand the selected targets into tensor tasks and compute keys."""
+    """Resolve sources, expand the selected targets into tensor tasks and compute keys.
+
+    ``digests`` gives a source's per-tensor digests (None: not hashed yet);
+    ``output_digest`` gives the digest of the bytes a task key once produced, so a
+    downstream key names upstream bytes rather than upstream recipes where it can.
+    """
     graph = build_graph(mergefile)
     order = select(mergefile, graph, requested)
     sources: dict[str, Source] = {}
@@ -197,7 +229,7 @@ def make_plan(
                 if found is None:
                     unhashed.add(node)
             infos[node] = sources[node].info
-        plans[name] = expand(target, infos, plans, source_digests, shard_bytes)
+        plans[name] = expand(target, infos, plans, source_digests, shard_bytes, output_digest)
     return Plan(mergefile, order, plans, sources, graph, frozenset(unhashed))
 
 
@@ -283,6 +315,7 @@ def expand(
     plans: Mapping[str, TargetPlan],
     source_digests: Mapping[str, Mapping[str, str] | None],
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    output_digest: OutputLookup = lambda key: None,
 ) -> TargetPlan:
     """Expand one target into its tensor tasks, checking layer ranges and shapes."""
     method = methods.get(target.method)
@@ -356,9 +389,9 @@ def expand(
             in_names = in_names[:1]
             base_index = None
         inputs = []
-        for ref, in_name in zip(group.refs, in_names):
+        for ref, info in zip(group.refs, tensor_infos):
             node = node_of(ref)
-            inputs.append(TensorInput(node, in_name, _input_key(node, in_name, plans, source_digests)))
+            inputs.append(TensorInput(node, info.name, _input_key(node, info, plans, source_digests, output_digest)))
         version = method.version if op != "copy" else 1
         key = None
         if all(i.key is not None for i in inputs):
@@ -476,17 +509,21 @@ def _resolve(method, target: Target, group: _Group, out_name, in_names, t, base_
     return tuple(params), tuple(model_params)
 
 
-def _input_key(node: str, name: str, plans: Mapping[str, TargetPlan], source_digests) -> str | None:
+def _input_key(node: str, info: io.TensorInfo, plans: Mapping[str, TargetPlan], source_digests, output_digest) -> str | None:
+    """An input's key: its bytes' digest when known, else the upstream task that makes it."""
+    name = info.name
     if node.startswith("target:"):
-        upstream = plans[node.split(":", 1)[1]]
-        for task in upstream.tasks:
-            if task.name == name:
-                return task.key
-        return None
+        upstream = plans[node.split(":", 1)[1]].task(name)
+        if upstream is None or upstream.key is None:
+            return None
+        made = output_digest(upstream.key)
+        if made is None:
+            return keys.pending_key(upstream.key)
+        return keys.content_key(made, upstream.dtype, upstream.shape)
     found = source_digests.get(node)
     if found is None or name not in found:
         return None
-    return keys.source_tensor_key(found[name])
+    return keys.content_key(found[name], info.dtype, info.shape)
 
 
 def _output_config(donor: Mapping[str, Any], infos, layer_origin, tasks) -> dict[str, Any]:
@@ -605,18 +642,29 @@ def decide(
     output_changes: Sequence[str],
     stale_upstream: set[str],
     source_fingerprints: Mapping[str, str | None],
+    reusable: Callable[[TensorTask], bool] = lambda task: False,
 ) -> Decision:
     """The one place that decides whether a target is stale, with the reasons."""
     target_plan = plan.targets[name]
     target = target_plan.target
+
+    def stale(reasons) -> Decision:
+        if target_plan.pending:
+            action = "rebuild unless upstream bytes are unchanged"
+        elif target_plan.tasks and all(reusable(task) for task in target_plan.tasks):
+            action = "cached"
+        else:
+            action = "rebuild"
+        return Decision(True, tuple(reasons), action)
+
     reasons: list[str] = []
     if manifest is None:
         reasons.append("output missing" if lock_entry else "never built")
-        return Decision(True, tuple(reasons))
+        return stale(reasons)
     if target_plan.key is not None and manifest.get("key") == target_plan.key:
         if output_changes:
-            return Decision(True, tuple(f"output modified: {change}" for change in output_changes))
-        return Decision(False, ())
+            return stale(f"output modified: {change}" for change in output_changes)
+        return Decision(False, (), "fresh")
     # Stale: explain by comparing with what was recorded at the last build.
     if lock_entry:
         reasons.extend(recipe_diff(lock_entry.get("recipe", {}), _plain(target.recipe)))
@@ -640,7 +688,7 @@ def decide(
             reasons.append(f"source {label}: content changed")
     if not reasons:
         reasons.append("inputs changed" if lock_entry else "built by another Mergefile or version")
-    return Decision(True, tuple(reasons))
+    return stale(reasons)
 
 
 def _plain(data: Any) -> Any:

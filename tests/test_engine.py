@@ -133,7 +133,7 @@ def test_failed_build_leaves_previous_output_intact(llama, tmp_path, monkeypatch
     with pytest.raises(OSError):
         main(["-f", str(path), "-q"])
     assert snapshot(out) == before
-    assert not list(out.parent.glob(".tuned.mbuild-*"))  # no temporary left behind
+    assert not list(out.parent.glob(".tuned.mbuild-tmp-*"))  # no temporary left behind
     monkeypatch.setattr(engine, "compute_task", real)
     report = run(path)
     assert report["tuned"]["status"] == "built"
@@ -166,7 +166,7 @@ def test_kill_9_mid_build_keeps_previous_output_and_next_run_finishes(llama, tmp
     assert snapshot(out) == before
     report = run(path)
     assert report["tuned"]["status"] == "built"
-    assert not list(out.parent.glob(".tuned.mbuild-*"))
+    assert not list(out.parent.glob(".tuned.mbuild-tmp-*")) and not list(out.parent.glob(".tuned.mbuild-old-*"))
 
 
 def test_interrupted_publish_is_recovered(llama, tmp_path):
