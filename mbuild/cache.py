@@ -113,6 +113,14 @@ class State:
                     "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?)", [(k, v, now) for k, v in digests.items()]
                 )
 
+    def last_used(self, key: str) -> float | None:
+        """When task ``key``'s bytes were last produced or reused."""
+        if not self._exists():
+            return None
+        with self._lock:
+            row = self._connect().execute("SELECT used FROM outputs WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
     def forget_outputs(self, keep: Iterable[str], older_than: float | None) -> int:
         """Drop digests of tasks not in ``keep`` (or not used since ``older_than``); returns the count."""
         if not self._exists():
@@ -169,6 +177,20 @@ class TensorCache:
     def contains(self, key: str) -> bool:
         """Whether an entry exists (not verified: reading it does that)."""
         return key in self.store
+
+    def size_of(self, key: str) -> int:
+        """Bytes an entry holds (0 if absent)."""
+        handle = self.store.get(key, default=None, read=True, retry=True)
+        if handle is None:
+            return 0
+        try:
+            if isinstance(handle, (bytes, bytearray)):
+                return len(handle)
+            handle.seek(0, 2)
+            return handle.tell()
+        finally:
+            if hasattr(handle, "close"):
+                handle.close()
 
     def keys(self) -> list[str]:
         return list(self.store.iterkeys())

@@ -13,7 +13,7 @@ from mbuild import mergefile as mergefile_module
 from mbuild.engine import Reporter
 from mbuild.errors import MbuildError
 
-SUBCOMMANDS = ("status", "graph", "methods")
+SUBCOMMANDS = ("status", "graph", "methods", "explain", "gc", "clean")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -328,18 +328,18 @@ def _subcommand(argv: list[str]) -> int:
     _common(parser)
     if name == "graph":
         parser.add_argument("--format", choices=("text", "dot"), default="text")
+    if name == "gc":
+        parser.add_argument("--older-than", type=float, metavar="DAYS", help="also drop entries unused for DAYS days")
     parser.add_argument("targets", nargs="*")
     args = parser.parse_args(rest)
-    if name == "graph":
-        return _graph(args)
-    return _status(args)
+    return {"graph": _graph, "explain": _explain, "gc": _gc, "clean": _clean, "status": _status}[name](args)
 
 
 def _status(args) -> int:
-    from mbuild import engine, plan
+    from mbuild import engine
 
     mergefile, state = _load(args)
-    the_plan = plan.make_plan(mergefile, args.targets, lambda s: state.digests(s.info, compute=False), args.allow_pickle)
+    the_plan = _read_only_plan(args, mergefile, state)
     decisions = engine.decide_all(the_plan, state)
     if args.json:
         print(json.dumps({"targets": {n: {"stale": d.stale, "reasons": list(d.reasons)} for n, d in decisions.items()}}, indent=2))
@@ -348,6 +348,106 @@ def _status(args) -> int:
         state_word = "stale" if decision.stale else "fresh"
         why = f"  ({'; '.join(decision.reasons)})" if decision.reasons else ""
         print(f"{name:24} {state_word}{why}")
+    return 0
+
+
+def _explain(args) -> int:
+    """The key tree of targets: why each is stale, down to the parameter or input."""
+    from mbuild import engine, io, plan
+
+    mergefile, state = _load(args)
+    if not args.targets:
+        raise MbuildError("mbuild explain needs a target name")
+    the_plan = _read_only_plan(args, mergefile, state)
+    decisions = engine.decide_all(the_plan, state)
+    report = {}
+    for name in args.targets:
+        target_plan = the_plan.targets[name]
+        manifest = io.read_manifest(target_plan.target.output)
+        groups = plan.explain_tensors(target_plan, manifest) if decisions[name].stale else {}
+        report[name] = {
+            "stale": decisions[name].stale,
+            "action": decisions[name].action,
+            "reasons": list(decisions[name].reasons),
+            "key": target_plan.key,
+            "built_key": (manifest or {}).get("key"),
+            "inputs": {
+                node.split(":", 1)[1]: ("stale" if decisions.get(node.split(":", 1)[1], plan.Decision(False, ())).stale else "fresh")
+                if node.startswith("target:")
+                else "source"
+                for node in target_plan.input_nodes
+            },
+            "tensors_changed": sum(1 for t in target_plan.tasks if not manifest or (manifest.get("tensors", {}).get(t.name) or {}).get("key") != t.key),
+            "tensors": len(target_plan.tasks),
+            "changes": groups,
+        }
+    if args.json:
+        print(json.dumps({"targets": report}, indent=2))
+        return 0
+    for name, row in report.items():
+        print(f"{name}: {row['action']}" + (f" ({'; '.join(row['reasons'])})" if row["reasons"] else ""))
+        print(f"  key   {(row['key'] or 'unknown (sources not hashed yet)')[:16]}   built {str(row['built_key'])[:16]}")
+        for input_name, input_state in row["inputs"].items():
+            print(f"  input {input_name}: {input_state}")
+        if row["stale"]:
+            print(f"  {row['tensors_changed']} of {row['tensors']} tensors change:")
+            for reason, names in sorted(row["changes"].items(), key=lambda item: -len(item[1])):
+                shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
+                print(f"    {reason}: {len(names)} tensor(s): {shown}")
+    return 0
+
+
+def _gc(args) -> int:
+    """Drop cached tensors no target of the Mergefile needs (or unused for --older-than days)."""
+    import time
+
+    mergefile, state = _load(args)
+    the_plan = _read_only_plan(args, mergefile, state)
+    keep = {task.key for target_plan in the_plan.targets.values() for task in target_plan.tasks if task.key}
+    older_than = time.time() - args.older_than * 86400 if args.older_than is not None else None
+    cache = _tensor_cache(state, args, create=False)
+    dropped = 0
+    if cache is not None:
+        stale_keys = {k for k in cache.keys() if k not in keep}
+        if older_than is not None:
+            stale_keys |= {k for k in cache.keys() if (state.last_used(k) or 0) < older_than}
+        freed = 0
+        for key in stale_keys:
+            freed += cache.size_of(key)
+            cache.delete(key)
+        dropped = len(stale_keys)
+        cache.close()
+    forgotten = state.forget_outputs(keep, older_than)
+    if args.json:
+        print(json.dumps({"dropped": dropped, "forgotten_digests": forgotten}))
+    else:
+        print(f"mbuild gc: dropped {dropped} cached tensor(s), forgot {forgotten} digest(s)")
+    return 0
+
+
+def _clean(args) -> int:
+    """Remove the outputs of the named targets (all by default); never a folder mbuild did not make."""
+    import shutil
+
+    from mbuild import io
+
+    mergefile, _ = _load(args)
+    names = args.targets or list(mergefile.targets)
+    removed = []
+    for name in names:
+        if name not in mergefile.targets:
+            raise MbuildError(f"no target named '{name}'")
+        output = mergefile.targets[name].output
+        if not output.exists():
+            continue
+        if io.read_manifest(output) is None:
+            raise MbuildError(f"{output} was not made by mbuild; not removing it")
+        shutil.rmtree(output)
+        removed.append(name)
+    if args.json:
+        print(json.dumps({"removed": removed}))
+    else:
+        print(f"mbuild clean: removed {len(removed)} output(s)" + (f": {', '.join(removed)}" if removed else ""))
     return 0
 
 

@@ -696,3 +696,53 @@ def _plain(data: Any) -> Any:
     import json
 
     return json.loads(keys.canonical(data))
+
+
+def explain_tensors(target_plan: TargetPlan, manifest: Mapping[str, Any] | None) -> dict[str, list[str]]:
+    """Why each tensor's key differs from the built output's: reason -> tensor names.
+
+    Compares every planned task with the record the manifest keeps per tensor, down to
+    the parameter or the input that changed.
+    """
+    recorded = (manifest or {}).get("tensors", {})
+    groups: dict[str, list[str]] = {}
+    for task in target_plan.tasks:
+        old = recorded.get(task.name)
+        reasons = _tensor_reasons(task, old)
+        for reason in reasons:
+            groups.setdefault(reason, []).append(task.name)
+    return groups
+
+
+def _tensor_reasons(task: TensorTask, old: Mapping[str, Any] | None) -> list[str]:
+    if old is None:
+        return ["new tensor"]
+    if task.key is not None and old.get("key") == task.key:
+        return []
+    reasons = []
+    if old.get("method") != task.method:
+        reasons.append(f"method: {old.get('method')} → {task.method}")
+    for field_name, now in (("dtype", task.dtype), ("compute_dtype", task.compute_dtype)):
+        if old.get(field_name) != now:
+            reasons.append(f"{field_name}: {old.get(field_name)} → {now}")
+    before_params = old.get("params", {})
+    for name, value in task.params:
+        if before_params.get(name) != value:
+            reasons.append(f"parameters.{name}: {_short(before_params.get(name))} → {_short(value)}")
+    before_models = old.get("model_params", [])
+    labels = [f"{i.node.split(':', 1)[1]}" for i in task.inputs]
+    for index, values in enumerate(task.model_params):
+        before = before_models[index] if index < len(before_models) else {}
+        for name, value in values:
+            if before.get(name) != value:
+                reasons.append(f"{labels[index]}.{name}: {_short(before.get(name))} → {_short(value)}")
+    before_keys = old.get("input_keys", [])
+    for index, item in enumerate(task.inputs):
+        before = before_keys[index] if index < len(before_keys) else None
+        if item.key is None:
+            reasons.append(f"input {labels[index]}: bytes not hashed yet")
+        elif before != item.key:
+            reasons.append(
+                f"input {labels[index]}: " + ("to be rebuilt" if keys.is_pending(item.key) else "bytes changed")
+            )
+    return reasons or ["method implementation version"]

@@ -1,0 +1,282 @@
+"""The tensor cache: reuse, early cutoff, resume after kill -9, concurrency, housekeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, load_tensors
+from mbuild.cache import State, TensorCache
+from mbuild.cli import main
+
+FAMILY = """
+targets:
+  franken:
+    merge_method: passthrough
+    {franken_dtype}
+    slices:
+      - sources: [{{model: {base}, layer_range: [0, 5]}}]
+      - sources: [{{model: {base}, layer_range: [3, 8]}}]
+  franken-math:
+    merge_method: passthrough
+    slices:
+      - sources: [{{model: {math}, layer_range: [0, 5]}}]
+      - sources: [{{model: {math}, layer_range: [3, 8]}}]
+  tuned:
+    merge_method: ties
+    base_model: franken
+    dtype: float32
+    models:
+      - model: franken-math
+        parameters: {{weight: {weight}, density: 0.5}}
+  broken-or-not:
+    merge_method: linear
+    models:
+      - model: {base}
+        parameters: {{weight: {linear_weight}}}
+      - model: {code}
+        parameters: {{weight: 0.5}}
+"""
+
+
+def family_text(family, weight=0.7, franken_dtype="", linear_weight=0.5) -> str:
+    return FAMILY.format(weight=weight, franken_dtype=franken_dtype, linear_weight=linear_weight, **family)
+
+
+def run(path: Path, *args: str, expect: int = 0) -> dict:
+    import contextlib
+    import io as stdio
+
+    out = stdio.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["-f", str(path), "--json", "-j", "1", *args])
+    assert code == expect, out.getvalue()
+    return json.loads(out.getvalue())["targets"]
+
+
+def dry_run(path: Path) -> dict:
+    import contextlib
+    import io as stdio
+
+    out = stdio.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["-f", str(path), "--json", "--dry-run"]) == 0
+    return json.loads(out.getvalue())["targets"]
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    x, y = load_tensors(a), load_tensors(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture
+def project(llama, tmp_path):
+    path = tmp_path / "Mergefile"
+    path.write_text(family_text(llama))
+    return path
+
+
+@pytest.fixture
+def reference(llama, tmp_path_factory):
+    """A clean build of the family, to compare bytes with."""
+    folder = tmp_path_factory.mktemp("reference")
+    (folder / "Mergefile").write_text(family_text(llama))
+    run(folder / "Mergefile")
+    return folder / "build"
+
+
+def test_undoing_an_edit_recomputes_nothing(project, llama):
+    run(project)
+    project.write_text(family_text(llama, weight=0.2))
+    edited = run(project)
+    assert edited["tuned"]["status"] == "built" and edited["tuned"]["tensors_computed"] > 0
+    project.write_text(family_text(llama))
+    undone = run(project)
+    assert undone["tuned"]["status"] == "built"
+    assert undone["tuned"]["tensors_computed"] == 0
+    assert undone["tuned"]["tensors_reused"] == len(load_tensors(project.parent / "build" / "tuned"))
+
+
+def test_identical_upstream_bytes_stop_the_cascade(project, llama):
+    run(project)
+    # The passthrough now scales by 1.0: new tasks, new keys, the same bytes.
+    project.write_text(family_text(llama, franken_dtype="parameters: {scale: 1.0}"))
+    plan = dry_run(project)
+    assert plan["franken"]["stale"] and plan["franken"]["action"] == "rebuild"
+    assert plan["tuned"]["stale"]
+    assert plan["tuned"]["action"] == "rebuild unless upstream bytes are unchanged"
+    assert plan["franken-math"]["stale"] is False
+    report = run(project)
+    assert report["franken"]["status"] == "built"
+    assert report["tuned"]["status"] == "fresh"  # early cutoff: its inputs' bytes did not change
+
+
+def test_a_recipe_change_that_keeps_every_task_is_cached_not_recomputed(project, llama):
+    run(project)
+    # Asking for float32 math explicitly is what a passthrough did anyway: same tasks, new recipe.
+    project.write_text(family_text(llama, franken_dtype="dtype: float32\n    out_dtype: bfloat16"))
+    plan = dry_run(project)
+    assert plan["franken"]["stale"] and plan["franken"]["action"] == "cached"
+    assert plan["tuned"]["stale"] is False  # its inputs' bytes are known to be the same
+    report = run(project)
+    assert report["franken"]["tensors_computed"] == 0 and report["tuned"]["status"] == "fresh"
+
+
+def test_dry_run_says_cached_when_every_tensor_is_in_the_cache(project, llama):
+    run(project)
+    project.write_text(family_text(llama, weight=0.2))
+    run(project)
+    project.write_text(family_text(llama))
+    plan = dry_run(project)
+    assert plan["tuned"]["stale"] and plan["tuned"]["action"] == "cached"
+
+
+def test_corrupt_entries_are_dropped_and_recomputed(project, llama, reference):
+    run(project)
+    cache_folder = project.parent / "cache" / "tensors"
+    values = sorted(cache_folder.rglob("*.val"))
+    assert values, "large tensors should live as files"
+    for value in values:
+        data = bytearray(value.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        value.write_bytes(bytes(data))
+    assert main(["clean", "-f", str(project), "tuned"]) == 0
+    report = run(project)
+    assert report["tuned"]["status"] == "built"
+    assert same_tensors(project.parent / "build" / "tuned", reference / "tuned")
+
+
+def test_force_recomputes_everything(project):
+    run(project)
+    report = run(project, "--force")
+    assert all(r["status"] == "built" and r["tensors_reused"] == 0 for r in report.values())
+
+
+def test_kill_9_mid_target_resumes_from_committed_tensors(project, llama, reference):
+    script = (
+        "import sys, time; from mbuild import engine; real = engine.compute_task\n"
+        "def slow(task, models, reader, device, target):\n"
+        "    if target.name == 'tuned' and 'layers.8.' in task.name: time.sleep(60)\n"
+        "    return real(task, models, reader, device, target)\n"
+        "engine.compute_task = slow\n"
+        f"from mbuild.cli import main; sys.exit(main(['-f', {str(project)!r}, '-j', '1', 'tuned']))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    build = project.parent / "build"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(build.glob(".tuned.mbuild-tmp-*")):
+        time.sleep(0.05)
+    time.sleep(1.0)  # it is now stuck on layer 8 of tuned, earlier tensors committed
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (build / "tuned").exists()
+    report = run(project)
+    assert report["tuned"]["status"] == "built"
+    assert report["tuned"]["tensors_reused"] >= 8 * 9  # layers 0-7 were committed before the kill
+    assert same_tensors(build / "tuned", reference / "tuned")
+
+
+def test_two_builds_at_once_both_finish_with_correct_bytes(project, reference):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "mbuild.cli", "-f", str(project), "--json", "-j", "1"]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = [p.communicate(timeout=300) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    reports = [json.loads(out)["targets"] for out, _ in outputs]
+    for name in ("franken", "franken-math", "tuned", "broken-or-not"):
+        statuses = sorted(r[name]["status"] for r in reports)
+        assert statuses in (["built", "fresh"], ["built", "built"]), (name, statuses)
+        assert same_tensors(project.parent / "build" / name, reference / name)
+    assert not list((project.parent / "build").glob(".*.mbuild-tmp-*"))
+
+
+def test_keep_going_builds_what_does_not_depend_on_a_failure(project, llama):
+    # A weight beyond float32's range makes 'broken-or-not' non-finite; the others build.
+    project.write_text(family_text(llama, linear_weight="1.0e+39"))
+    report = run(project, "-k", expect=1)
+    assert report["broken-or-not"]["status"] == "failed"
+    assert "non-finite" in report["broken-or-not"]["error"]
+    assert report["tuned"]["status"] == "built"
+
+
+def test_gc_drops_what_no_target_needs_and_keeps_the_rest(project, llama):
+    run(project)
+    project.write_text(family_text(llama, weight=0.2))
+    run(project)
+    cache = TensorCache(project.parent / "cache" / "tensors")
+    before = len(cache.keys())
+    cache.close()
+    import contextlib
+    import io as stdio
+
+    out = stdio.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["gc", "-f", str(project), "--json"]) == 0
+    dropped = json.loads(out.getvalue())["dropped"]
+    assert dropped > 0  # the weight 0.7 tensors of 'tuned'
+    cache = TensorCache(project.parent / "cache" / "tensors")
+    assert len(cache.keys()) == before - dropped
+    cache.close()
+    assert main(["clean", "-f", str(project)]) == 0
+    rebuilt = run(project)
+    assert all(r["tensors_computed"] == 0 for r in rebuilt.values())
+
+
+def test_clean_removes_outputs_but_never_a_foreign_folder(project, capsys):
+    run(project)
+    assert main(["clean", "-f", str(project), "tuned"]) == 0
+    assert not (project.parent / "build" / "tuned").exists()
+    assert (project.parent / "build" / "franken").exists()
+    foreign = project.parent / "build" / "tuned"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    assert main(["clean", "-f", str(project), "tuned"]) == 2
+    assert (foreign / "mine.txt").exists()
+
+
+def test_explain_names_the_parameter_and_the_tensors(project, llama, capsys):
+    run(project)
+    project.write_text(family_text(llama, weight=0.2))
+    assert main(["explain", "-f", str(project), "tuned", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["targets"]["tuned"]
+    assert report["stale"] and report["reasons"] == ["models[0].parameters.weight: 0.7 → 0.2"]
+    assert set(report["changes"]) == {"franken-math.weight: 0.7 → 0.2"}
+    # TIES with a single model of weight w normalises it away except where the delta is pruned:
+    # every tensor's key changes because its parameters did.
+    assert len(report["changes"]["franken-math.weight: 0.7 → 0.2"]) == report["tensors"]
+
+
+def test_cache_bound_is_explicit_and_enforced(project, tmp_path):
+    report = run(project, "--cache-size", "300K", "--force")
+    assert report["tuned"]["status"] == "built"
+    cache = TensorCache(project.parent / "cache" / "tensors", 300_000)
+    assert cache.store.size_limit == 300_000
+    assert cache.volume() < 300_000 + 200_000  # bounded (diskcache culls to the limit lazily)
+    cache.close()
+    default = TensorCache(tmp_path / "fresh")
+    assert default.store.size_limit > 1024**3 or default.store.size_limit == 1024**3
+    assert default.store.eviction_policy == "least-recently-used"
+    default.close()
+
+
+def test_state_remembers_files_by_identity(llama, tmp_path):
+    from mbuild import io
+
+    state = State(tmp_path / "cache")
+    model = io.read_model(llama["base"])
+    assert state.digests(model, compute=False) is None
+    computed = state.digests(model, compute=True)
+    assert computed == state.digests(model, compute=False)
+    assert set(computed) == set(model.tensors)
