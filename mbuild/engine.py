@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping
 from mbuild import io, lock, methods
 from mbuild.cache import State, TensorCache
 from mbuild.errors import BuildError, Location, MbuildError
-from mbuild.plan import Decision, Plan, TargetPlan, TensorTask, decide, source_fingerprint
+from mbuild.plan import node_of as plan_node
+from mbuild.plan import Decision, Plan, TargetPlan, TensorTask, decide, recipe_method, source_fingerprint
 
 MBUILD_VERSION = "0.1.0"
 
@@ -315,19 +316,45 @@ class Builder:
         cache = None if self.options.force else self.cache
         made: dict[str, str] = {}  # task key -> digest of the bytes it produced
 
+        gates = None
+        if any(t.method == "moe_gate" for t in target_plan.tasks):
+            from mbuild import moe
+
+            base_node = plan_node(target_plan.target.base_model)
+            base_folder = models[base_node].folder
+            gates = moe.GateContext(device)
+
         def run(task: TensorTask) -> str:
+            old = previous.get(task.name)
+            if task.method == "concat":
+                # Stacked expert tensors can be huge: streamed in pieces, never cached whole.
+                if previous_model is not None and old and task.key and old.get("key") == task.key:
+                    digest = _copy_streamed(reader, previous_model.tensors[task.name], writer, task.name)
+                    if digest == old.get("sha256"):
+                        made[task.key] = digest
+                        return "reused"
+                from mbuild import moe
+
+                digest = moe.stream_concat(task, models, reader, writer)
+                if task.key:
+                    made[task.key] = digest
+                return "computed"
             if cache is not None and task.key:
                 data = cache.get(task.key)
                 if data is not None:
                     made[task.key] = writer.write(task.name, data)
                     return "reused"
-            old = previous.get(task.name)
             if previous_model is not None and old and task.key and old.get("key") == task.key:
                 data = _raw_bytes(reader.read(previous_model.tensors[task.name]))
                 if hashlib.sha256(data).hexdigest() == old.get("sha256"):
                     made[task.key] = writer.write(task.name, data)
                     return "reused"
-            result = compute_task(task, models, reader, device, target_plan.target)
+            if task.method == "moe_gate":
+                from mbuild import moe
+
+                result = moe.compute_gate(task, models, reader, gates, base_folder).to(io.torch_dtype(task.dtype))
+            else:
+                result = compute_task(task, models, reader, device, target_plan.target)
             data = _raw_bytes(result)
             digest = writer.write(task.name, data)
             if task.key:
@@ -397,15 +424,15 @@ class Builder:
                 }
         manifest = io.read_manifest(output) or {}
         target = target_plan.target
-        method = methods.get(target.method)
+        method_name, method_version, _ = recipe_method(target)
         try:
             relative = str(output.relative_to(self.plan.mergefile.folder))
         except ValueError:
             relative = str(output)
         data["targets"][target.name] = {
             "key": target_plan.key,
-            "method": method.name,
-            "method_version": method.version,
+            "method": method_name,
+            "method_version": method_version,
             "recipe": _plain(target.recipe),
             "inputs": inputs,
             "output": {
@@ -450,6 +477,17 @@ def compute_task(task: TensorTask, models: Mapping[str, io.ModelInfo], reader: i
             target.location(),
         )
     return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
+
+
+def _copy_streamed(reader: io.TensorReader, info: io.TensorInfo, writer: io.ShardedWriter, name: str) -> str:
+    """Copy one stored tensor's bytes in chunks into the writer's slot; returns their digest."""
+    digest = hashlib.sha256()
+    offset = 0
+    for chunk in reader.chunks(info):
+        writer.write_part(name, offset, chunk)
+        digest.update(chunk)
+        offset += len(chunk)
+    return writer.finish(name, digest.hexdigest())
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:

@@ -261,6 +261,17 @@ class TensorReader:
             done += count
         return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
 
+    def chunks(self, info: TensorInfo, size: int = READ_CHUNK):
+        """A tensor's raw bytes in pieces of at most ``size``."""
+        fd = self._fd(info.file)
+        position = info.start
+        while position < info.end:
+            chunk = os.pread(fd, min(size, info.end - position), position)
+            if not chunk:
+                raise BuildError(f"{info.file} is truncated (tensor {info.name})")
+            yield chunk
+            position += len(chunk)
+
     def close(self) -> None:
         with self._lock:
             for fd in self._handles.values():
@@ -369,6 +380,25 @@ class ShardedWriter:
                 done += os.pwrite(fd, data[done:], slot.start + done)
         except OSError as error:
             raise BuildError(f"cannot write {self.folder / slot.file}: {error.strerror}") from None
+        with self._lock:
+            self.digests[name] = digest
+        return digest
+
+    def write_part(self, name: str, offset: int, data: memoryview | bytes) -> None:
+        """Write part of a tensor's bytes at ``offset`` within its slot (for streamed tensors)."""
+        slot = self.slots[name]
+        if offset + len(data) > slot.end - slot.start:
+            raise BuildError(f"tensor {name}: part beyond its {slot.end - slot.start} bytes")
+        fd = self._handles[slot.file]
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], slot.start + offset + done)
+        except OSError as error:
+            raise BuildError(f"cannot write {self.folder / slot.file}: {error.strerror}") from None
+
+    def finish(self, name: str, digest: str) -> str:
+        """Mark a streamed tensor complete, with the digest of all its bytes."""
         with self._lock:
             self.digests[name] = digest
         return digest

@@ -36,6 +36,22 @@ RECIPE_KEYS = (
     "seed",
     "description",
 )
+# A target whose body has `experts:` is a mergekit-moe config.
+MOE_KEYS = (
+    "base_model",
+    "experts",
+    "gate_mode",
+    "experts_per_token",
+    "shared_experts",
+    "dtype",
+    "architecture",
+    "tokenizer_source",
+    "output",
+    "seed",
+    "description",
+)
+EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -104,6 +120,27 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class Expert:
+    """One expert of an MoE target: a dense model whose MLPs become expert MLPs."""
+
+    model: ModelRef
+    positive_prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    residual_scale: float | None
+    path: tuple
+
+
+@dataclass(frozen=True)
+class MoE:
+    """The mixture-of-experts part of a recipe (mergekit-moe's config)."""
+
+    experts: tuple[Expert, ...]
+    gate_mode: str
+    experts_per_token: int
+    architecture: str | None
+
+
+@dataclass(frozen=True)
 class Target:
     """A named merge recipe, validated and with every model reference resolved in kind."""
 
@@ -121,10 +158,13 @@ class Target:
     seed: int
     recipe: Mapping[str, Any]  # the body as written, defaults applied: what the lock records
     mergefile: "Mergefile" = field(repr=False, compare=False)
+    moe: MoE | None = None
 
     def references(self) -> list[ModelRef]:
         """Every model reference in the recipe, in order of appearance, repeats removed."""
         refs: list[ModelRef] = []
+        if self.moe:
+            refs.extend(expert.model for expert in self.moe.experts)
         for model in self.models:
             refs.append(model.model)
         for output_slice in self.slices:
@@ -236,6 +276,8 @@ class _Checker:
         path = ("targets", name)
         if not isinstance(body, dict):
             raise self.error(path, "a target is a mapping (merge_method, models or slices, ...)")
+        if "experts" in body:
+            return self.moe_target(name, body, defaults, target_names)
         self.unknown_keys(body, RECIPE_KEYS, path)
         recipe = dict(defaults)
         recipe.update(body)
@@ -335,6 +377,96 @@ class _Checker:
             seed=seed,
             recipe=recipe,
             mergefile=self.mergefile,
+        )
+        self.target_name = None
+        return target
+
+    def moe_target(self, name: str, body: dict, defaults: dict, target_names: set[str]) -> Target:
+        """A mergekit-moe config: dense experts (sources or targets) into a Mixtral-style MoE."""
+        path = ("targets", name)
+        self.unknown_keys(body, MOE_KEYS, path)
+        recipe = {k: v for k, v in defaults.items() if k in ("dtype", "seed")}
+        recipe.update(body)
+        where = lambda key: path + (key,) if key in body else ("defaults", key)  # noqa: E731
+        refs = _RefResolver(self, target_names)
+        if recipe.get("base_model") is None:
+            raise self.error(path, "an MoE target needs 'base_model' (attention, embeddings and norms come from it)")
+        base_model = refs.resolve(recipe["base_model"], where("base_model"))
+        if recipe.get("shared_experts"):
+            raise self.error(
+                where("shared_experts"),
+                "shared_experts (Qwen MoE / DeepSeek output) are not supported yet: mbuild builds Mixtral-style MoEs",
+            )
+        gate_mode = recipe.get("gate_mode", "hidden")
+        if gate_mode not in GATE_MODES:
+            raise self.error(where("gate_mode"), f"unknown gate_mode '{gate_mode}'{_suggest(str(gate_mode), GATE_MODES)}")
+        per_token = recipe.get("experts_per_token", 2)
+        if isinstance(per_token, bool) or not isinstance(per_token, int) or per_token < 1:
+            raise self.error(where("experts_per_token"), f"'experts_per_token' must be a positive integer, not {per_token!r}")
+        raw_experts = recipe.get("experts")
+        if not isinstance(raw_experts, list) or not raw_experts:
+            raise self.error(where("experts"), "'experts' must be a non-empty list")
+        experts = []
+        for index, raw in enumerate(raw_experts):
+            expert_path = where("experts") + (index,)
+            if not isinstance(raw, dict) or "source_model" not in raw:
+                raise self.error(expert_path, "each expert needs 'source_model:'")
+            self.unknown_keys(raw, EXPERT_KEYS, expert_path)
+            if raw.get("noise_scale") is not None:
+                raise self.error(expert_path + ("noise_scale",), "noise_scale is not supported yet")
+            prompts = {}
+            for key in ("positive_prompts", "negative_prompts"):
+                value = raw.get(key) or []
+                if isinstance(value, str):
+                    value = [value]
+                if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                    raise self.error(expert_path + (key,), f"'{key}' must be a list of strings")
+                prompts[key] = tuple(value)
+            if gate_mode not in ("random", "uniform_random") and not prompts["positive_prompts"]:
+                raise self.error(expert_path, f"gate_mode {gate_mode} needs 'positive_prompts' for every expert")
+            residual = raw.get("residual_scale")
+            if residual is not None and (isinstance(residual, bool) or not isinstance(residual, (int, float))):
+                raise self.error(expert_path + ("residual_scale",), "'residual_scale' must be a number")
+            model = refs.resolve(raw["source_model"], expert_path + ("source_model",))
+            experts.append(
+                Expert(model, prompts["positive_prompts"], prompts["negative_prompts"],
+                       float(residual) if residual is not None else None, expert_path)
+            )
+        if len(experts) < per_token:
+            raise self.error(where("experts"), f"{len(experts)} expert(s) but experts_per_token is {per_token}")
+        if gate_mode not in ("random", "uniform_random"):
+            signature = {(e.positive_prompts, e.negative_prompts) for e in experts}
+            if len(experts) > 1 and len(signature) == 1:
+                raise self.error(where("experts"), "every expert has the same prompts: the router could not tell them apart")
+        dtype = self.dtype(recipe.get("dtype"), where("dtype"))
+        tokenizer_source = recipe.get("tokenizer_source")
+        if tokenizer_source is not None:
+            tokenizer_source = base_model if tokenizer_source == "base" else refs.resolve(tokenizer_source, where("tokenizer_source"))
+        output = recipe.get("output", f"build/{name}")
+        if not isinstance(output, str):
+            raise self.error(where("output"), "'output' must be a folder path")
+        seed = recipe.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise self.error(where("seed"), f"'seed' must be a non-negative integer, not {seed!r}")
+        architecture = recipe.get("architecture")
+        if architecture not in (None, "mixtral"):
+            raise self.error(where("architecture"), f"architecture '{architecture}' is not supported: mbuild builds Mixtral MoEs")
+        target = Target(
+            name=name,
+            method="moe",
+            models=(),
+            slices=(),
+            base_model=base_model,
+            parameters={},
+            dtype=dtype,
+            out_dtype=None,
+            tokenizer_source=tokenizer_source,
+            chat_template=None,
+            output=(self.mergefile.folder / output).expanduser().absolute(),
+            seed=seed,
+            recipe=recipe,
+            mergefile=self.mergefile,
+            moe=MoE(tuple(experts), gate_mode, per_token, architecture),
         )
         self.target_name = None
         return target

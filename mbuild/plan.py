@@ -318,6 +318,10 @@ def expand(
     output_digest: OutputLookup = lambda key: None,
 ) -> TargetPlan:
     """Expand one target into its tensor tasks, checking layer ranges and shapes."""
+    if target.moe is not None:
+        from mbuild import moe
+
+        return moe.expand(target, infos, plans, source_digests, shard_bytes, output_digest)
     method = methods.get(target.method)
     groups = _groups(target)
     layer_tables = {node: _layers(info) for node, info in infos.items()}
@@ -589,14 +593,24 @@ def model_card(target: Target, input_nodes: Sequence[str]) -> str:
     """The README.md of an output: what it is, the recipe as written, and its lineage."""
     recipe = yaml.safe_dump({target.name: dict(target.recipe)}, sort_keys=False).rstrip()
     lineage = "\n".join(f"- `{node.split(':', 1)[1]}` ({node.split(':', 1)[0]})" for node in input_nodes)
-    method = methods.get(target.method)
+    name, _, paper = recipe_method(target)
     return (
         "---\nlibrary_name: transformers\ntags:\n- mbuild\n- merge\n---\n"
         f"# {target.name}\n\n"
-        f"A merge built by mbuild with **{method.name}** ({method.paper}).\n\n"
+        f"A merge built by mbuild with **{name}** ({paper}).\n\n"
         f"## Inputs\n\n{lineage}\n\n"
         f"## Recipe\n\n```yaml\n{recipe}\n```\n"
     )
+
+
+def recipe_method(target: Target) -> tuple[str, int, str]:
+    """(name, implementation version, paper) of what a target runs: a merge method or an MoE."""
+    if target.moe is not None:
+        from mbuild import moe
+
+        return "moe", moe.MOE_VERSION, "https://arxiv.org/abs/2401.04088"
+    method = methods.get(target.method)
+    return method.name, method.version, method.paper
 
 
 def recipe_diff(before: Any, now: Any, prefix: str = "") -> list[str]:
@@ -668,9 +682,9 @@ def decide(
     # Stale: explain by comparing with what was recorded at the last build.
     if lock_entry:
         reasons.extend(recipe_diff(lock_entry.get("recipe", {}), _plain(target.recipe)))
-        method = methods.get(target.method)
-        if lock_entry.get("method_version") not in (None, method.version):
-            reasons.append(f"method {method.name}: version {lock_entry['method_version']} → {method.version}")
+        method_name, version, _ = recipe_method(target)
+        if lock_entry.get("method_version") not in (None, version):
+            reasons.append(f"method {method_name}: version {lock_entry['method_version']} → {version}")
         recorded_inputs = lock_entry.get("inputs", {})
     else:
         recorded_inputs = {}

@@ -220,7 +220,7 @@ def test_example_mergefile_builds_then_is_a_noop(llama, tmp_path):
     (tmp_path / "examples").mkdir()
     (tmp_path / "examples" / "models").symlink_to(llama["base"].parent)
     parsed = mergefile.load(example)
-    assert list(parsed.targets) == ["base-deep", "math-deep", "code-deep", "deep-ties", "final"]
+    assert list(parsed.targets) == ["base-deep", "math-deep", "code-deep", "deep-ties", "final", "moe"]
     assert main(["all", "-f", str(example), "-q"]) == 0
     assert all((tmp_path / "build" / name / "mbuild.json").exists() for name in parsed.targets)
     lock = json.loads((tmp_path / "Mergefile.example.lock").read_text())
