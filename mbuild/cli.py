@@ -134,15 +134,19 @@ def _build(args) -> int:
     first_plan = replan()
     # Decide everything before the first tensor: a no-op never opens the tensor cache.
     decisions = engine.decide_all(first_plan, state)
-    cache = None
-    if args.force or any(d.stale for d in decisions.values()):
-        cache = _tensor_cache(state, args, create=True)
     options = engine.BuildOptions(force=args.force, jobs=args.jobs, device=args.device, keep_going=args.keep_going)
-    try:
-        with printer:
-            reports = engine.Builder(first_plan, state, options, printer, cache, replan).run()
-    finally:
-        if cache is not None:
+    if not args.force and not any(d.stale for d in decisions.values()):
+        # Nothing to do: answer like make, without locks or the tensor cache.
+        reports = {
+            name: engine.TargetReport(name, "fresh", (), 0, len(p.tasks), 0.0, str(p.target.output))
+            for name, p in first_plan.targets.items()
+        }
+    else:
+        cache = _tensor_cache(state, args, create=True)
+        try:
+            with printer:
+                reports = engine.Builder(first_plan, state, options, printer, cache, replan).run()
+        finally:
             cache.close()
     if args.json:
         print(json.dumps({"targets": {name: r.as_json() for name, r in reports.items()}}, indent=2))

@@ -202,6 +202,7 @@ class Builder:
         self.reporter = reporter or Reporter()
         self.cache = cache
         self.replan = replan or (lambda: self.plan)
+        self._dirty = False
         self.lock_path = lock.lock_path(plan.mergefile.path)
 
     def _has_tensor(self, key: str) -> bool:
@@ -220,9 +221,12 @@ class Builder:
                 failed.add(name)
                 self.reporter.target_finished(reports[name])
                 continue
-            with io.target_lock(target_plan.target.output, self.reporter.waiting):
-                # Another process may have built it meanwhile; keys may name new upstream bytes.
-                self.plan = self.replan()
+            with io.target_lock(target_plan.target.output, self.reporter.waiting) as held:
+                # Re-plan only when something changed since the last plan: a target built
+                # here (downstream keys may now name its bytes) or one we waited for.
+                if self._dirty or held.waited:
+                    self.plan = self.replan()
+                    self._dirty = False
                 target_plan = self.plan.targets[name]
                 lock_data = lock.read(self.lock_path)
                 fingerprints = source_fingerprints(self.plan, self.state)
@@ -238,6 +242,7 @@ class Builder:
                 stale.add(name)
                 try:
                     reports[name] = self.build_target(target_plan, decision)
+                    self._dirty = True
                 except MbuildError as error:
                     if error.location is None:
                         error.location = Location(self.plan.mergefile.path, None, name)

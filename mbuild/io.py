@@ -464,6 +464,7 @@ class FileLock:
         self.path = Path(path)
         self.on_wait = on_wait
         self.fd: int | None = None
+        self.waited = False
 
     def __enter__(self) -> "FileLock":
         import fcntl
@@ -474,6 +475,7 @@ class FileLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self.waited = True
             if self.on_wait is not None:
                 holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
                 self.on_wait(f"waiting for {holder} (lock {self.path.name})")

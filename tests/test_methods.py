@@ -601,7 +601,11 @@ def test_declarations_match_mergekit(mergekit_methods):
     for ours in methods.all_methods():
         spec = mergekit_methods.get(ours.name).spec
         assert {p.name for p in ours.parameters} == {p.name for p in spec.parameters}, ours.name
-        assert ours.base == {BasePolicy.REQUIRED: "required", BasePolicy.IGNORED: "ignored"}[spec.contract.base]
+        assert ours.base == {
+            BasePolicy.REQUIRED: "required",
+            BasePolicy.IGNORED: "ignored",
+            BasePolicy.OPTIONAL: "optional",
+        }[spec.contract.base]
         assert (ours.min_models, ours.max_models) == (spec.contract.min_inputs or 1, spec.contract.max_inputs)
         for theirs in spec.parameters:
             mine = ours.parameter(theirs.name)

@@ -155,4 +155,17 @@ def all_methods() -> tuple[Method, ...]:
 
 
 # The built-in families register themselves on import; they need the names defined above.
-from mbuild.methods import linear, passthrough, slerp, task_arithmetic  # noqa: E402,F401
+from mbuild.methods import (  # noqa: E402,F401
+    arcee_fusion,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    sce,
+    slerp,
+    task_arithmetic,
+)

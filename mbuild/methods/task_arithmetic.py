@@ -1,9 +1,9 @@
-"""The task-arithmetic family: task arithmetic, TIES, DARE (linear and TIES).
+"""The task-arithmetic family: task arithmetic, TIES, DARE, breadcrumbs and DELLA (linear and TIES).
 
 Every member adds weighted task vectors (model minus base) to the base. They differ in
 two optional steps, so each member is one row of data: how each task vector is thinned
 (a sparsifier) and whether the vectors vote on a sign per element (a consensus). Adding
-a member (breadcrumbs, DELLA) is adding a sparsifier and a row in VARIANTS.
+a member is adding a sparsifier (if it thins in a new way) and a row in VARIANTS.
 """
 
 from __future__ import annotations
@@ -83,6 +83,67 @@ def keep_random(
     return _masked(delta.to(work_dtype), mask, rescale).to(delta.dtype)
 
 
+def keep_between_outliers(
+    delta: torch.Tensor, settings: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Breadcrumbs: drop the `gamma` fraction largest in magnitude, then the smallest, keeping `density`."""
+    import torch
+
+    density = settings["density"]
+    if density >= 1:
+        return delta
+    total = delta.numel()
+    kept = int(density * total)
+    outliers = int(settings["gamma"] * total)
+    # Fewer outliers are dropped when dropping them all would leave less than `density`.
+    smallest = max(0, total - kept - outliers)
+    # Float32 magnitudes, as keep_largest: the same order (ties included) as mergekit on CPU.
+    ascending = torch.sort(delta.abs().reshape(-1).float()).indices
+    mask = torch.zeros(total, dtype=delta.dtype, device=delta.device)
+    mask[ascending[smallest : smallest + kept]] = 1
+    return _masked(delta, mask.reshape_as(delta), rescale)
+
+
+def keep_by_magnitude_rank(
+    delta: torch.Tensor, settings: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """DELLA's MagPrune: keep each element with a probability rising linearly with its magnitude's rank."""
+    import torch
+
+    if generator is None:
+        raise ValueError("random sparsification needs a torch.Generator; the global RNG is never used")
+    density, epsilon = settings["density"], settings["epsilon"]
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        raise ValueError(
+            f"DELLA needs density - epsilon and density + epsilon inside (0, 1); got density {density:g}, "
+            f"epsilon {epsilon:g}"
+        )
+    work_dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    # Ranks run along dim 1 (a 1-D or 0-D tensor is one row), as in mergekit. They and the
+    # probabilities are computed where the generator lives and in float32, so one seed gives
+    # one mask on every device and in every compute dtype (as DARE's keep_random).
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta
+    magnitudes = rows.abs().to(device=generator.device, dtype=work_dtype)
+    order = torch.argsort(magnitudes, dim=1)
+    position_shape = [1] * rows.ndim
+    position_shape[1] = rows.shape[1]
+    positions = torch.arange(rows.shape[1], device=order.device).reshape(position_shape).expand_as(order)
+    # Inverting the sorting permutation gives each element's rank (1 = smallest magnitude).
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(work_dtype) + 1
+    lowest = ranks.amin(dim=1, keepdim=True)
+    span = ranks.amax(dim=1, keepdim=True) - lowest
+    scaled = ((ranks - lowest) / span).clamp(0, 1)
+    # A row of one element has no rank spread: it is kept with probability `density`.
+    scaled = torch.where(span > 0, scaled, 0.5)
+    probabilities = (density - epsilon) + scaled * 2 * epsilon
+    mask = torch.bernoulli(probabilities, generator=generator).to(device=delta.device, dtype=work_dtype)
+    return _masked(rows.to(work_dtype), mask, rescale).to(delta.dtype).reshape(delta.shape)
+
+
 @dataclass(frozen=True)
 class Sparsifier:
     """A way to thin a task vector, with the per-model parameters it reads beyond `density`."""
@@ -95,6 +156,38 @@ class Sparsifier:
 SPARSIFIERS: dict[str, Sparsifier] = {
     "magnitude": Sparsifier(keep_largest, random=False),
     "random": Sparsifier(keep_random, random=True),
+    "magnitude_outliers": Sparsifier(
+        keep_between_outliers,
+        random=False,
+        parameters=(
+            Parameter(
+                "gamma",
+                float,
+                per_model=True,
+                default=0.01,
+                minimum=0.0,
+                maximum=1.0,
+                applies_to_base=False,
+                doc="fraction of the task vector's largest changes dropped as outliers",
+            ),
+        ),
+    ),
+    "della_magprune": Sparsifier(
+        keep_by_magnitude_rank,
+        random=True,
+        parameters=(
+            Parameter(
+                "epsilon",
+                float,
+                per_model=True,
+                default=0.15,
+                minimum=0.0,
+                maximum=1.0,
+                applies_to_base=False,
+                doc="keep probabilities run from density - epsilon (smallest) to density + epsilon (largest)",
+            ),
+        ),
+    ),
 }
 
 
@@ -265,6 +358,42 @@ VARIANTS: tuple[TaskArithmeticVariant, ...] = (
         rescale=True,
         paper="https://arxiv.org/abs/2311.03099",
         summary="DARE's random drop with TIES' sign consensus",
+    ),
+    TaskArithmeticVariant(
+        name="breadcrumbs",
+        sparsification="magnitude_outliers",
+        consensus=None,
+        normalize=False,
+        rescale=False,
+        paper="https://arxiv.org/abs/2312.06795",
+        summary="task arithmetic dropping both the smallest and the largest changes (Model Breadcrumbs)",
+    ),
+    TaskArithmeticVariant(
+        name="breadcrumbs_ties",
+        sparsification="magnitude_outliers",
+        consensus="sum",
+        normalize=False,
+        rescale=False,
+        paper="https://arxiv.org/abs/2312.06795",
+        summary="Model Breadcrumbs' sparsification with TIES' sign consensus",
+    ),
+    TaskArithmeticVariant(
+        name="della",
+        sparsification="della_magprune",
+        consensus="sum",
+        normalize=True,
+        rescale=True,
+        paper="https://arxiv.org/abs/2406.11617",
+        summary="random drop favouring small changes (DELLA MagPrune) with TIES' sign consensus",
+    ),
+    TaskArithmeticVariant(
+        name="della_linear",
+        sparsification="della_magprune",
+        consensus=None,
+        normalize=False,
+        rescale=True,
+        paper="https://arxiv.org/abs/2406.11617",
+        summary="task arithmetic on task vectors thinned by DELLA's magnitude-ranked random drop",
     ),
 )
 
