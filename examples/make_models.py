@@ -67,6 +67,7 @@ def make_model(
     num_hidden_layers: int | None = None,
     vocab_size: int | None = None,
     overrides: dict | None = None,
+    added_tokens: list[str] | None = None,
 ) -> Path:
     """Save one checkpoint; with ``base`` it is that model plus seeded noise (a mock fine-tune)."""
     import torch
@@ -83,6 +84,14 @@ def make_model(
                 scale = parameter.float().std().item() if parameter.numel() > 1 else 1.0
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * noise * (scale or 1.0))
         tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+        if added_tokens:
+            # A fine-tune that grew its vocabulary: new tokens, new embedding rows.
+            tokenizer.add_tokens(added_tokens)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                for embedding in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+                    rows = embedding.weight[-len(added_tokens):]
+                    rows.copy_(torch.randn(rows.shape, generator=generator) * 0.02)
     else:
         tokenizer = make_tokenizer(folder) if vocab_size is None else make_tokenizer(folder, vocab_size)
         config_class = {

@@ -13,7 +13,7 @@ from mbuild import mergefile as mergefile_module
 from mbuild.engine import Reporter
 from mbuild.errors import MbuildError
 
-SUBCOMMANDS = ("status", "graph", "methods", "explain", "gc", "clean")
+SUBCOMMANDS = ("status", "graph", "methods", "explain", "gc", "clean", "import")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,6 +101,7 @@ def _read_only_plan(args, mergefile, state):
         args.allow_pickle,
         getattr(args, "shard_size", plan.DEFAULT_SHARD_BYTES),
         engine.output_digests(state, mergefile),
+        state.folder,
     )
 
 
@@ -129,6 +130,7 @@ def _build(args) -> int:
             args.allow_pickle,
             args.shard_size,
             engine.output_digests(state, mergefile),
+            state.folder,
         )
 
     first_plan = replan()
@@ -329,6 +331,13 @@ def _subcommand(argv: list[str]) -> int:
         parser.add_argument("--json", action="store_true")
         args = parser.parse_args(rest)
         return _methods(args)
+    if name == "import":
+        parser.add_argument("config", help="a mergekit-yaml, mergekit-moe or mergekit-multi config")
+        parser.add_argument("-o", "--output", default="Mergefile", help="the Mergefile to write (default: ./Mergefile)")
+        parser.add_argument("--name", help="target name of the document without 'name:' (default: the file's stem)")
+        parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+        parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        return _import(parser.parse_args(rest))
     _common(parser)
     if name == "graph":
         parser.add_argument("--format", choices=("text", "dot"), default="text")
@@ -452,6 +461,25 @@ def _clean(args) -> int:
         print(json.dumps({"removed": removed}))
     else:
         print(f"mbuild clean: removed {len(removed)} output(s)" + (f": {', '.join(removed)}" if removed else ""))
+    return 0
+
+
+def _import(args) -> int:
+    """Write a Mergefile made from a mergekit config; never over an existing file unless --force."""
+    from mbuild import importer
+
+    output = Path(os.path.normpath(Path(args.output).absolute()))
+    if output.exists() and not args.force:
+        raise MbuildError(f"{output} exists; use --force to overwrite it")
+    imported = importer.import_config(args.config, output, args.name)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    temporary.write_text(imported.text)
+    os.replace(temporary, output)
+    if args.json:
+        print(json.dumps({"mergefile": str(output), "targets": list(imported.targets)}, indent=2))
+    else:
+        print(f"mbuild import: wrote {output} with {len(imported.targets)} target(s): {', '.join(imported.targets)}")
     return 0
 
 

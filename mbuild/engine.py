@@ -13,6 +13,7 @@ import concurrent.futures
 import hashlib
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,7 +330,26 @@ class Builder:
             base_folder = models[base_node].folder
             gates = moe.GateContext(device)
 
+        inflight: dict[str, threading.Event] = {}
+        inflight_lock = threading.Lock()
+
         def run(task: TensorTask) -> str:
+            """Run a task once per key: a twin (a repeated layer) waits and then reads the cache."""
+            if cache is None or not task.key or task.method == "concat":
+                return run_once(task)
+            with inflight_lock:
+                event = inflight.get(task.key)
+                if event is None:
+                    inflight[task.key] = threading.Event()
+            if event is not None:
+                event.wait()
+                return run_once(task)
+            try:
+                return run_once(task)
+            finally:
+                inflight[task.key].set()
+
+        def run_once(task: TensorTask) -> str:
             old = previous.get(task.name)
             if task.method == "concat":
                 # Stacked expert tensors can be huge: streamed in pieces, never cached whole.
@@ -359,7 +379,7 @@ class Builder:
 
                 result = moe.compute_gate(task, models, reader, gates, base_folder).to(io.torch_dtype(task.dtype))
             else:
-                result = compute_task(task, models, reader, device, target_plan.target)
+                result = compute_task(task, models, reader, device, target_plan.target, target_plan.vocabulary)
             data = _raw_bytes(result)
             digest = writer.write(task.name, data)
             if task.key:
@@ -448,7 +468,9 @@ class Builder:
         lock.write(self.lock_path, data)
 
 
-def compute_task(task: TensorTask, models: Mapping[str, io.ModelInfo], reader: io.TensorReader, device, target):
+def compute_task(
+    task: TensorTask, models: Mapping[str, io.ModelInfo], reader: io.TensorReader, device, target, vocabulary=None
+):
     """Read a task's inputs, run its method in the compute dtype, and cast to the output dtype."""
     import torch
 
@@ -463,6 +485,10 @@ def compute_task(task: TensorTask, models: Mapping[str, io.ModelInfo], reader: i
     compute_dtype = io.torch_dtype(task.compute_dtype)
     inputs = [t.to(device=device, dtype=compute_dtype) for t in tensors]
     del tensors
+    if task.vocabulary:
+        from mbuild import vocabulary as vocabularies
+
+        inputs = vocabularies.align(inputs, [i.node for i in task.inputs], vocabulary)
     generator = None
     if task.seed is not None:
         # Drawn on the CPU whatever the device, so the bytes do not depend on it.

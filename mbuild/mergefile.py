@@ -31,11 +31,16 @@ RECIPE_KEYS = (
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
     "chat_template",
     "output",
     "seed",
     "description",
 )
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+TOKEN_KEYS = ("source", "force")
+# Chat templates mbuild knows by name (written here from each format's public description).
+CHAT_TEMPLATES = ("chatml", "llama3")
 # A target whose body has `experts:` is a mergekit-moe config.
 MOE_KEYS = (
     "base_model",
@@ -120,6 +125,26 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """Where one token's embedding row comes from when a model lacks it (or when forced)."""
+
+    kind: str  # "model" (that model's own row), "model_token" (a given row of a model), "zero"
+    model: ModelRef | None = None
+    token_id: int | None = None
+    token: str | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The output vocabulary: its source and per-token embedding rules (mergekit's semantics)."""
+
+    source: Any  # "base" | "union" | ModelRef
+    tokens: tuple[tuple[str, TokenSource], ...] = ()
+    pad_to_multiple_of: int | None = None
+
+
+@dataclass(frozen=True)
 class Expert:
     """One expert of an MoE target: a dense model whose MLPs become expert MLPs."""
 
@@ -159,6 +184,7 @@ class Target:
     recipe: Mapping[str, Any]  # the body as written, defaults applied: what the lock records
     mergefile: "Mergefile" = field(repr=False, compare=False)
     moe: MoE | None = None
+    tokenizer: TokenizerSpec | None = None
 
     def references(self) -> list[ModelRef]:
         """Every model reference in the recipe, in order of appearance, repeats removed."""
@@ -175,6 +201,10 @@ class Target:
             refs.append(self.base_model)
         if isinstance(self.tokenizer_source, ModelRef):
             refs.append(self.tokenizer_source)
+        if self.tokenizer is not None:
+            if isinstance(self.tokenizer.source, ModelRef):
+                refs.append(self.tokenizer.source)
+            refs.extend(t.model for _, t in self.tokenizer.tokens if t.model is not None)
         seen, unique = set(), []
         for ref in refs:
             if ref.node not in seen:
@@ -341,14 +371,25 @@ class _Checker:
         tokenizer_source = recipe.get("tokenizer_source")
         if tokenizer_source is not None and tokenizer_source not in ("base", "union"):
             tokenizer_source = refs.resolve(tokenizer_source, where("tokenizer_source"))
-        if tokenizer_source == "union":
-            raise self.error(where("tokenizer_source"), "tokenizer_source: union is not supported yet; use 'base' or a model")
-        if tokenizer_source == "base" and base_model is None:
-            raise self.error(where("tokenizer_source"), "tokenizer_source: base needs a 'base_model'")
+        tokenizer = None
+        if "tokenizer" in recipe:
+            if tokenizer_source is not None:
+                raise self.error(where("tokenizer"), "give 'tokenizer' or 'tokenizer_source', not both")
+            tokenizer = self.tokenizer_block(recipe["tokenizer"], where("tokenizer"), refs)
+        elif tokenizer_source is not None:
+            tokenizer = TokenizerSpec(tokenizer_source)
 
         chat_template = recipe.get("chat_template")
-        if chat_template is not None and not isinstance(chat_template, str):
-            raise self.error(where("chat_template"), "'chat_template' must be a string")
+        if chat_template is not None:
+            if not isinstance(chat_template, str) or not chat_template.strip():
+                raise self.error(where("chat_template"), "'chat_template' must be a string")
+            known = ("auto", *CHAT_TEMPLATES)
+            if "{" not in chat_template and chat_template not in known:
+                raise self.error(
+                    where("chat_template"),
+                    f"unknown chat_template '{chat_template}'{_suggest(chat_template, known)}: "
+                    f"use auto, {', '.join(CHAT_TEMPLATES)}, or a Jinja template",
+                )
 
         output = recipe.get("output", f"build/{name}")
         if "output" in body and not isinstance(output, str):
@@ -377,6 +418,7 @@ class _Checker:
             seed=seed,
             recipe=recipe,
             mergefile=self.mergefile,
+            tokenizer=tokenizer,
         )
         self.target_name = None
         return target
@@ -470,6 +512,43 @@ class _Checker:
         )
         self.target_name = None
         return target
+
+    def tokenizer_block(self, value: Any, path: tuple, refs: "_RefResolver") -> TokenizerSpec:
+        """mergekit's `tokenizer:` block: source, per-token embedding sources, padding."""
+        if not isinstance(value, dict):
+            raise self.error(path, "'tokenizer' must be a mapping (source, tokens, pad_to_multiple_of)")
+        self.unknown_keys(value, TOKENIZER_KEYS, path)
+        source = value.get("source", "union")
+        if source not in ("base", "union"):
+            source = refs.resolve(source, path + ("source",))
+        pad = value.get("pad_to_multiple_of")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise self.error(path + ("pad_to_multiple_of",), f"'pad_to_multiple_of' must be a positive integer, not {pad!r}")
+        tokens = []
+        raw_tokens = value.get("tokens") or {}
+        if not isinstance(raw_tokens, dict):
+            raise self.error(path + ("tokens",), "'tokens' maps token strings to {source, force}")
+        for token, rule in raw_tokens.items():
+            token_path = path + ("tokens", token)
+            if not isinstance(rule, dict):
+                raise self.error(token_path, "each token needs a mapping with 'source' (and optionally 'force')")
+            self.unknown_keys(rule, TOKEN_KEYS, token_path)
+            force = rule.get("force", False)
+            if not isinstance(force, bool):
+                raise self.error(token_path + ("force",), "'force' must be true or false")
+            raw = rule.get("source")
+            if isinstance(raw, str):
+                tokens.append((str(token), TokenSource("model", refs.resolve(raw, token_path + ("source",)), force=force)))
+            elif isinstance(raw, dict) and raw.get("kind") == "zero":
+                tokens.append((str(token), TokenSource("zero", force=force)))
+            elif isinstance(raw, dict) and raw.get("kind") == "model_token":
+                if ("token_id" in raw) == ("token" in raw):
+                    raise self.error(token_path + ("source",), "a model_token source needs exactly one of 'token_id' or 'token'")
+                model = refs.resolve(raw.get("model"), token_path + ("source", "model"))
+                tokens.append((str(token), TokenSource("model_token", model, raw.get("token_id"), raw.get("token"), force)))
+            else:
+                raise self.error(token_path + ("source",), "a token's source is a model, {kind: zero}, or {kind: model_token, model, token_id|token}")
+        return TokenizerSpec(source, tuple(tokens), pad)
 
     def output_slice(self, method, entry: Any, path: tuple, refs: "_RefResolver") -> OutputSlice:
         if not isinstance(entry, dict) or "sources" not in entry:

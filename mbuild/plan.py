@@ -60,6 +60,7 @@ class TensorTask:
     seed: int | None
     inputs: tuple[TensorInput, ...]
     key: str | None
+    vocabulary: bool = False  # inputs are re-indexed into the target's output vocabulary first
 
     @property
     def nbytes(self) -> int:
@@ -85,6 +86,7 @@ class TargetPlan:
     input_nodes: tuple[str, ...]
     num_layers: int | None
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    vocabulary: Any = None  # mbuild.vocabulary.Vocabulary when inputs are aligned by token
 
     @property
     def name(self) -> str:
@@ -201,6 +203,7 @@ def make_plan(
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     output_digest: OutputLookup = lambda key: None,
+    store: Path | None = None,
 ) -> Plan:
     """Resolve sources, expand the selected targets into tensor tasks and compute keys.
 
@@ -210,6 +213,10 @@ def make_plan(
     """
     graph = build_graph(mergefile)
     order = select(mergefile, graph, requested)
+    if store is None:
+        from mbuild.cache import default_cache_dir
+
+        store = default_cache_dir(mergefile.folder)
     sources: dict[str, Source] = {}
     plans: dict[str, TargetPlan] = {}
     unhashed: set[str] = set()
@@ -229,7 +236,7 @@ def make_plan(
                 if found is None:
                     unhashed.add(node)
             infos[node] = sources[node].info
-        plans[name] = expand(target, infos, plans, source_digests, shard_bytes, output_digest)
+        plans[name] = expand(target, infos, plans, source_digests, shard_bytes, output_digest, store)
     return Plan(mergefile, order, plans, sources, graph, frozenset(unhashed))
 
 
@@ -316,6 +323,7 @@ def expand(
     source_digests: Mapping[str, Mapping[str, str] | None],
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     output_digest: OutputLookup = lambda key: None,
+    store: Path | None = None,
 ) -> TargetPlan:
     """Expand one target into its tensor tasks, checking layer ranges and shapes."""
     if target.moe is not None:
@@ -349,6 +357,11 @@ def expand(
             counts = ", ".join(f"'{r}': {rg[1] - rg[0]}" for r, rg in zip(group.refs, group.ranges))
             raise error(group.path, f"models have different layer counts ({counts}); merge them with slices and layer_range")
 
+    config_node = node_of(target.base_model) if target.base_model else node_of(groups[0].refs[0])
+    vocab = None
+    if target.tokenizer is not None:
+        vocab = _vocabulary(target, groups, config_node, infos, plans, store)
+
     tasks: list[TensorTask] = []
     seen_names: set[str] = set()
     out_layer = 0
@@ -369,7 +382,14 @@ def expand(
             if found is None:
                 raise error(path + ("model",), f"model '{ref}' has no tensor '{in_name}'")
             tensor_infos.append(found)
-        shapes = {tuple(ti.shape) for ti in tensor_infos}
+        on_vocabulary = vocab is not None and _is_vocabulary_tensor(out_name, tensor_infos, group, infos)
+        shapes = {tuple(ti.shape[1:] if on_vocabulary else ti.shape) for ti in tensor_infos}
+        if len(shapes) > 1 and not on_vocabulary and _is_vocabulary_tensor(out_name, tensor_infos, group, infos):
+            detail = ", ".join(f"'{r}' {list(ti.shape)}" for r, ti in zip(group.refs, tensor_infos))
+            raise error(
+                group.path,
+                f"vocabulary sizes differ for '{out_name}' ({detail}): set 'tokenizer_source' (base, union or a model) to align them",
+            )
         if len(shapes) > 1:
             detail = ", ".join(f"'{r}' {list(ti.shape)}" for r, ti in zip(group.refs, tensor_infos))
             raise error(group.path, f"shape mismatch for tensor '{out_name}': {detail}")
@@ -395,7 +415,13 @@ def expand(
         inputs = []
         for ref, info in zip(group.refs, tensor_infos):
             node = node_of(ref)
-            inputs.append(TensorInput(node, info.name, _input_key(node, info, plans, source_digests, output_digest)))
+            key = _input_key(node, info, plans, source_digests, output_digest)
+            if on_vocabulary and key is not None:
+                key += f"|vocabulary:{vocab.digest}"  # the input as re-indexed into the output vocabulary
+            inputs.append(TensorInput(node, info.name, key))
+        shape = tuple(tensor_infos[0].shape)
+        if on_vocabulary:
+            shape = (vocab.size, *shape[1:])
         version = method.version if op != "copy" else 1
         key = None
         if all(i.key is not None for i in inputs):
@@ -407,14 +433,14 @@ def expand(
                 base_index=base_index,
                 compute_dtype=compute_dtype,
                 out_dtype=out_dtype,
-                shape=tensor_infos[0].shape,
+                shape=shape,
                 seed=seed,
                 input_keys=[i.key for i in inputs],
             )
         tasks.append(
             TensorTask(
                 name=out_name,
-                shape=tuple(tensor_infos[0].shape),
+                shape=shape,
                 dtype=out_dtype,
                 compute_dtype=compute_dtype,
                 method=op,
@@ -424,6 +450,7 @@ def expand(
                 seed=seed,
                 inputs=tuple(inputs),
                 key=key,
+                vocabulary=on_vocabulary,
             )
         )
 
@@ -455,9 +482,14 @@ def expand(
     for name in sorted(n for n in last_others if not PRE_LAYER.search(n)):
         add_task(name, last, [name] * len(last.refs), 0.0)
 
-    config_node = node_of(target.base_model) if target.base_model else node_of(first.refs[0])
     config = _output_config(infos[config_node].config, infos, layer_origin, tasks)
     files = _companion_files(target, config_node, infos, plans)
+    if vocab is not None:
+        files = {n: p for n, p in files.items() if not TOKENIZER_FILE.match(n) and n != "tokenizer_config.json"}
+        files.update(vocab.files())
+        _set_vocab_size(config, vocab.size)
+    if target.chat_template is not None:
+        files["chat_template.jinja"] = _chat_template_file(target, files, infos, plans, store)
     file_digests = {name: _file_digest(path) for name, path in files.items()}
     card = model_card(target, [node_of(r) for r in target.references()])
     input_nodes = tuple(node_of(r) for r in target.references())
@@ -475,7 +507,113 @@ def expand(
         input_nodes=input_nodes,
         num_layers=out_layer,
         shard_bytes=shard_bytes,
+        vocabulary=vocab,
     )
+
+
+def _vocabulary(target: Target, groups, base_node: str, infos, plans, store: Path):
+    """The output vocabulary and each input's row map (see mbuild.vocabulary)."""
+    from mbuild import vocabulary
+
+    nodes = list(dict.fromkeys(node_of(ref) for group in groups for ref in group.refs))
+    spec = target.tokenizer
+    extra = [spec.source.node] if isinstance(spec.source, ModelRef) else []
+    extra += [t.model.node for _, t in spec.tokens if t.model is not None]
+    files = {}
+    for node in dict.fromkeys([base_node, *nodes, *extra]):
+        if node.startswith("target:"):
+            companions = dict(plans[node.split(":", 1)[1]].files)
+        else:
+            folder = infos[node].folder
+            companions = {p.name: str(p) for p in io.companion_files(folder)} if folder else {}
+        files[node] = {n: p for n, p in companions.items() if TOKENIZER_FILE.match(n) or n == "tokenizer_config.json"}
+        if not files[node]:
+            raise ModelError(f"'{node.split(':', 1)[1]}' has no tokenizer files", target.location("tokenizer_source"))
+    sizes = {node: _vocab_size(infos[node].config) for node in files}
+    names = {node: node.split(":", 1)[1] for node in files}
+    return vocabulary.resolve(spec, base_node, nodes, files, sizes, names, Path(store) / "vocabularies")
+
+
+def _vocab_size(config: Mapping[str, Any]) -> int | None:
+    for holder in (config, config.get("text_config") or {}):
+        if isinstance(holder.get("vocab_size"), int):
+            return holder["vocab_size"]
+    return None
+
+
+def _set_vocab_size(config: dict, size: int) -> None:
+    holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+    holder["vocab_size"] = size
+
+
+def _is_vocabulary_tensor(name: str, tensor_infos, group, infos) -> bool:
+    """Embeddings and output heads: tensors whose first axis is the model's vocabulary."""
+    if name.endswith("lm_head.weight"):
+        return True
+    if not PRE_LAYER.search(name) or "position" in name:
+        return False
+    for ref, info in zip(group.refs, tensor_infos):
+        size = _vocab_size(infos[node_of(ref)].config)
+        if size is not None and info.shape and info.shape[0] != size:
+            return False
+    return True
+
+
+def _chat_template_file(target: Target, files, infos, plans, store: Path) -> str:
+    """The chat template asked for, written once under the cache; returns its path."""
+    import hashlib
+
+    asked = target.chat_template
+    if asked == "auto":
+        counts: dict[str, int] = {}
+        for ref in target.references():
+            text = _chat_template_of(node_of(ref), infos, plans)
+            if text:
+                counts[text.strip()] = counts.get(text.strip(), 0) + 1
+        if not counts:
+            raise MergefileError("chat_template: auto, but no input model has a chat template", target.location("chat_template"))
+        text = max(counts, key=lambda t: counts[t])  # plurality; first seen wins a tie
+    elif asked in TEMPLATES:
+        text = TEMPLATES[asked]
+    else:
+        text = asked
+    path = Path(store) / "templates" / (hashlib.sha256(text.encode()).hexdigest()[:32] + ".jinja")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(path)
+
+
+def _chat_template_of(node: str, infos, plans) -> str | None:
+    import json
+
+    if node.startswith("target:"):
+        companions = dict(plans[node.split(":", 1)[1]].files)
+    else:
+        folder = infos[node].folder
+        companions = {p.name: str(p) for p in io.companion_files(folder)} if folder else {}
+    if "chat_template.jinja" in companions:
+        return Path(companions["chat_template.jinja"]).read_text()
+    if "tokenizer_config.json" in companions:
+        template = json.loads(Path(companions["tokenizer_config.json"]).read_text()).get("chat_template")
+        if isinstance(template, dict):
+            template = template.get("default")
+        return template if isinstance(template, str) else None
+    return None
+
+
+# Chat templates by name, written from each format's public description.
+TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+}
 
 
 def _embedding_name(info: io.ModelInfo) -> str | None:

@@ -163,9 +163,9 @@ def test_force_recomputes_everything(project):
 def test_kill_9_mid_target_resumes_from_committed_tensors(project, llama, reference):
     script = (
         "import sys, time; from mbuild import engine; real = engine.compute_task\n"
-        "def slow(task, models, reader, device, target):\n"
+        "def slow(task, models, reader, device, target, *rest):\n"
         "    if target.name == 'tuned' and 'layers.8.' in task.name: time.sleep(60)\n"
-        "    return real(task, models, reader, device, target)\n"
+        "    return real(task, models, reader, device, target, *rest)\n"
         "engine.compute_task = slow\n"
         f"from mbuild.cli import main; sys.exit(main(['-f', {str(project)!r}, '-j', '1', 'tuned']))\n"
     )
