@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``mbuild [TARGETS|all] ...``."""
     parser = argparse.ArgumentParser(
         prog="mbuild",
-        description="Make for model merging. Subcommands: status, graph, methods.",
+        description="Make for model merging. Subcommands: " + ", ".join(SUBCOMMANDS) + ".",
     )
     parser.add_argument("targets", nargs="*", help="targets to bring up to date (default: all)")
     _common(parser)
@@ -471,8 +471,16 @@ def _import(args) -> int:
     output = Path(os.path.normpath(Path(args.output).absolute()))
     if output.exists() and not args.force:
         raise MbuildError(f"{output} exists; use --force to overwrite it")
-    imported = importer.import_config(args.config, output, args.name)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    # The folder must exist while the text is validated: relative model paths start there.
+    created = [folder for folder in reversed(output.parents) if not folder.exists()]
+    for folder in created:
+        folder.mkdir()
+    try:
+        imported = importer.import_config(args.config, output, args.name)
+    except BaseException:
+        for folder in reversed(created):
+            folder.rmdir()
+        raise
     temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     temporary.write_text(imported.text)
     os.replace(temporary, output)

@@ -691,11 +691,11 @@ class _RefResolver:
         if not isinstance(value, str) or not value.strip():
             raise self.checker.error(path, f"a model reference must be a non-empty string, not {value!r}")
         text = value.strip()
-        if "+" in text and not Path(text).exists():
-            raise self.checker.error(path, f"'{text}': LoRA references (model+adapter) are not supported yet")
         if text in self.target_names:
             return ModelRef(text, "target", text, None, line, "target:" + text)
-        folder = (self.checker.mergefile.folder / text).expanduser()
+        folder = Path(os.path.normpath(self.checker.mergefile.folder / Path(text).expanduser()))
+        if "+" in text and not folder.exists():
+            raise self.checker.error(path, f"'{text}': LoRA references (model+adapter) are not supported yet")
         if folder.exists():
             if not folder.is_dir():
                 raise self.checker.error(path, f"model '{text}' is a file, not a model folder ({folder.absolute()})")
@@ -742,7 +742,18 @@ def _load_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
     def convert(node: yaml.Node, where: tuple) -> Any:
         if isinstance(node, yaml.MappingNode):
             result = {}
+            merged: dict = {}
             for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    # `<<: *anchor` (or a list of anchors): keys written here win.
+                    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    for source in sources:
+                        value = convert(source, where)
+                        if not isinstance(value, dict):
+                            raise MergefileError("'<<' must merge a mapping", Location(path, key_node.start_mark.line + 1))
+                        for merge_key, merge_value in value.items():
+                            merged.setdefault(merge_key, merge_value)
+                    continue
                 key = constructor.construct_object(key_node, deep=True)
                 if isinstance(key, list):
                     key = tuple(key)
@@ -750,6 +761,8 @@ def _load_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
                     raise MergefileError(f"duplicate key '{key}'", Location(path, key_node.start_mark.line + 1))
                 lines[where + (key,)] = key_node.start_mark.line + 1
                 result[key] = convert(value_node, where + (key,))
+            for merge_key, merge_value in merged.items():
+                result.setdefault(merge_key, merge_value)
             return result
         if isinstance(node, yaml.SequenceNode):
             items = []
@@ -757,6 +770,9 @@ def _load_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
                 lines[where + (index,)] = item.start_mark.line + 1
                 items.append(convert(item, where + (index,)))
             return items
-        return constructor.construct_object(node, deep=True)
+        try:
+            return constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as error:
+            raise MergefileError(f"invalid YAML value: {getattr(error, 'problem', error)}", Location(path, node.start_mark.line + 1)) from None
 
     return convert(node, ()), lines

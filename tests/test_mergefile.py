@@ -226,3 +226,29 @@ def test_example_mergefile_builds_then_is_a_noop(llama, tmp_path):
     lock = json.loads((tmp_path / "Mergefile.example.lock").read_text())
     assert set(lock["targets"]) == set(parsed.targets)
     assert "local:examples/models/base" in lock["sources"]
+
+
+def test_yaml_merge_keys_share_settings(models):
+    parsed = parse(
+        """
+common: &common
+  merge_method: linear
+  parameters: {normalize: false}
+targets:
+  x:
+    <<: *common
+    models: [{model: a, parameters: {weight: 1}}]
+""".replace("common: &common", "defaults: &common"),
+        models,
+    )
+    assert parsed.targets["x"].method == "linear" and parsed.targets["x"].parameters == {"normalize": False}
+
+
+def test_parent_relative_model_paths_resolve_from_the_mergefile(tmp_path):
+    (tmp_path / "models" / "a").mkdir(parents=True)
+    (tmp_path / "project").mkdir()
+    parsed = mergefile.parse(
+        "targets:\n  x:\n    merge_method: passthrough\n    models: [{model: ../models/a}]\n", tmp_path / "project" / "Mergefile"
+    )
+    ref = parsed.targets["x"].models[0].model
+    assert ref.location == str(tmp_path / "models" / "a") and ref.node == "local:" + str(tmp_path / "models" / "a")
