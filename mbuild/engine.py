@@ -211,6 +211,7 @@ class Builder:
 
     def run(self) -> dict[str, TargetReport]:
         """Bring every planned target up to date; returns a report per target."""
+        _return_freed_memory()
         reports: dict[str, TargetReport] = {}
         failed: set[str] = set()
         stale: set[str] = set()
@@ -508,6 +509,28 @@ def compute_task(
             target.location(),
         )
     return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
+
+
+def _return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the OS at once.
+
+    By default glibc raises its mmap threshold after the first large free, so later
+    tensor-sized buffers come from per-thread heaps that never shrink: peak RSS then
+    grows with every worker thread. A fixed 1 MiB threshold keeps each tensor's memory
+    its own mapping, unmapped when the tensor dies.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def _copy_streamed(reader: io.TensorReader, info: io.TensorInfo, writer: io.ShardedWriter, name: str) -> str:
