@@ -159,20 +159,22 @@ class TensorCache:
             sqlite_mmap_size=0,
         )
 
-    def get(self, key: str) -> bytes | None:
-        """The bytes of a computed tensor, or None; a corrupt entry is dropped, never returned."""
-        found = self.store.get(key, default=None, tag=True, retry=True)
-        value, digest = found
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        """A computed tensor's bytes and digest, or None; a corrupt entry is dropped, never returned."""
+        value, digest = self.store.get(key, default=None, tag=True, retry=True)
         if value is None:
             return None
         if hashlib.sha256(value).hexdigest() != digest:
             self.store.delete(key, retry=True)
             return None
-        return value
+        return value, digest
 
     def put(self, key: str, data: bytes | memoryview, digest: str) -> None:
-        """Commit one computed tensor (atomically: a reader sees all of it or nothing)."""
-        self.store.set(key, bytes(data), tag=digest, retry=True)
+        """Commit one computed tensor (atomically: a reader sees all of it or nothing).
+
+        Streamed from the buffer in pieces, so the tensor is never copied whole.
+        """
+        self.store.set(key, _Pieces(memoryview(data).cast("B")), read=True, tag=digest, retry=True)
 
     def contains(self, key: str) -> bool:
         """Whether an entry exists (not verified: reading it does that)."""
@@ -203,6 +205,20 @@ class TensorCache:
 
     def close(self) -> None:
         self.store.close()
+
+
+class _Pieces:
+    """A read()-able view of a buffer, handing out slices without copying."""
+
+    def __init__(self, view: memoryview):
+        self.view = view
+        self.position = 0
+
+    def read(self, size: int = -1) -> memoryview:
+        end = len(self.view) if size is None or size < 0 else min(len(self.view), self.position + size)
+        piece = self.view[self.position : end]
+        self.position = end
+        return piece if len(piece) else b""
 
 
 def default_size_limit(folder: Path) -> int:

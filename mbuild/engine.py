@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import math
 import os
 import shutil
 import threading
@@ -366,9 +367,9 @@ class Builder:
                     made[task.key] = digest
                 return "computed"
             if cache is not None and task.key:
-                data = cache.get(task.key)
-                if data is not None:
-                    made[task.key] = writer.write(task.name, data)
+                found = cache.get(task.key)
+                if found is not None:
+                    made[task.key] = writer.write(task.name, found[0], found[1])
                     return "reused"
             if previous_model is not None and old and task.key and old.get("key") == task.key:
                 data = _raw_bytes(reader.read(previous_model.tensors[task.name]))
@@ -503,7 +504,9 @@ def compute_task(
         generator=generator,
     )
     del inputs
-    if not bool(torch.isfinite(result).all()):
+    # A finite sum proves every element finite (NaN and inf propagate); only a
+    # non-finite sum, rare, pays for the element-wise check.
+    if not math.isfinite(float(result.sum())) and not bool(torch.isfinite(result).all()):
         raise BuildError(
             f"tensor '{task.name}' has non-finite values (NaN or inf) after {task.method}",
             target.location(),

@@ -193,8 +193,29 @@ def file_identity(path: str | Path) -> tuple[int, int, int]:
     return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-def hash_tensor_bytes(tensors: Iterable[TensorInfo]) -> dict[str, str]:
-    """sha256 of each tensor's bytes, read in chunks straight from its file."""
+def hash_tensor_bytes(tensors: Iterable[TensorInfo], workers: int = 2) -> dict[str, str]:
+    """sha256 of each tensor's bytes, read in chunks straight from its file.
+
+    Tensors are split between ``workers`` threads (hashlib and pread release the GIL).
+    """
+    import concurrent.futures
+
+    tensors = sorted(tensors, key=lambda t: -(t.end - t.start))
+    shares: list[list[TensorInfo]] = [[] for _ in range(max(1, workers))]
+    sizes = [0] * len(shares)
+    for info in tensors:
+        smallest = sizes.index(min(sizes))
+        shares[smallest].append(info)
+        sizes[smallest] += info.end - info.start
+    with concurrent.futures.ThreadPoolExecutor(len(shares)) as pool:
+        parts = list(pool.map(_hash_share, shares))
+    digests = {}
+    for part in parts:
+        digests.update(part)
+    return digests
+
+
+def _hash_share(tensors: list[TensorInfo]) -> dict[str, str]:
     digests = {}
     handles: dict[str, int] = {}
     try:
@@ -367,12 +388,13 @@ class ShardedWriter:
             except OSError as error:
                 raise BuildError(f"cannot write {path}: {error.strerror}") from None
 
-    def write(self, name: str, data: memoryview | bytes) -> str:
-        """Write one tensor's raw bytes into its slot; returns their sha256."""
+    def write(self, name: str, data: memoryview | bytes, digest: str | None = None) -> str:
+        """Write one tensor's raw bytes into its slot; returns their sha256 (computed unless given)."""
         slot = self.slots[name]
         if len(data) != slot.end - slot.start:
             raise BuildError(f"tensor {name}: {len(data)} bytes computed, {slot.end - slot.start} expected")
-        digest = hashlib.sha256(data).hexdigest()
+        if digest is None:
+            digest = hashlib.sha256(data).hexdigest()
         fd = self._handles[slot.file]
         done = 0
         try:
