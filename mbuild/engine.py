@@ -526,7 +526,7 @@ def _return_freed_memory() -> None:
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if not name or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+    if not name or os.environ.get("MALLOC_MMAP_THRESHOLD_") or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:
         libc = ctypes.CDLL(name)

@@ -22,23 +22,28 @@ RESCALE_EPS = 1e-7
 WEIGHT_EPS = 1e-8
 
 
-def _masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """Return `delta * mask`, scaled back to the L1 norm of `delta` when `rescale` is on."""
+def _masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, in_place: bool = False) -> torch.Tensor:
+    """Return `delta * mask`, scaled back to the L1 norm of `delta` when `rescale` is on.
+
+    `in_place` masks `delta` itself (same bytes, one buffer less) when the caller owns it.
+    """
     import torch
 
-    kept = delta * mask
+    norm_before = delta.abs().sum() if rescale else None
+    kept = delta.mul_(mask) if in_place else delta * mask
     if not rescale:
         return kept
-    norm_before = delta.abs().sum()
     norm_after = kept.abs().sum()
     if not (norm_before.isfinite() and norm_after.isfinite()):
         # A float16 sum overflows past 65504 and mergekit's ratio becomes NaN; float32 sums keep
         # the bytes equal to mergekit's wherever its answer is finite.
+        if in_place:
+            raise ValueError("float16 rescale overflow needs the unmasked delta; call without in_place")
         norm_before = delta.abs().sum(dtype=torch.float32)
         norm_after = kept.abs().sum(dtype=torch.float32)
     if norm_before < RESCALE_EPS or norm_after < RESCALE_EPS:
         return kept
-    return kept * (norm_before / norm_after)
+    return kept.mul_(norm_before / norm_after) if in_place else kept * (norm_before / norm_after)
 
 
 def keep_largest(
@@ -57,9 +62,14 @@ def keep_largest(
     # argsort's order among equal magnitudes (common in bf16) then picks mergekit's survivors.
     # Not stable=True: CPU argsort is unstable on large inputs, and we must pick what it picks.
     magnitudes = delta.abs().reshape(-1).float()
+    order = torch.argsort(magnitudes, descending=True)
+    del magnitudes  # free before the mask: peak memory is a few tensors, not several more
     mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.argsort(magnitudes, descending=True)[:count]] = 1
-    return _masked(delta, mask.reshape_as(delta), rescale)
+    mask[order[:count]] = 1
+    del order
+    # The delta here is the merge's own scratch: mask it in place (float16 rescaling keeps a copy).
+    in_place = not (rescale and delta.dtype == torch.float16)
+    return _masked(delta, mask.reshape_as(delta), rescale, in_place=in_place)
 
 
 def keep_random(
@@ -289,10 +299,13 @@ class TaskArithmeticVariant:
         # and so the same rounding, as mergekit.
         deltas = base.new_empty((len(others), *base.shape))
         for row, index in enumerate(others):
-            delta = tensors[index] - base
+            # Each task vector is computed into its own row: the sparsifiers may thin it there.
+            delta = torch.sub(tensors[index], base, out=deltas[row])
             if sparsifier is not None:
-                delta = sparsifier.keep(delta, model_params[index], params["rescale"], generator)
-            deltas[row] = delta
+                thinned = sparsifier.keep(delta, model_params[index], params["rescale"], generator)
+                if thinned is not delta:
+                    deltas[row] = thinned
+                del thinned
             del delta
         weights = torch.tensor(
             [model_params[index]["weight"] for index in others], dtype=deltas.dtype, device=deltas.device
@@ -302,7 +315,7 @@ class TaskArithmeticVariant:
         if self.consensus is not None:
             mask_dtype = torch.int8 if params["int8_mask"] else base.dtype
             agree = agreement_mask(deltas, self.consensus, mask_dtype)
-            mixed = (deltas * agree).sum(dim=0)
+            mixed = deltas.mul_(agree).sum(dim=0)
             # Normalize by the weight of the models that actually contributed to each element.
             divisor = (weights * agree).sum(dim=0)
             divisor[divisor == 0] = 1
