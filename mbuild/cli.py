@@ -16,36 +16,6 @@ from mbuild.errors import MbuildError
 SUBCOMMANDS = ("status", "graph", "methods", "explain", "gc", "clean", "import")
 
 
-# glibc settings for builds: tensor-sized buffers get their own mappings (returned to the
-# OS when freed, so peak RSS stays at the live tensors rather than growing per worker
-# thread) backed by transparent huge pages (far fewer page faults for those mappings).
-# They must be set before the process starts, hence the re-exec in `entry`.
-ALLOCATOR_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=33554432"
-
-
-_MAY_REEXEC = False
-
-
-def entry() -> None:
-    """The console script (and `python -m mbuild.cli`): `main`, allowed to re-exec for builds."""
-    global _MAY_REEXEC
-    _MAY_REEXEC = True
-    sys.exit(main(sys.argv[1:]))
-
-
-def _tune_allocator_by_reexec() -> None:
-    """Restart this command with ALLOCATOR_TUNABLES set (once; only from the console script)."""
-    if not _MAY_REEXEC or sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ:
-        return
-    os.environ["GLIBC_TUNABLES"] = ALLOCATOR_TUNABLES
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execv(sys.executable, [sys.executable, "-m", "mbuild.cli", *sys.argv[1:]])
-    except OSError:
-        pass  # run untuned rather than not at all
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mbuild`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -174,7 +144,6 @@ def _build(args) -> int:
             for name, p in first_plan.targets.items()
         }
     else:
-        _tune_allocator_by_reexec()  # only now that there is work: a no-op never pays for it
         cache = _tensor_cache(state, args, create=True)
         try:
             with printer:
@@ -569,4 +538,6 @@ def _methods(args) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
+    from mbuild.__main__ import entry
+
     entry()
