@@ -220,6 +220,7 @@ def make_plan(
     sources: dict[str, Source] = {}
     plans: dict[str, TargetPlan] = {}
     unhashed: set[str] = set()
+    pinned = _pinned_revisions(mergefile)
     source_digests: dict[str, Mapping[str, str] | None] = {}
     for name in order:
         target = mergefile.targets[name]
@@ -230,7 +231,7 @@ def make_plan(
                 infos[node] = plans[ref.location].model_info()
                 continue
             if node not in sources:
-                sources[node] = _open_source(ref, node, target, allow_pickle)
+                sources[node] = _open_source(ref, node, target, allow_pickle, pinned)
                 found = digests(sources[node])
                 source_digests[node] = found
                 if found is None:
@@ -240,12 +241,28 @@ def make_plan(
     return Plan(mergefile, order, plans, sources, graph, frozenset(unhashed))
 
 
-def _open_source(ref: ModelRef, node: str, target: Target, allow_pickle: bool) -> Source:
+def _pinned_revisions(mergefile: Mergefile) -> dict[str, str]:
+    """Hub revisions Mergefile.lock recorded: a hub model without '@revision' resolves to them."""
+    import json
+
+    try:
+        recorded = json.loads(mergefile.path.with_name(mergefile.path.name + ".lock").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        node: entry["revision"]
+        for node, entry in recorded.get("sources", {}).items()
+        if node.startswith("hub:") and entry.get("revision")
+    }
+
+
+def _open_source(ref: ModelRef, node: str, target: Target, allow_pickle: bool, pinned: Mapping[str, str]) -> Source:
     location = target.mergefile.location(("targets", target.name), target.name)
     location = Location(location.file, ref.line or location.line, target.name)
     try:
         if ref.kind == "hub":
-            folder, revision = io.resolve_hub_model(ref.location, ref.revision)
+            # Same Mergefile + lock -> same bytes: an unpinned hub model uses the locked commit.
+            folder, revision = io.resolve_hub_model(ref.location, ref.revision or pinned.get(node))
             return Source(node, ref, io.read_model(folder, allow_pickle), revision)
         return Source(node, ref, io.read_model(ref.location, allow_pickle))
     except ModelError as error:
