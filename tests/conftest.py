@@ -72,3 +72,18 @@ def load_tensors(folder: Path) -> dict:
     for file in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+def build_json(path: Path, *args: str, expect: int = 0) -> dict:
+    """Run `mbuild -f PATH --json ARGS` in-process; return its per-target report."""
+    import contextlib
+    import io as stdio
+    import json
+
+    from mbuild.cli import main
+
+    out = stdio.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["-f", str(path), "--json", *args])
+    assert code == expect, out.getvalue()
+    return json.loads(out.getvalue())["targets"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, load_tensors
+from conftest import ROOT, build_json, load_tensors
 from mbuild.cache import State, TensorCache
 from mbuild.cli import main
 
@@ -52,14 +52,7 @@ def family_text(family, weight=0.7, franken_dtype="", linear_weight=0.5) -> str:
 
 
 def run(path: Path, *args: str, expect: int = 0) -> dict:
-    import contextlib
-    import io as stdio
-
-    out = stdio.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["-f", str(path), "--json", "-j", "1", *args])
-    assert code == expect, out.getvalue()
-    return json.loads(out.getvalue())["targets"]
+    return build_json(path, "-j", "1", *args, expect=expect)
 
 
 def dry_run(path: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, load_tensors
+from conftest import ROOT, build_json, load_tensors
 from mbuild import engine, io
 from mbuild.cli import main
 
@@ -42,14 +42,7 @@ targets:
 
 
 def run(path: Path, *args: str) -> dict:
-    import contextlib
-    import io as stdio
-
-    out = stdio.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["-f", str(path), "--json", *args])
-    assert code == 0, out.getvalue()
-    return json.loads(out.getvalue())["targets"]
+    return build_json(path, *args)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_tensors
+from conftest import build_json, load_tensors
 from mbuild import mergefile, plan
 from mbuild.cli import main
 from mbuild.errors import MergefileError
@@ -46,14 +46,7 @@ def moe_text(family, gate_mode="cheap_embed", seed=0, code_prompt="def add(a, b)
 
 
 def run(path: Path, *args: str) -> dict:
-    import contextlib
-    import io as stdio
-
-    out = stdio.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["-f", str(path), "--json", *args])
-    assert code == 0, out.getvalue()
-    return json.loads(out.getvalue())["targets"]
+    return build_json(path, *args)
 
 
 def test_moe_loads_with_every_weight_used_and_an_expert_target_built_first(llama, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import build_json
 from mbuild import engine, mergefile, plan
 from mbuild.cache import State
 from mbuild.cli import main
@@ -66,15 +67,7 @@ def status(path: Path) -> dict[str, plan.Decision]:
 
 
 def build(path: Path, *args: str) -> dict:
-    """Run `mbuild` in-process with --json and return its report."""
-    import contextlib
-    import io as stdio
-
-    out = stdio.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["-f", str(path), "--json", *args])
-    assert code == 0, out.getvalue()
-    return json.loads(out.getvalue())["targets"]
+    return build_json(path, *args)
 
 
 def test_expansion_renumbers_passthrough_layers_and_resolves_gradients(llama, tmp_path):
