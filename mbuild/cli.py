@@ -116,7 +116,7 @@ def _build(args) -> int:
         cache = _tensor_cache(state, args, create=False)
         has_tensor = (lambda key: cache.contains(key)) if cache is not None and not args.force else (lambda key: False)
         decisions = engine.decide_all(the_plan, state, args.force, has_tensor)
-        _print_dry_run(the_plan, decisions, args)
+        _print_dry_run(the_plan, decisions, args, has_tensor)
         return 0
     if args.device.startswith("cuda"):
         _require_cuda()
@@ -180,27 +180,9 @@ def _size(count: float) -> str:
     return f"{count} B"
 
 
-def _estimates(target_plan, jobs: int) -> dict:
-    """Bytes to read and a peak-memory estimate, from the plan alone."""
-    from mbuild import io
+def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
+    from mbuild import io, plan
 
-    compute_size = {name: io.DTYPE_SIZES[name] for name in io.DTYPE_SIZES}
-    read = 0
-    peak = 0
-    for task in target_plan.tasks:
-        count = 1
-        for size in task.shape:
-            count *= size
-        stored = count * io.DTYPE_SIZES[task.dtype]
-        read_here = stored * len(task.inputs)
-        read += read_here
-        # Inputs as read, as converted, the method's temporaries, and the output.
-        working = read_here + count * compute_size[task.compute_dtype] * (2 * len(task.inputs) + 2) + stored
-        peak = max(peak, working)
-    return {"bytes_to_read": read, "peak_memory": peak * max(1, jobs)}
-
-
-def _dry_run_data(the_plan, decisions, args) -> dict:
     data = {}
     for name in the_plan.order:
         target_plan = the_plan.targets[name]
@@ -211,7 +193,11 @@ def _dry_run_data(the_plan, decisions, args) -> dict:
             for size in task.shape:
                 count *= size
             parameters += count
-        estimates = _estimates(target_plan, args.jobs)
+        built = io.read_manifest(target_plan.target.output) or {}
+        previous = {n: e.get("key") for n, e in built.get("tensors", {}).items()}
+        estimates = plan.estimate_work(
+            target_plan, lambda task: task.key is not None and (previous.get(task.name) == task.key or has_tensor(task.key)), args.jobs
+        )
         data[name] = {
             "stale": decision.stale,
             "action": decision.action,
@@ -222,6 +208,7 @@ def _dry_run_data(the_plan, decisions, args) -> dict:
             "tensors": len(target_plan.tasks),
             "parameters": parameters,
             "bytes": target_plan.nbytes,
+            "tensors_to_compute": estimates["tensors_to_compute"] if decision.stale else 0,
             "bytes_to_read": estimates["bytes_to_read"] if decision.stale else 0,
             "peak_memory": estimates["peak_memory"] if decision.stale else 0,
             "key": target_plan.key,
@@ -229,8 +216,8 @@ def _dry_run_data(the_plan, decisions, args) -> dict:
     return data
 
 
-def _print_dry_run(the_plan, decisions, args) -> None:
-    data = _dry_run_data(the_plan, decisions, args)
+def _print_dry_run(the_plan, decisions, args, has_tensor) -> None:
+    data = _dry_run_data(the_plan, decisions, args, has_tensor)
     if args.json:
         print(json.dumps({"targets": data}, indent=2))
         return

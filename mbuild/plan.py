@@ -867,6 +867,26 @@ def _plain(data: Any) -> Any:
     return json.loads(keys.canonical(data))
 
 
+def estimate_work(target_plan: TargetPlan, reusable: Callable[[TensorTask], bool], jobs: int = 1) -> dict[str, int]:
+    """What building a target would cost, from the plan alone: tensors to compute, input bytes
+    to read, and a peak-memory estimate (inputs as read and converted, the method's
+    temporaries and the output, for ``jobs`` tasks at once)."""
+    compute, read, peak = 0, 0, 0
+    for task in target_plan.tasks:
+        if reusable(task):
+            continue
+        count = 1
+        for size in task.shape:
+            count *= size
+        stored = count * io.DTYPE_SIZES[task.dtype]
+        read_here = stored * len(task.inputs)
+        compute += 1
+        read += read_here
+        working = read_here + count * io.DTYPE_SIZES[task.compute_dtype] * (2 * len(task.inputs) + 2) + stored
+        peak = max(peak, working)
+    return {"tensors_to_compute": compute, "bytes_to_read": read, "peak_memory": peak * max(1, jobs)}
+
+
 def explain_tensors(target_plan: TargetPlan, manifest: Mapping[str, Any] | None) -> dict[str, list[str]]:
     """Why each tensor's key differs from the built output's: reason -> tensor names.
 

@@ -130,6 +130,7 @@ def test_dry_run_says_cached_when_every_tensor_is_in_the_cache(project, llama):
     project.write_text(family_text(llama))
     plan = dry_run(project)
     assert plan["tuned"]["stale"] and plan["tuned"]["action"] == "cached"
+    assert plan["tuned"]["tensors_to_compute"] == 0 and plan["tuned"]["bytes_to_read"] == 0
 
 
 def test_corrupt_entries_are_dropped_and_recomputed(project, llama, reference):

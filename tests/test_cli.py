@@ -59,6 +59,7 @@ def test_dry_run_json_reads_no_tensor_and_explains(project, llama, monkeypatch, 
     assert final["layers"] == 12
     assert final["bytes"] == sum(t.nbytes for t in io.read_model(project.parent / "build" / "final").tensors.values())
     assert final["bytes_to_read"] == 2 * final["bytes"]
+    assert final["tensors_to_compute"] == final["tensors"]  # t is one value for every tensor
     assert final["peak_memory"] > 0
     assert not (project.parent / "Mergefile.lock").read_text().count("0.7")  # nothing recorded
 
