@@ -120,7 +120,7 @@ def _build(args) -> int:
         return 0
     if args.device.startswith("cuda"):
         _require_cuda()
-    printer = _Printer(quiet=args.quiet or args.json)
+    printer = _Printer(quiet=args.quiet or args.json, targets=0)
 
     def replan():
         return plan.make_plan(
@@ -144,6 +144,7 @@ def _build(args) -> int:
             for name, p in first_plan.targets.items()
         }
     else:
+        printer.targets = len(first_plan.order)
         cache = _tensor_cache(state, args, create=True)
         try:
             with printer:
@@ -266,11 +267,13 @@ def _print_summary(reports) -> None:
 class _Printer(Reporter):
     """Progress on the terminal: rich bars on a TTY, plain lines otherwise."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, targets: int = 0):
         self.quiet = quiet
         self.tty = sys.stderr.isatty() and not quiet
         self.progress = None
         self.tasks = {}
+        self.targets = targets
+        self.overall = None
 
     def __enter__(self):
         if self.tty:
@@ -281,6 +284,8 @@ class _Printer(Reporter):
                 transient=False,
             )
             self.progress.start()
+            if self.targets:
+                self.overall = self.progress.add_task("targets", total=self.targets)
         return self
 
     def __exit__(self, *exc):
@@ -307,8 +312,13 @@ class _Printer(Reporter):
             self.progress.advance(self.tasks[name])
 
     def target_finished(self, report) -> None:
+        if self.overall is not None:
+            self.progress.advance(self.overall)
         if self.progress is None and not self.quiet and report.status == "built":
             print(f"mbuild: {report.name} done in {report.seconds:.1f} s", file=sys.stderr, flush=True)
+
+    def waiting(self, message: str) -> None:
+        self.note(message)
 
 
 def _subcommand(argv: list[str]) -> int:
