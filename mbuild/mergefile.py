@@ -279,8 +279,16 @@ def parse(text: str, path: Path) -> Mergefile:
                 ("targets", name),
                 f"invalid target name {name!r}: use letters, digits, '_', '-', '.' (and not 'all')",
             )
+    outputs: dict[Path, str] = {}
     for name, body in bodies.items():
         targets[name] = checker.target(name, body, defaults, set(bodies))
+        output = targets[name].output
+        if output in outputs:
+            raise MergefileError(
+                f"output folder {output} is also target '{outputs[output]}''s: give each target its own 'output:'",
+                targets[name].location("output"),
+            )
+        outputs[output] = name
     return mergefile
 
 

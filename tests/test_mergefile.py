@@ -252,3 +252,13 @@ def test_parent_relative_model_paths_resolve_from_the_mergefile(tmp_path):
     )
     ref = parsed.targets["x"].models[0].model
     assert ref.location == str(tmp_path / "models" / "a") and ref.node == "local:" + str(tmp_path / "models" / "a")
+
+
+def test_two_targets_cannot_share_an_output_folder(models):
+    error = error_of(
+        "targets:\n  x:\n    merge_method: passthrough\n    models: [{model: a}]\n    output: out\n"
+        "  y:\n    merge_method: passthrough\n    models: [{model: b}]\n    output: ./out\n",
+        models,
+    )
+    assert "is also target 'x''s" in error.message
+    assert error.location.line == 9 and error.location.target == "y"
