@@ -49,10 +49,13 @@ def merge_slerp(
     norm_a = torch.where(norm_a > NORM_EPS, norm_a, 1)
     norm_b = torch.where(norm_b > NORM_EPS, norm_b, 1)
     # Dividing by the norms before multiplying keeps large weights from overflowing the dot.
-    dot_parts = [
-        ((a[:, chunk].to(work_dtype) / norm_a) * (b[:, chunk].to(work_dtype) / norm_b)).sum(dim=1, keepdim=True)
-        for chunk in chunks
-    ]
+    # (In-place steps on fresh scratch: the same roundings as the plain expression, fewer buffers.)
+    dot_parts = []
+    for chunk in chunks:
+        scaled = a[:, chunk].to(work_dtype) / norm_a
+        scaled.mul_(b[:, chunk].to(work_dtype) / norm_b)
+        dot_parts.append(scaled.sum(dim=1, keepdim=True))
+        del scaled
     dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
 
     parallel = dot.abs() > DOT_THRESHOLD
@@ -61,9 +64,15 @@ def merge_slerp(
     weight_a = torch.where(parallel, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     weight_b = torch.where(parallel, t, torch.sin(t * theta) / sin_theta)
 
-    result = torch.empty_like(a)
+    result = torch.empty_like(a)  # in the inputs' dtype, as mergekit's: rounded once per chunk
     for chunk in chunks:
-        result[:, chunk] = weight_a * a[:, chunk].to(work_dtype) + weight_b * b[:, chunk].to(work_dtype)
+        if result.dtype == work_dtype:
+            # weight_a * a + weight_b * b, each product rounded, then the sum, written in place.
+            part = result[:, chunk]
+            torch.mul(weight_a, a[:, chunk], out=part)
+            part.add_(weight_b * b[:, chunk])
+        else:
+            result[:, chunk] = weight_a * a[:, chunk].to(work_dtype) + weight_b * b[:, chunk].to(work_dtype)
     return result.reshape(start.shape)
 
 
