@@ -433,7 +433,7 @@ class Builder:
             self._record_locked(target_plan, output)
 
     def _record_locked(self, target_plan: TargetPlan, output: Path) -> None:
-        from mbuild.plan import _plain
+        from mbuild.plan import plain_recipe
 
         data = lock.read(self.lock_path)
         inputs = {}
@@ -460,7 +460,7 @@ class Builder:
             "key": target_plan.key,
             "method": method_name,
             "method_version": method_version,
-            "recipe": _plain(target.recipe),
+            "recipe": plain_recipe(target.recipe),
             "inputs": inputs,
             "output": {
                 "path": relative,

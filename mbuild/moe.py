@@ -45,7 +45,7 @@ def expand(
     model_type = base.config.get("model_type")
     if model_type not in SUPPORTED_TYPES:
         raise error(("base_model",), f"MoE output is Mixtral, built from Llama or Mistral models; '{target.base_model}' is {model_type}")
-    base_layers, base_others = plan._layers(base)
+    base_layers, base_others = plan.layer_table(base)
     layer_count = base.num_layers or len(base_layers)
     for expert in spec.experts:
         info = infos[plan.node_of(expert.model)]
@@ -68,7 +68,7 @@ def expand(
     out_dtype = target.dtype or _config_dtype(base.config) or base.tensors[next(iter(base.tensors))].dtype
 
     def input_of(node: str, info: io.TensorInfo) -> plan.TensorInput:
-        return plan.TensorInput(node, info.name, plan._input_key(node, info, plans, source_digests, output_digest))
+        return plan.TensorInput(node, info.name, plan.input_key(node, info, plans, source_digests, output_digest))
 
     tasks: list[plan.TensorTask] = []
 
@@ -86,7 +86,7 @@ def expand(
     for name in sorted(n for n in base_others if plan.PRE_LAYER.search(n)):
         add(name, base.tensors[name].shape, "passthrough", (), [input_of(base_node, base.tensors[name])], model_params=((("scale", None),),))
     expert_nodes = [plan.node_of(e.model) for e in spec.experts]
-    embed_name = plan._embedding_name(base)
+    embed_name = plan.embedding_name(base)
     gate_inputs = []
     if spec.gate_mode == "cheap_embed":
         gate_inputs = [input_of(base_node, base.tensors[embed_name])]
@@ -119,8 +119,8 @@ def expand(
         add(name, base.tensors[name].shape, "passthrough", (), [input_of(base_node, base.tensors[name])], model_params=((("scale", None),),))
 
     config = mixtral_config(base.config, len(spec.experts), spec.experts_per_token, out_dtype)
-    files = plan._companion_files(target, base_node, infos, plans)
-    file_digests = {name: plan._file_digest(path) for name, path in files.items()}
+    files = plan.companion_files_for(target, base_node, infos, plans)
+    file_digests = {name: plan.file_digest(path) for name, path in files.items()}
     input_nodes = tuple(plan.node_of(r) for r in target.references())
     card = plan.model_card(target, list(input_nodes))
     target_key = None
@@ -138,7 +138,7 @@ def _config_dtype(config: Mapping[str, Any]) -> str | None:
 def _hidden_size(info: io.ModelInfo) -> int:
     if isinstance(info.config.get("hidden_size"), int):
         return info.config["hidden_size"]
-    return info.tensors[plan._embedding_name(info)].shape[1]
+    return info.tensors[plan.embedding_name(info)].shape[1]
 
 
 def mixtral_config(base: Mapping[str, Any], experts: int, per_token: int, dtype: str) -> dict[str, Any]:

@@ -310,7 +310,7 @@ def _groups(target: Target) -> list[_Group]:
     return groups
 
 
-def _layers(info: io.ModelInfo) -> tuple[dict[int, dict[str, str]], list[str]]:
+def layer_table(info: io.ModelInfo) -> tuple[dict[int, dict[str, str]], list[str]]:
     """Split a model's tensor names into {layer: {suffix: name}} and non-layer names."""
     layers: dict[int, dict[str, str]] = {}
     others = []
@@ -349,7 +349,7 @@ def expand(
         return moe.expand(target, infos, plans, source_digests, shard_bytes, output_digest)
     method = methods.get(target.method)
     groups = _groups(target)
-    layer_tables = {node: _layers(info) for node, info in infos.items()}
+    layer_tables = {node: layer_table(info) for node, info in infos.items()}
 
     def error(path: tuple, message: str) -> MergefileError:
         return MergefileError(message, target.location(*path))
@@ -394,7 +394,7 @@ def expand(
             found = info.tensors.get(in_name)
             if found is None and in_name == "lm_head.weight" and info.config.get("tie_word_embeddings", False):
                 # A tied model's output head is its input embedding.
-                in_name = _embedding_name(info)
+                in_name = embedding_name(info)
                 found = info.tensors.get(in_name) if in_name else None
             if found is None:
                 raise error(path + ("model",), f"model '{ref}' has no tensor '{in_name}'")
@@ -432,7 +432,7 @@ def expand(
         inputs = []
         for ref, info in zip(group.refs, tensor_infos):
             node = node_of(ref)
-            key = _input_key(node, info, plans, source_digests, output_digest)
+            key = input_key(node, info, plans, source_digests, output_digest)
             if on_vocabulary and key is not None:
                 key += f"|vocabulary:{vocab.digest}"  # the input as re-indexed into the output vocabulary
             inputs.append(TensorInput(node, info.name, key))
@@ -500,14 +500,14 @@ def expand(
         add_task(name, last, [name] * len(last.refs), 0.0)
 
     config = _output_config(infos[config_node].config, infos, layer_origin, tasks)
-    files = _companion_files(target, config_node, infos, plans)
+    files = companion_files_for(target, config_node, infos, plans)
     if vocab is not None:
         files = {n: p for n, p in files.items() if not TOKENIZER_FILE.match(n) and n != "tokenizer_config.json"}
         files.update(vocab.files())
         _set_vocab_size(config, vocab.size)
     if target.chat_template is not None:
         files["chat_template.jinja"] = _chat_template_file(target, files, infos, plans, store)
-    file_digests = {name: _file_digest(path) for name, path in files.items()}
+    file_digests = {name: file_digest(path) for name, path in files.items()}
     card = model_card(target, [node_of(r) for r in target.references()])
     input_nodes = tuple(node_of(r) for r in target.references())
     target_key = None
@@ -633,7 +633,7 @@ TEMPLATES = {
 }
 
 
-def _embedding_name(info: io.ModelInfo) -> str | None:
+def embedding_name(info: io.ModelInfo) -> str | None:
     for name in info.tensors:
         if PRE_LAYER.search(name) and name.endswith("weight") and "position" not in name:
             return name
@@ -668,7 +668,7 @@ def _resolve(method, target: Target, group: _Group, out_name, in_names, t, base_
     return tuple(params), tuple(model_params)
 
 
-def _input_key(node: str, info: io.TensorInfo, plans: Mapping[str, TargetPlan], source_digests, output_digest) -> str | None:
+def input_key(node: str, info: io.TensorInfo, plans: Mapping[str, TargetPlan], source_digests, output_digest) -> str | None:
     """An input's key: its bytes' digest when known, else the upstream task that makes it."""
     name = info.name
     if node.startswith("target:"):
@@ -718,7 +718,7 @@ def _output_config(donor: Mapping[str, Any], infos, layer_origin, tasks) -> dict
     return config
 
 
-def _companion_files(target: Target, config_node: str, infos, plans) -> dict[str, str]:
+def companion_files_for(target: Target, config_node: str, infos, plans) -> dict[str, str]:
     """Which non-weight files the output gets, and from where: config donor, then tokenizer."""
 
     def files_of(node: str) -> dict[str, str]:
@@ -737,7 +737,7 @@ def _companion_files(target: Target, config_node: str, infos, plans) -> dict[str
     return dict(sorted(files.items()))
 
 
-def _file_digest(path: str) -> str | None:
+def file_digest(path: str) -> str | None:
     try:
         return io.hash_file(path)
     except OSError:
@@ -836,7 +836,7 @@ def decide(
         return Decision(False, (), "fresh")
     # Stale: explain by comparing with what was recorded at the last build.
     if lock_entry:
-        reasons.extend(recipe_diff(lock_entry.get("recipe", {}), _plain(target.recipe)))
+        reasons.extend(recipe_diff(lock_entry.get("recipe", {}), plain_recipe(target.recipe)))
         method_name, version, _ = recipe_method(target)
         if lock_entry.get("method_version") not in (None, version):
             reasons.append(f"method {method_name}: version {lock_entry['method_version']} → {version}")
@@ -860,7 +860,7 @@ def decide(
     return stale(reasons)
 
 
-def _plain(data: Any) -> Any:
+def plain_recipe(data: Any) -> Any:
     """Recipe data as JSON would give it back (tuples to lists), for comparing with the lock."""
     import json
 
