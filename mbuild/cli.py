@@ -122,8 +122,10 @@ def _build(args) -> int:
         _require_cuda()
     printer = _Printer(quiet=args.quiet or args.json, targets=0)
 
-    def replan():
-        return plan.make_plan(
+    current: dict = {}
+
+    def replan(changed=None):
+        current["plan"] = plan.make_plan(
             mergefile,
             args.targets,
             lambda source: _hash_source(state, source, printer),
@@ -131,7 +133,10 @@ def _build(args) -> int:
             args.shard_size,
             engine.output_digests(state, mergefile),
             state.folder,
+            previous=current.get("plan") if changed is not None else None,
+            changed=changed,
         )
+        return current["plan"]
 
     first_plan = replan()
     # Decide everything before the first tensor: a no-op never opens the tensor cache.
@@ -155,6 +160,12 @@ def _build(args) -> int:
         print(json.dumps({"targets": {name: r.as_json() for name, r in reports.items()}}, indent=2))
     elif not args.quiet:
         _print_summary(reports)
+    for report in reports.values():
+        # Failures are reported even with --quiet or --json (on stderr): a quiet failure is a lie.
+        if report.status == "failed":
+            print(f"mbuild: error: {report.error}", file=sys.stderr)
+        elif report.status == "skipped":
+            print(f"mbuild: skipped {report.name}: {'; '.join(report.reasons)}", file=sys.stderr)
     return 1 if any(r.status in ("failed", "skipped") for r in reports.values()) else 0
 
 

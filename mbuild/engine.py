@@ -196,15 +196,17 @@ class Builder:
         options: BuildOptions,
         reporter: Reporter | None = None,
         cache: TensorCache | None = None,
-        replan: Callable[[], Plan] | None = None,
+        replan: Callable[[list[str] | None], Plan] | None = None,
     ):
         self.plan = plan
         self.state = state
         self.options = options
         self.reporter = reporter or Reporter()
         self.cache = cache
-        self.replan = replan or (lambda: self.plan)
-        self._dirty = False
+        # replan(changed): a new plan, re-expanding what lies downstream of `changed`
+        # (None: everything).
+        self.replan = replan or (lambda changed: self.plan)
+        self._built: list[str] = []
         self.lock_path = lock.lock_path(plan.mergefile.path)
 
     def _has_tensor(self, key: str) -> bool:
@@ -227,9 +229,11 @@ class Builder:
             with io.target_lock(target_plan.target.output, self.reporter.waiting) as held:
                 # Re-plan only when something changed since the last plan: a target built
                 # here (downstream keys may now name its bytes) or one we waited for.
-                if self._dirty or held.waited:
-                    self.plan = self.replan()
-                    self._dirty = False
+                if held.waited:
+                    self.plan = self.replan(None)  # another process built things: plan afresh
+                elif self._built:
+                    self.plan = self.replan(self._built)
+                self._built = []
                 target_plan = self.plan.targets[name]
                 lock_data = lock.read(self.lock_path)
                 fingerprints = source_fingerprints(self.plan, self.state)
@@ -245,7 +249,7 @@ class Builder:
                 stale.add(name)
                 try:
                     reports[name] = self.build_target(target_plan, decision)
-                    self._dirty = True
+                    self._built.append(name)
                 except MbuildError as error:
                     if error.location is None:
                         error.location = Location(self.plan.mergefile.path, None, name)

@@ -204,26 +204,40 @@ def make_plan(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     output_digest: OutputLookup = lambda key: None,
     store: Path | None = None,
+    previous: Plan | None = None,
+    changed: Sequence[str] | None = None,
 ) -> Plan:
     """Resolve sources, expand the selected targets into tensor tasks and compute keys.
 
     ``digests`` gives a source's per-tensor digests (None: not hashed yet);
     ``output_digest`` gives the digest of the bytes a task key once produced, so a
     downstream key names upstream bytes rather than upstream recipes where it can.
+    With ``previous`` and ``changed`` (targets just built), only the targets downstream
+    of those are expanded again; the rest, and the sources, are taken as they were.
     """
-    graph = build_graph(mergefile)
-    order = select(mergefile, graph, requested)
+    import networkx as nx
+
+    graph = previous.graph if previous is not None else build_graph(mergefile)
+    order = previous.order if previous is not None else select(mergefile, graph, requested)
     if store is None:
         from mbuild.cache import default_cache_dir
 
         store = default_cache_dir(mergefile.folder)
-    sources: dict[str, Source] = {}
+    stale: set[str] = set(order)
+    if previous is not None and changed is not None:
+        stale = set()
+        for name in changed:
+            stale.update(n.split(":", 1)[1] for n in nx.descendants(graph, "target:" + name) if n.startswith("target:"))
+    sources: dict[str, Source] = dict(previous.sources) if previous is not None else {}
     plans: dict[str, TargetPlan] = {}
-    unhashed: set[str] = set()
+    unhashed: set[str] = set(previous.unhashed) if previous is not None else set()
     pinned = _pinned_revisions(mergefile)
     source_digests: dict[str, Mapping[str, str] | None] = {}
     for name in order:
         target = mergefile.targets[name]
+        if name not in stale:
+            plans[name] = previous.targets[name]
+            continue
         infos: dict[str, io.ModelInfo] = {}
         for ref in target.references():
             node = node_of(ref)
@@ -232,6 +246,7 @@ def make_plan(
                 continue
             if node not in sources:
                 sources[node] = _open_source(ref, node, target, allow_pickle, pinned)
+            if node not in source_digests:
                 found = digests(sources[node])
                 source_digests[node] = found
                 if found is None:

@@ -196,13 +196,34 @@ def test_two_builds_at_once_both_finish_with_correct_bytes(project, reference):
     assert not list((project.parent / "build").glob(".*.mbuild-tmp-*"))
 
 
-def test_keep_going_builds_what_does_not_depend_on_a_failure(project, llama):
+def test_keep_going_builds_what_does_not_depend_on_a_failure(project, llama, capsys):
     # A weight beyond float32's range makes 'broken-or-not' non-finite; the others build.
     project.write_text(family_text(llama, linear_weight="1.0e+39"))
     report = run(project, "-k", expect=1)
     assert report["broken-or-not"]["status"] == "failed"
     assert "non-finite" in report["broken-or-not"]["error"]
     assert report["tuned"]["status"] == "built"
+    # Even with --json (or --quiet) the failure is said on stderr.
+    assert "mbuild: error:" in capsys.readouterr().err
+
+
+def test_each_target_is_expanded_once_per_change_not_once_per_target(llama, tmp_path, monkeypatch):
+    from mbuild import plan
+
+    names = [f"t{i}" for i in range(6)]
+    path = tmp_path / "Mergefile"
+    path.write_text("targets:\n" + "".join(
+        f"  {name}:\n    merge_method: linear\n    models:\n"
+        f"      - {{model: {llama['base']}, parameters: {{weight: {i + 1}}}}}\n"
+        f"      - {{model: {llama['math']}, parameters: {{weight: 1}}}}\n"
+        for i, name in enumerate(names)
+    ))
+    calls = []
+    real = plan.expand
+    monkeypatch.setattr(plan, "expand", lambda target, *a, **k: calls.append(target.name) or real(target, *a, **k))
+    report = run(path)
+    assert all(report[n]["status"] == "built" for n in names)
+    assert sorted(calls) == sorted(names)  # independent targets: nothing to re-expand after each build
 
 
 def test_gc_drops_what_no_target_needs_and_keeps_the_rest(project, llama):

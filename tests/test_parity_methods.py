@@ -1,12 +1,12 @@
 """Every registered merge method, end to end, on the tiny Llama, Mistral and Qwen2 families.
 
-Each architecture gets one Mergefile holding a target per method (and a few per-option variants),
-all computing in float32, built by one in-process `mbuild` call at `-j 1`. Deterministic methods
-are compared with mergekit 0.1.5 run in-process on the same recipe body: the same tensor names,
+Each architecture gets one Mergefile holding a target per method (and per-option variants), all
+computing in float32, built by one in-process `mbuild` call at `-j 1`. Deterministic methods are
+compared with mergekit 0.1.5 run in-process on the same recipe body: the same tensor names,
 dtypes, shapes and bits. Random methods (DARE, DELLA, and Arcee Fusion on tensors over a million
-elements, whose quantiles come from a sample) cannot match mergekit, which draws from the global
-RNG; for them the same seed must give the same bytes at `-j 1` and `-j 4`, another seed other
-bytes, and every value must be finite.
+elements, whose quantiles come from a sample) cannot give mergekit's bytes, since mergekit draws
+from the global RNG: the same seed must give the same bytes at `-j 1` and at `-j 4` (a second
+build, with its own cache), another `seed:` other bytes, and every value must be finite.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from conftest import load_tensors
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPE = "float32"
 OTHER_SEED = 7
-# Tensors over this many elements make Arcee Fusion sample its quantiles (mbuild and mergekit alike).
-QUANTILE_SAMPLE = 1_000_000
 
 # Same-sized integer views, so equality is on bits (-0.0 differs from 0.0, NaN equals NaN).
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float64: torch.int64}
@@ -161,11 +159,16 @@ def deterministic_recipes(family: dict[str, Path]) -> dict[str, dict]:
 
 
 RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
+# Arcee Fusion judges a tensor over this many elements on a seeded sample of it (as mergekit does
+# with its global RNG); smaller tensors are deterministic and covered by the parity tests above.
+QUANTILE_SAMPLE = 1_000_000
+LARGE_FUSION = "arcee_fusion-large"
 
 
 def random_recipes(family: dict[str, Path]) -> dict[str, dict]:
-    """Recipes of every random method (method name -> body, without a seed)."""
+    """Recipes of every random method (target name -> body, without a seed)."""
     base, math, code = (str(family[name]) for name in ("base", "math", "code"))
+    # Both models thin at density < 1, so every tensor depends on the seed.
     dare = _weighted((math, {"weight": 0.6, "density": 0.5}), (code, {"weight": 0.4, "density": 0.7}))
     della = _weighted(
         (math, {"weight": 0.6, "density": 0.5, "epsilon": 0.1}),
@@ -184,25 +187,35 @@ def random_recipes(family: dict[str, Path]) -> dict[str, dict]:
     }
 
 
-def registered_methods() -> set[str]:
-    from mbuild.methods import _REGISTRY
+def large_fusion_recipe(large: dict[str, Path]) -> dict:
+    return {
+        "merge_method": "arcee_fusion",
+        "base_model": str(large["base"]),
+        "models": [{"model": str(large["base"])}, {"model": str(large["math"])}],
+    }
 
-    return set(_REGISTRY)
+
+def randomized(target: str, tensor: torch.Tensor) -> bool:
+    """Whether a random target's tensor depends on the seed: all of DARE's and DELLA's, Arcee Fusion's large ones."""
+    return tensor.numel() > QUANTILE_SAMPLE if target == LARGE_FUSION else True
 
 
-# Every method mbuild registers is covered, deterministically or by the random checks.
-DETERMINISTIC = sorted(deterministic_recipes({"base": "", "math": "", "code": ""}))
-PARITY_CASES = [(architecture, target) for architecture in ARCHITECTURES for target in DETERMINISTIC]
-RANDOM_CASES = [(architecture, method) for architecture in ARCHITECTURES for method in RANDOM_METHODS]
-# Known mismatches with mergekit: (architecture, target) -> reason. Each is a strict xfail.
+ALL_DETERMINISTIC = sorted(deterministic_recipes({"base": "", "math": "", "code": ""}))
+COVERAGE = {architecture: ALL_DETERMINISTIC for architecture in ARCHITECTURES}
+# Llama also runs Arcee Fusion on a one-layer model whose MLP matrices have 64 x 16384 elements.
+RANDOM_COVERAGE = {architecture: list(RANDOM_METHODS) for architecture in ARCHITECTURES}
+RANDOM_COVERAGE["llama"].append(LARGE_FUSION)
+RANDOM_CASES = [(architecture, target) for architecture, targets in RANDOM_COVERAGE.items() for target in targets]
+# Known mismatches with mergekit: (architecture, target) -> reason. Each becomes a strict xfail.
 KNOWN_MISMATCHES: dict[tuple[str, str], str] = {}
 
 
-def _parity_params():
-    for architecture, target in PARITY_CASES:
-        reason = KNOWN_MISMATCHES.get((architecture, target))
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        yield pytest.param(architecture, target, marks=marks, id=f"{architecture}-{target}")
+def _parity_cases():
+    for architecture, targets in COVERAGE.items():
+        for target in targets:
+            reason = KNOWN_MISMATCHES.get((architecture, target))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            yield pytest.param(architecture, target, marks=marks, id=f"{architecture}-{target}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,71 +223,81 @@ def _parity_params():
 
 
 class Build:
-    """One in-process `mbuild all` of one Mergefile; remembers its exit code and output."""
+    """One in-process `mbuild all` of one Mergefile, with its own cache; remembers exit code and output."""
 
     def __init__(self, root: Path, targets: dict[str, dict], jobs: int):
-        self.root = root
-        self.targets = targets
-        root.mkdir(parents=True, exist_ok=True)
-        path = root / "Mergefile"
-        path.write_text(yaml.safe_dump({"targets": targets}, sort_keys=False))
         from mbuild.cli import main
 
+        self.root = root
+        self.targets = targets
+        path = root / "Mergefile"
+        path.write_text(yaml.safe_dump({"targets": targets}, sort_keys=False))
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            # -k: a method that fails fails its own tests, not every target's.
+            # -k: a method that fails fails its own tests, not every target's; --json: its error
+            # is in the report (-q alone prints nothing for a target that failed under -k).
             self.returncode = main(
-                ["-f", str(path), "-q", "-j", str(jobs), "-k", "--cache-dir", str(root / "cache")]
+                ["-f", str(path), "-q", "-j", str(jobs), "-k", "--json", "--cache-dir", str(root / "cache")]
             )
-        self.log = f"{out.getvalue()}\n{err.getvalue()}"
+        self.log = f"{out.getvalue()}\n{err.getvalue()}".strip()
+        try:
+            self.reports = json.loads(out.getvalue())["targets"]
+        except (ValueError, KeyError):
+            self.reports = {}
 
     def output(self, target: str) -> Path:
+        """The folder `target` was built in; fails with mbuild's report if it was not built."""
         folder = self.root / "build" / target
-        assert (folder / "mbuild.json").exists(), (
-            f"mbuild did not build {target} in {self.root} (exit code {self.returncode}):\n{self.log}"
-        )
+        if not (folder / "mbuild.json").is_file():
+            report = self.reports.get(target)
+            detail = json.dumps(report, indent=2) if report else self.log
+            pytest.fail(f"mbuild did not build {target} (exit code {self.returncode}):\n{detail}")
         return folder
 
 
 @pytest.fixture(scope="module")
-def builds(families, tmp_path_factory, monkeypatch_module):
-    """Return (kind, architecture) -> Build; kind "j1" (every target of one family) or "j4".
+def large_family(tmp_path_factory):
+    """A one-layer Llama and a mock fine-tune whose MLP matrices are over QUANTILE_SAMPLE elements."""
+    import make_models
 
-    "j1": one Mergefile per architecture (every deterministic recipe, every random one at the
-    default seed and at OTHER_SEED) built at -j 1. "j4": one Mergefile with every architecture's
-    random recipes at the default seed, built once at -j 4 with its own cache; under key "all".
-    Each is built on first use.
+    root = tmp_path_factory.mktemp("family-large")
+    options = dict(num_hidden_layers=1, overrides={"intermediate_size": 16384})
+    base = make_models.make_model(root / "base", "llama", "tiny", seed=0, **options)
+    math = make_models.make_model(root / "math", "llama", "tiny", seed=1, base=base)
+    return {"base": base, "math": math}
+
+
+@pytest.fixture(scope="module")
+def builds(families, request, tmp_path_factory):
+    """Return (kind, architecture) -> Build, each built on first use.
+
+    "methods": the architecture's one Mergefile: every recipe of COVERAGE and every random one
+    at the default seed, built at -j 1. "random": every random recipe again at the default seed
+    and at OTHER_SEED, built at -j 4 with its own cache (nothing is reused from -j 1).
     """
     made: dict[tuple[str, str], Build] = {}
 
     def get(kind: str, architecture: str) -> Build:
-        key = (kind, architecture if kind == "j1" else "all")
-        if key not in made:
-            if kind == "j1":
-                family = families(architecture)
-                targets = dict(deterministic_recipes(family))
-                for method, body in random_recipes(family).items():
-                    targets[method] = body
-                    targets[f"{method}-seed{OTHER_SEED}"] = {**body, "seed": OTHER_SEED}
-                targets = {name: {**body, "dtype": DTYPE} for name, body in targets.items()}
-                made[key] = Build(tmp_path_factory.mktemp(f"methods-{architecture}"), targets, jobs=1)
+        if (kind, architecture) not in made:
+            family = families(architecture)
+            random = random_recipes(family)
+            if architecture == "llama":
+                random[LARGE_FUSION] = large_fusion_recipe(request.getfixturevalue("large_family"))
+            if kind == "methods":
+                every = deterministic_recipes(family)
+                targets = {**{name: every[name] for name in COVERAGE[architecture]}, **random}
+                jobs = 1
             else:
-                targets = {
-                    f"{arch}-{method}": {**body, "dtype": DTYPE}
-                    for arch in ARCHITECTURES
-                    for method, body in random_recipes(families(arch)).items()
-                }
-                made[key] = Build(tmp_path_factory.mktemp("methods-j4"), targets, jobs=4)
-        return made[key]
+                seeded = {f"{name}-seed{OTHER_SEED}": {**body, "seed": OTHER_SEED} for name, body in random.items()}
+                targets = {**random, **seeded}
+                jobs = 4
+            targets = {name: {**body, "dtype": DTYPE} for name, body in targets.items()}
+            with pytest.MonkeyPatch.context() as patch:
+                patch.delenv("MBUILD_CACHE", raising=False)
+                made[kind, architecture] = Build(tmp_path_factory.mktemp(f"{kind}-{architecture}"), targets, jobs)
+        return made[kind, architecture]
 
     return get
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MBUILD_CACHE", raising=False)
-        yield patch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,16 +318,16 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) and torch.equal(_bits(a), _bits(b))
 
 
-def differences(mine: dict, reference: dict, who: tuple[str, str] = ("mbuild", "mergekit")) -> list[str]:
-    """What differs between two {name: tensor} maps: names, dtypes, shapes or bits; [] if nothing."""
-    if sorted(mine) != sorted(reference):
-        return [
-            f"only in {who[0]}: {sorted(set(mine) - set(reference))}; "
-            f"only in {who[1]}: {sorted(set(reference) - set(mine))}"
-        ]
+def assert_same_tensors(mine: dict, reference: dict, who: tuple[str, str]) -> None:
+    """Same tensor names, dtypes, shapes and bits in two {name: tensor} maps."""
+    assert reference, f"{who[1]} has no tensors"
+    assert sorted(mine) == sorted(reference), (
+        f"only in {who[0]}: {sorted(set(mine) - set(reference))}; "
+        f"only in {who[1]}: {sorted(set(reference) - set(mine))}"
+    )
     problems = []
     for name in sorted(reference):
         a, b = mine[name], reference[name]
@@ -315,63 +338,70 @@ def differences(mine: dict, reference: dict, who: tuple[str, str] = ("mbuild", "
             problems.append(
                 f"{name}: {int((diff > 0).sum())}/{diff.numel()} elements differ, max abs diff {diff.max().item():.3g}"
             )
-    return problems
+    shown = "\n".join(problems[:12]) + (f"\n... and {len(problems) - 12} more" if len(problems) > 12 else "")
+    assert not problems, f"{len(problems)} of {len(reference)} tensors differ ({who[0]} vs {who[1]}):\n{shown}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Tests
 
 
-def test_every_registered_method_is_covered():
-    covered = {body["merge_method"] for body in deterministic_recipes({"base": "", "math": "", "code": ""}).values()}
-    assert covered.isdisjoint(RANDOM_METHODS)
-    assert covered | set(RANDOM_METHODS) == registered_methods()
+def test_every_registered_method_is_covered_on_every_architecture():
+    from mbuild.methods import all_methods
+
+    recipes = deterministic_recipes({"base": "", "math": "", "code": ""})
+    for architecture in ARCHITECTURES:
+        covered = {recipes[target]["merge_method"] for target in COVERAGE[architecture]}
+        seeded = {"arcee_fusion" if target == LARGE_FUSION else target for target in RANDOM_COVERAGE[architecture]}
+        assert covered | seeded == {method.name for method in all_methods()}, architecture
+    # The methods mbuild seeds are exactly those checked for seeding here.
+    assert {method.name for method in all_methods() if method.random} == {*RANDOM_METHODS, "arcee_fusion"}
 
 
-@pytest.mark.parametrize(("architecture", "target"), list(_parity_params()))
+@pytest.mark.parametrize(("architecture", "target"), list(_parity_cases()))
 def test_method_matches_mergekit_bit_for_bit(builds, tmp_path, architecture, target):
     pytest.importorskip("mergekit")
-    build = builds("j1", architecture)
-    body = build.targets[target]
-    run_mergekit(body, tmp_path / "mergekit")
-    mine, reference = load_tensors(build.output(target)), load_tensors(tmp_path / "mergekit")
-    assert reference, "mergekit wrote no tensors"
-    problems = differences(mine, reference)
-    assert not problems, f"{len(problems)} of {len(reference)} tensors differ:\n" + "\n".join(problems)
+    build = builds("methods", architecture)
+    run_mergekit(build.targets[target], tmp_path / "mergekit")
+    mine = load_tensors(build.output(target))
+    assert_same_tensors(mine, load_tensors(tmp_path / "mergekit"), ("mbuild", "mergekit"))
     assert {tensor.dtype for tensor in mine.values()} == {getattr(torch, DTYPE)}
 
 
-@pytest.mark.parametrize(("architecture", "method"), RANDOM_CASES)
-def test_random_method_same_seed_same_bytes_at_any_jobs(builds, architecture, method):
-    one = load_tensors(builds("j1", architecture).output(method))
-    four = load_tensors(builds("j4", architecture).output(f"{architecture}-{method}"))
-    problems = differences(one, four, ("-j 1", "-j 4"))
-    assert not problems, f"{len(problems)} of {len(four)} tensors differ:\n" + "\n".join(problems)
+@pytest.mark.parametrize(("architecture", "target"), RANDOM_CASES)
+def test_random_method_same_seed_same_bytes_at_j1_and_j4(builds, architecture, target):
+    one = load_tensors(builds("methods", architecture).output(target))
+    four = load_tensors(builds("random", architecture).output(target))
+    assert_same_tensors(four, one, ("-j 4", "-j 1"))
 
 
-@pytest.mark.parametrize(("architecture", "method"), RANDOM_CASES)
-def test_random_method_other_seed_other_bytes(builds, architecture, method):
-    build = builds("j1", architecture)
-    first = load_tensors(build.output(method))
-    second = load_tensors(build.output(f"{method}-seed{OTHER_SEED}"))
+@pytest.mark.parametrize(("architecture", "target"), RANDOM_CASES)
+def test_random_method_other_seed_other_bytes(builds, architecture, target):
+    build = builds("random", architecture)
+    first = load_tensors(build.output(target))
+    second = load_tensors(build.output(f"{target}-seed{OTHER_SEED}"))
     assert sorted(first) == sorted(second)
-    # Every tensor is thinned at random (density < 1 for both models), so every one changes.
-    same = [name for name in sorted(first) if same_bits(first[name], second[name])]
-    assert not same, f"seed 0 and seed {OTHER_SEED} give the same bytes for {same}"
+    random = [name for name in sorted(first) if randomized(target, first[name])]
+    assert random, "no tensor of this target depends on the seed"
+    unchanged = [name for name in random if same_bits(first[name], second[name])]
+    assert not unchanged, f"seed 0 and seed {OTHER_SEED} give the same bytes for {unchanged}"
+    # What the seed does not reach stays put.
+    changed = [name for name in sorted(first) if name not in random and not same_bits(first[name], second[name])]
+    assert not changed, f"seed {OTHER_SEED} changed deterministic tensors {changed}"
 
 
-@pytest.mark.parametrize(("architecture", "method"), RANDOM_CASES)
-def test_random_method_output_is_finite_and_complete(builds, families, architecture, method):
-    build = builds("j1", architecture)
-    base = load_tensors(families(architecture)["base"])
-    for target in (method, f"{method}-seed{OTHER_SEED}"):
-        tensors = load_tensors(build.output(target))
-        assert {name: tuple(t.shape) for name, t in tensors.items()} == {
-            name: tuple(t.shape) for name, t in base.items()
-        }
-        assert {t.dtype for t in tensors.values()} == {getattr(torch, DTYPE)}
-        bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
-        assert not bad, f"{target}: non-finite values in {bad}"
-        # The merge moved the base: a build that only copied it is no merge.
-        moved = [name for name in tensors if not torch.equal(tensors[name], base[name].float())]
-        assert len(moved) == len(tensors), f"{target}: {sorted(set(tensors) - set(moved))} equal the base"
+@pytest.mark.parametrize(("architecture", "target"), RANDOM_CASES)
+def test_random_method_output_is_finite_and_merged(builds, families, large_family, architecture, target):
+    build = builds("random", architecture)
+    base = load_tensors((large_family if target == LARGE_FUSION else families(architecture))["base"])
+    for name in (target, f"{target}-seed{OTHER_SEED}"):
+        tensors = load_tensors(build.output(name))
+        shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+        assert shapes == {key: tuple(tensor.shape) for key, tensor in base.items()}
+        assert {tensor.dtype for tensor in tensors.values()} == {getattr(torch, DTYPE)}
+        infinite = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+        assert not infinite, f"{name}: non-finite values in {infinite}"
+        # Every seeded tensor moved off the base: a build that copied the base is no merge.
+        seeded = [key for key in tensors if randomized(target, tensors[key])]
+        copied = [key for key in seeded if torch.equal(tensors[key], base[key].float())]
+        assert not copied, f"{name}: {copied} equal the base"
