@@ -28,9 +28,16 @@ CHAT_TEMPLATE = (
 SIZES = {
     # ~2 MB per model: fast enough for every test.
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2),
-    # ~0.5 GB per model in bfloat16: the benchmark's size.
+    # ~0.4 GB per model in bfloat16: the benchmark's size.
     "bench": dict(
         hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8
+    ),
+    # The same layers, 4 and 32 of them: for measuring how time scales with model size.
+    "small": dict(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8
+    ),
+    "large": dict(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=8
     ),
 }
 

@@ -13,7 +13,6 @@ import concurrent.futures
 import hashlib
 import math
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -266,25 +265,23 @@ class Builder:
         target = target_plan.target
         output = target.output
         output.parent.mkdir(parents=True, exist_ok=True)
-        _recover(output)
+        io.recover(output)
         existing = inspect_output(output)
         if existing.foreign:
             raise BuildError(
                 f"output folder {output} exists and was not made by mbuild; move it away or choose another 'output:'",
                 target.location("output"),
             )
-        temporary = output.parent / f".{output.name}.mbuild-tmp-{os.getpid()}"
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir()
+        temporary = io.fresh_temporary(output)
         self.reporter.target_started(target.name, len(target_plan.tasks), decision.reasons)
         try:
             counts = self._write_tensors(target_plan, temporary, existing)
             self._write_companions(target_plan, temporary)
             _write_manifest(target_plan, temporary, counts["digests"], counts["shards"])
-            _fsync_folder(temporary)
-            _publish(temporary, output)
+            io.fsync_folder(temporary)
+            io.publish(temporary, output)
         except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
+            io.discard(temporary)
             raise
         self._record(target_plan, output)
         report = TargetReport(
@@ -425,10 +422,7 @@ class Builder:
         return rest
 
     def _write_companions(self, target_plan: TargetPlan, folder: Path) -> None:
-        for name, origin in target_plan.files.items():
-            shutil.copyfile(origin, folder / name)
-        io.write_json(folder / "config.json", target_plan.config)
-        (folder / "README.md").write_text(target_plan.card)
+        io.write_companions(folder, target_plan.files, target_plan.config, target_plan.card)
 
     def _record(self, target_plan: TargetPlan, output: Path) -> None:
         """Update Mergefile.lock with what this target was built from."""
@@ -605,48 +599,3 @@ def _tensor_record(task: TensorTask, digest: str) -> dict[str, Any]:
         "dtype": task.dtype,
         "compute_dtype": task.compute_dtype,
     }
-
-
-def _fsync_folder(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(temporary: Path, output: Path) -> None:
-    """Move a finished folder into place; the old output survives until the new one is there."""
-    retired = output.parent / f".{output.name}.mbuild-old-{os.getpid()}"
-    if output.exists():
-        os.rename(output, retired)
-    os.rename(temporary, output)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _recover(output: Path) -> None:
-    """Undo a publish interrupted between its two renames, and drop dead temporaries."""
-    for leftover in output.parent.glob(f".{output.name}.mbuild-*"):
-        pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
-            continue
-        if leftover.name.endswith("-lock"):
-            continue
-        if ".mbuild-old-" in leftover.name and not output.exists() and io.read_manifest(leftover):
-            os.rename(leftover, output)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -555,3 +555,79 @@ def resolve_hub_model(repo_id: str, revision: str | None) -> tuple[Path, str]:
         raise ModelError(f"hub model '{repo_id}' not found {where}: {type(error).__name__}") from None
     folder = Path(folder)
     return folder, folder.name
+
+
+def fsync_folder(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(temporary: Path, output: Path) -> None:
+    """Move a finished folder into place; the old output survives until the new one is there."""
+    retired = output.parent / f".{output.name}.mbuild-old-{os.getpid()}"
+    if output.exists():
+        os.rename(output, retired)
+    os.rename(temporary, output)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def recover(output: Path) -> None:
+    """Undo a publish interrupted between its two renames, and drop dead temporaries."""
+    for leftover in output.parent.glob(f".{output.name}.mbuild-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        if leftover.name.endswith("-lock"):
+            continue
+        if ".mbuild-old-" in leftover.name and not output.exists() and read_manifest(leftover):
+            os.rename(leftover, output)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+def fresh_temporary(output: Path) -> Path:
+    """An empty hidden folder beside ``output`` for this process to build into."""
+    temporary = output.parent / f".{output.name}.mbuild-tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    return temporary
+
+
+def discard(folder: Path) -> None:
+    """Remove a folder (a failed build's temporary) if it is there."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_companions(folder: Path, files, config, card: str) -> None:
+    """Everything of an output folder but the weights: copied files, config.json, the model card."""
+    for name, origin in files.items():
+        shutil.copyfile(origin, folder / name)
+    write_json(folder / "config.json", config)
+    (folder / "README.md").write_text(card)
+
+
+def store_text(folder: Path, text: str, suffix: str) -> Path:
+    """Keep a text once under ``folder``, named by its digest; returns its path."""
+    path = Path(folder) / (hashlib.sha256(text.encode()).hexdigest()[:32] + suffix)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    return path

@@ -593,8 +593,6 @@ def _is_vocabulary_tensor(name: str, tensor_infos, group, infos) -> bool:
 
 def _chat_template_file(target: Target, files, infos, plans, store: Path) -> str:
     """The chat template asked for, written once under the cache; returns its path."""
-    import hashlib
-
     asked = target.chat_template
     if asked == "auto":
         counts: dict[str, int] = {}
@@ -609,11 +607,7 @@ def _chat_template_file(target: Target, files, infos, plans, store: Path) -> str
         text = TEMPLATES[asked]
     else:
         text = asked
-    path = Path(store) / "templates" / (hashlib.sha256(text.encode()).hexdigest()[:32] + ".jinja")
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return str(path)
+    return str(io.store_text(Path(store) / "templates", text, ".jinja"))
 
 
 def _chat_template_of(node: str, infos, plans) -> str | None:
