@@ -78,8 +78,11 @@ class State:
                     (str(path), *identity, json.dumps(dict(digests))),
                 )
 
-    def digests(self, model: io.ModelInfo, compute: bool) -> dict[str, str] | None:
-        """Per-tensor digests of a model; hashes changed files only when ``compute``."""
+    def digests(self, model: io.ModelInfo, compute: bool, progress=None) -> dict[str, str] | None:
+        """Per-tensor digests of a model; hashes changed files only when ``compute``.
+
+        ``progress(bytes)`` is told of each hashed chunk.
+        """
         result: dict[str, str] = {}
         for file in model.weight_files:
             found = self.lookup(file)
@@ -87,7 +90,7 @@ class State:
                 if not compute:
                     return None
                 identity = io.file_identity(file)
-                found = io.hash_tensor_bytes(t for t in model.tensors.values() if t.file == file)
+                found = io.hash_tensor_bytes((t for t in model.tensors.values() if t.file == file), progress=progress)
                 if io.file_identity(file) == identity:
                     self.remember(file, identity, found)
             result.update(found)

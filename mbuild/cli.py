@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -179,8 +181,8 @@ def _require_cuda() -> None:
 def _hash_source(state, source, printer):
     found = state.digests(source.info, compute=False)
     if found is None:
-        printer.note(f"hashing {source.ref} ({_size(source.info.nbytes)}), once per version of its files")
-        found = state.digests(source.info, compute=True)
+        with printer.step(f"hashing {source.ref}", source.info.nbytes) as advance:
+            found = state.digests(source.info, compute=True, progress=advance)
     return found
 
 
@@ -302,6 +304,29 @@ class _Printer(Reporter):
     def __exit__(self, *exc):
         if self.progress:
             self.progress.stop()
+
+    @contextlib.contextmanager
+    def step(self, description: str, total: int):
+        """A long step measured in bytes: a bar on a terminal, one line otherwise."""
+        if self.quiet:
+            yield lambda count: None
+            return
+        if not self.tty:
+            print(f"mbuild: {description} ({_size(total)}), once per version of its files", file=sys.stderr, flush=True)
+            yield lambda count: None
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            lock = threading.Lock()
+
+            def advance(count: int) -> None:
+                with lock:
+                    bar.advance(task, count)
+
+            yield advance
 
     def note(self, text: str) -> None:
         if self.quiet:

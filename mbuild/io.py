@@ -193,7 +193,7 @@ def file_identity(path: str | Path) -> tuple[int, int, int]:
     return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-def hash_tensor_bytes(tensors: Iterable[TensorInfo], workers: int = 2) -> dict[str, str]:
+def hash_tensor_bytes(tensors: Iterable[TensorInfo], workers: int = 2, progress=None) -> dict[str, str]:
     """sha256 of each tensor's bytes, read in chunks straight from its file.
 
     Tensors are split between ``workers`` threads (hashlib and pread release the GIL).
@@ -208,14 +208,14 @@ def hash_tensor_bytes(tensors: Iterable[TensorInfo], workers: int = 2) -> dict[s
         shares[smallest].append(info)
         sizes[smallest] += info.end - info.start
     with concurrent.futures.ThreadPoolExecutor(len(shares)) as pool:
-        parts = list(pool.map(_hash_share, shares))
+        parts = list(pool.map(lambda share: _hash_share(share, progress), shares))
     digests = {}
     for part in parts:
         digests.update(part)
     return digests
 
 
-def _hash_share(tensors: list[TensorInfo]) -> dict[str, str]:
+def _hash_share(tensors: list[TensorInfo], progress=None) -> dict[str, str]:
     digests = {}
     handles: dict[str, int] = {}
     try:
@@ -231,6 +231,8 @@ def _hash_share(tensors: list[TensorInfo]) -> dict[str, str]:
                     raise ModelError(f"{info.file} is truncated (tensor {info.name})")
                 digest.update(chunk)
                 position += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
             digests[info.name] = digest.hexdigest()
     finally:
         for fd in handles.values():
