@@ -138,6 +138,7 @@ class State:
         return len(doomed)
 
     def close(self) -> None:
+        """Close the database connection."""
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -198,15 +199,19 @@ class TensorCache:
                 handle.close()
 
     def keys(self) -> list[str]:
+        """Every task key held."""
         return list(self.store.iterkeys())
 
     def delete(self, key: str) -> None:
+        """Drop one entry."""
         self.store.delete(key, retry=True)
 
     def volume(self) -> int:
+        """Bytes the cache holds on disk."""
         return self.store.volume()
 
     def close(self) -> None:
+        """Close the cache."""
         self.store.close()
 
 

@@ -52,6 +52,7 @@ class TargetReport:
     error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
+        """The report as `--json` prints it."""
         data = {
             "status": self.status,
             "tensors_computed": self.tensors_computed,
@@ -68,13 +69,17 @@ class TargetReport:
 class Reporter:
     """Receives progress; the CLI subclasses it to draw bars or print lines."""
 
-    def target_started(self, name: str, total: int, reasons: tuple[str, ...]) -> None: ...
+    def target_started(self, name: str, total: int, reasons: tuple[str, ...]) -> None:
+        """A target's build begins: ``total`` tensors, for ``reasons``."""
 
-    def tensor_done(self, name: str) -> None: ...
+    def tensor_done(self, name: str) -> None:
+        """One more tensor of target ``name`` is written."""
 
-    def target_finished(self, report: TargetReport) -> None: ...
+    def target_finished(self, report: TargetReport) -> None:
+        """A target is done (built, fresh, failed or skipped)."""
 
-    def waiting(self, message: str) -> None: ...
+    def waiting(self, message: str) -> None:
+        """The build waits on another process (a target lock)."""
 
 
 @dataclass

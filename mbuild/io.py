@@ -55,6 +55,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         count = 1
         for size in self.shape:
             count *= size
@@ -72,10 +73,12 @@ class ModelInfo:
 
     @property
     def num_layers(self) -> int | None:
+        """The decoder layer count its config declares."""
         return layer_count(self.config)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of all its tensors' data."""
         return sum(t.nbytes for t in self.tensors.values())
 
 
@@ -296,6 +299,7 @@ class TensorReader:
             position += len(chunk)
 
     def close(self) -> None:
+        """Close every file opened for reading."""
         with self._lock:
             for fd in self._handles.values():
                 os.close(fd)
@@ -445,6 +449,7 @@ class ShardedWriter:
             write_json(self.folder / "model.safetensors.index.json", index)
 
     def abort(self) -> None:
+        """Close the shard files of a failed build (the caller removes the folder)."""
         for fd in self._handles.values():
             os.close(fd)
         self._handles.clear()
@@ -560,6 +565,7 @@ def resolve_hub_model(repo_id: str, revision: str | None) -> tuple[Path, str]:
 
 
 def fsync_folder(folder: Path) -> None:
+    """Flush every file of a folder, and the folder itself, to disk."""
     for path in folder.iterdir():
         if path.is_file():
             with open(path, "rb") as handle:

@@ -49,6 +49,7 @@ def pending_key(task_key: str) -> str:
 
 
 def is_pending(key: str) -> bool:
+    """Whether a key waits on upstream bytes not computed yet."""
     return key.startswith("task:")
 
 

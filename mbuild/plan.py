@@ -643,6 +643,7 @@ TEMPLATES = {
 
 
 def embedding_name(info: io.ModelInfo) -> str | None:
+    """The name of a model's input embedding, if it has one."""
     for name in info.tensors:
         if PRE_LAYER.search(name) and name.endswith("weight") and "position" not in name:
             return name
@@ -747,6 +748,7 @@ def companion_files_for(target: Target, config_node: str, infos, plans) -> dict[
 
 
 def file_digest(path: str) -> str | None:
+    """sha256 of a (small) file, None if it cannot be read."""
     try:
         return io.hash_file(path)
     except OSError:
