@@ -242,3 +242,23 @@ def test_dare_is_reproducible_from_the_seed_whatever_the_parallelism(llama, tmp_
     kept = (a[name].float() != base).float().mean().item()
     expected = 1 - (1 - 0.3) ** 2
     assert abs(kept - expected) < 0.05
+
+
+def test_integer_buffers_are_copied_not_merged(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for name in ("base", "math"):
+        folder = tmp_path / name
+        shutil.copytree(llama[name], folder)
+        tensors = load_file(folder / "model.safetensors")
+        tensors["model.position_buffer"] = torch.arange(16, dtype=torch.int64) * (2 if name == "math" else 1)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    path = tmp_path / "Mergefile"
+    path.write_text(
+        "targets:\n  mix:\n    merge_method: linear\n    models:\n"
+        "      - model: base\n        parameters: {weight: 0.5}\n      - model: math\n        parameters: {weight: 0.5}\n"
+    )
+    run(path)
+    merged = load_tensors(tmp_path / "build" / "mix")
+    assert merged["model.position_buffer"].dtype == torch.int64
+    assert torch.equal(merged["model.position_buffer"], torch.arange(16, dtype=torch.int64))
