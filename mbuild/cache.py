@@ -147,10 +147,14 @@ class State:
 class TensorCache:
     """Computed tensors by task key, as raw bytes with their sha256 as the entry's tag."""
 
-    def __init__(self, folder: Path, size_limit: int | None = None):
+    def __init__(self, folder: Path, size_limit: int | None = None, read_only: bool = False):
         import diskcache
 
         folder.mkdir(parents=True, exist_ok=True)
+        if read_only:
+            # Looking only: keep the settings the last build stored, compute nothing.
+            self.store = diskcache.Cache(str(folder))
+            return
         if size_limit is None:
             size_limit = default_size_limit(folder)
         # diskcache's own default silently caps at 1 GiB and evicts by store time;

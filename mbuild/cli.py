@@ -89,7 +89,7 @@ def _tensor_cache(state, args, create: bool):
     folder = state.folder / "tensors"
     if not create and not folder.exists():
         return None
-    return TensorCache(folder, getattr(args, "cache_size", None))
+    return TensorCache(folder, getattr(args, "cache_size", None), read_only=not create)
 
 
 def _read_only_plan(args, mergefile, state):

@@ -255,6 +255,10 @@ class TestStaleness:
         report = json.loads(result.stdout)["targets"]
         assert {r["status"] for r in report.values()} == {"fresh"}
         assert all(r["tensors_computed"] == 0 for r in report.values())
+        dry = script.replace("'--json']", "'--json', '--dry-run']")
+        result = subprocess.run([sys.executable, "-c", dry], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert not any(r["stale"] for r in json.loads(result.stdout)["targets"].values())
 
 
 def _names(folder: Path) -> list[str]:
