@@ -195,7 +195,7 @@ def _size(count: float) -> str:
 
 
 def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
-    from mbuild import io, plan
+    from mbuild import engine, plan
 
     data = {}
     for name in the_plan.order:
@@ -207,11 +207,8 @@ def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
             for size in task.shape:
                 count *= size
             parameters += count
-        built = io.read_manifest(target_plan.target.output) or {}
-        previous = {n: e.get("key") for n, e in built.get("tensors", {}).items()}
-        estimates = plan.estimate_work(
-            target_plan, lambda task: task.key is not None and (previous.get(task.name) == task.key or has_tensor(task.key)), args.jobs
-        )
+        reusable = engine.reusable_in(engine.inspect_output(target_plan.target.output), has_tensor)
+        estimates = plan.estimate_work(target_plan, reusable, args.jobs)
         data[name] = {
             "stale": decision.stale,
             "action": decision.action,

@@ -140,9 +140,6 @@ def decide_target(plan, name, lock_data, fingerprints, stale, force, has_tensor)
         return Decision(
             True, (f"output folder {target_plan.target.output} exists but was not made by mbuild",), "rebuild"
         )
-    previous = {}
-    if output.manifest and not output.changes:
-        previous = {n: entry.get("key") for n, entry in output.manifest.get("tensors", {}).items()}
     return decide(
         plan,
         name,
@@ -151,8 +148,16 @@ def decide_target(plan, name, lock_data, fingerprints, stale, force, has_tensor)
         output.changes,
         stale,
         fingerprints,
-        lambda task: task.key is not None and (previous.get(task.name) == task.key or has_tensor(task.key)),
+        reusable_in(output, has_tensor),
     )
+
+
+def reusable_in(output: OutputState, has_tensor: Callable[[str], bool]) -> Callable[[TensorTask], bool]:
+    """Whether a task's bytes are already at hand: in the untouched previous output, or cached."""
+    previous = {}
+    if output.manifest and not output.changes:
+        previous = {n: entry.get("key") for n, entry in output.manifest.get("tensors", {}).items()}
+    return lambda task: task.key is not None and (previous.get(task.name) == task.key or has_tensor(task.key))
 
 
 def output_digests(state: State | None, mergefile) -> Callable[[str], str | None]:

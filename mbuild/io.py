@@ -84,8 +84,13 @@ class ModelInfo:
 
 def layer_count(config: Mapping[str, Any]) -> int | None:
     """The decoder layer count a config declares (text_config for multimodal ones)."""
+    return config_int(config, ("num_hidden_layers", "n_layer", "num_layers"))
+
+
+def config_int(config: Mapping[str, Any], keys: Sequence[str]) -> int | None:
+    """The first integer a config holds under one of ``keys``, at top level or in text_config."""
     for holder in (config, config.get("text_config") or {}):
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        for key in keys:
             if isinstance(holder.get(key), int):
                 return holder[key]
     return None
@@ -227,13 +232,8 @@ def _hash_share(tensors: list[TensorInfo], progress=None) -> dict[str, str]:
             if fd is None:
                 fd = handles[info.file] = os.open(info.file, os.O_RDONLY)
             digest = hashlib.sha256()
-            position = info.start
-            while position < info.end:
-                chunk = os.pread(fd, min(READ_CHUNK, info.end - position), position)
-                if not chunk:
-                    raise ModelError(f"{info.file} is truncated (tensor {info.name})")
+            for chunk in _pieces(fd, info, READ_CHUNK, ModelError):
                 digest.update(chunk)
-                position += len(chunk)
                 if progress is not None:
                     progress(len(chunk))
             digests[info.name] = digest.hexdigest()
@@ -241,6 +241,17 @@ def _hash_share(tensors: list[TensorInfo], progress=None) -> dict[str, str]:
         for fd in handles.values():
             os.close(fd)
     return digests
+
+
+def _pieces(fd: int, info: TensorInfo, size: int, error: type[Exception]):
+    """A tensor's bytes read from ``fd`` in pieces; a short file raises ``error``."""
+    position = info.start
+    while position < info.end:
+        chunk = os.pread(fd, min(size, info.end - position), position)
+        if not chunk:
+            raise error(f"{info.file} is truncated (tensor {info.name})")
+        yield chunk
+        position += len(chunk)
 
 
 def hash_file(path: str | Path) -> str:
@@ -289,14 +300,7 @@ class TensorReader:
 
     def chunks(self, info: TensorInfo, size: int = READ_CHUNK):
         """A tensor's raw bytes in pieces of at most ``size``."""
-        fd = self._fd(info.file)
-        position = info.start
-        while position < info.end:
-            chunk = os.pread(fd, min(size, info.end - position), position)
-            if not chunk:
-                raise BuildError(f"{info.file} is truncated (tensor {info.name})")
-            yield chunk
-            position += len(chunk)
+        yield from _pieces(self._fd(info.file), info, size, BuildError)
 
     def close(self) -> None:
         """Close every file opened for reading."""
@@ -401,16 +405,8 @@ class ShardedWriter:
             raise BuildError(f"tensor {name}: {len(data)} bytes computed, {slot.end - slot.start} expected")
         if digest is None:
             digest = hashlib.sha256(data).hexdigest()
-        fd = self._handles[slot.file]
-        done = 0
-        try:
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], slot.start + done)
-        except OSError as error:
-            raise BuildError(f"cannot write {self.folder / slot.file}: {error.strerror}") from None
-        with self._lock:
-            self.digests[name] = digest
-        return digest
+        self.write_part(name, 0, data)
+        return self.finish(name, digest)
 
     def write_part(self, name: str, offset: int, data: memoryview | bytes) -> None:
         """Write part of a tensor's bytes at ``offset`` within its slot (for streamed tensors)."""

@@ -120,14 +120,7 @@ def expand(
 
     config = mixtral_config(base.config, len(spec.experts), spec.experts_per_token, out_dtype)
     files = plan.companion_files_for(target, base_node, infos, plans)
-    file_digests = {name: plan.file_digest(path) for name, path in files.items()}
-    input_nodes = tuple(plan.node_of(r) for r in target.references())
-    card = plan.model_card(target, list(input_nodes))
-    target_key = None
-    if all(t.key for t in tasks) and all(d is not None for d in file_digests.values()):
-        target_key = keys.target_key({t.name: t.key for t in tasks}, config, file_digests, card)
-    return plan.TargetPlan(target, tuple(tasks), config, files, file_digests, card, target_key,
-                           input_nodes, layer_count, shard_bytes)
+    return plan.finish_target_plan(target, tasks, config, files, layer_count, shard_bytes)
 
 
 def _config_dtype(config: Mapping[str, Any]) -> str | None:

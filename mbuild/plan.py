@@ -522,9 +522,14 @@ def expand(
         _set_vocab_size(config, vocab.size)
     if target.chat_template is not None:
         files["chat_template.jinja"] = _chat_template_file(target, files, infos, plans, store)
+    return finish_target_plan(target, tasks, config, files, out_layer, shard_bytes, vocab)
+
+
+def finish_target_plan(target: Target, tasks, config, files, num_layers, shard_bytes, vocabulary=None) -> TargetPlan:
+    """The TargetPlan for expanded tasks: file digests, model card, inputs and the target's key."""
     file_digests = {name: file_digest(path) for name, path in files.items()}
-    card = model_card(target, [node_of(r) for r in target.references()])
     input_nodes = tuple(node_of(r) for r in target.references())
+    card = model_card(target, list(input_nodes))
     target_key = None
     if all(t.key for t in tasks) and all(d is not None for d in file_digests.values()):
         target_key = keys.target_key({t.name: t.key for t in tasks}, config, file_digests, card)
@@ -537,9 +542,9 @@ def expand(
         card=card,
         key=target_key,
         input_nodes=input_nodes,
-        num_layers=out_layer,
+        num_layers=num_layers,
         shard_bytes=shard_bytes,
-        vocabulary=vocab,
+        vocabulary=vocabulary,
     )
 
 
@@ -553,11 +558,7 @@ def _vocabulary(target: Target, groups, base_node: str, infos, plans, store: Pat
     extra += [t.model.node for _, t in spec.tokens if t.model is not None]
     files = {}
     for node in dict.fromkeys([base_node, *nodes, *extra]):
-        if node.startswith("target:"):
-            companions = dict(plans[node.split(":", 1)[1]].files)
-        else:
-            folder = infos[node].folder
-            companions = {p.name: str(p) for p in io.companion_files(folder)} if folder else {}
+        companions = companions_of(node, infos, plans)
         files[node] = {n: p for n, p in companions.items() if TOKENIZER_FILE.match(n) or n == "tokenizer_config.json"}
         if not files[node]:
             raise ModelError(f"'{node.split(':', 1)[1]}' has no tokenizer files", target.location("tokenizer_source"))
@@ -567,10 +568,7 @@ def _vocabulary(target: Target, groups, base_node: str, infos, plans, store: Pat
 
 
 def _vocab_size(config: Mapping[str, Any]) -> int | None:
-    for holder in (config, config.get("text_config") or {}):
-        if isinstance(holder.get("vocab_size"), int):
-            return holder["vocab_size"]
-    return None
+    return io.config_int(config, ("vocab_size",))
 
 
 def _set_vocab_size(config: dict, size: int) -> None:
@@ -613,11 +611,7 @@ def _chat_template_file(target: Target, files, infos, plans, store: Path) -> str
 def _chat_template_of(node: str, infos, plans) -> str | None:
     import json
 
-    if node.startswith("target:"):
-        companions = dict(plans[node.split(":", 1)[1]].files)
-    else:
-        folder = infos[node].folder
-        companions = {p.name: str(p) for p in io.companion_files(folder)} if folder else {}
+    companions = companions_of(node, infos, plans)
     if "chat_template.jinja" in companions:
         return Path(companions["chat_template.jinja"]).read_text()
     if "tokenizer_config.json" in companions:
@@ -728,22 +722,23 @@ def _output_config(donor: Mapping[str, Any], infos, layer_origin, tasks) -> dict
     return config
 
 
+def companions_of(node: str, infos, plans) -> dict[str, str]:
+    """A model's non-weight files by name: a source's own, or what a target's output will hold."""
+    if node.startswith("target:"):
+        return dict(plans[node.split(":", 1)[1]].files)
+    folder = infos[node].folder
+    return {p.name: str(p) for p in io.companion_files(folder)} if folder else {}
+
+
 def companion_files_for(target: Target, config_node: str, infos, plans) -> dict[str, str]:
     """Which non-weight files the output gets, and from where: config donor, then tokenizer."""
-
-    def files_of(node: str) -> dict[str, str]:
-        if node.startswith("target:"):
-            return dict(plans[node.split(":", 1)[1]].files)
-        folder = infos[node].folder
-        return {p.name: str(p) for p in io.companion_files(folder)} if folder else {}
-
-    files = {n: p for n, p in files_of(config_node).items() if n != "config.json"}
+    files = {n: p for n, p in companions_of(config_node, infos, plans).items() if n != "config.json"}
     tokenizer_ref = target.tokenizer_source
     if tokenizer_ref == "base":
         tokenizer_ref = target.base_model
     if isinstance(tokenizer_ref, ModelRef):
         files = {n: p for n, p in files.items() if not TOKENIZER_FILE.match(n)}
-        files.update({n: p for n, p in files_of(node_of(tokenizer_ref)).items() if TOKENIZER_FILE.match(n)})
+        files.update({n: p for n, p in companions_of(node_of(tokenizer_ref), infos, plans).items() if TOKENIZER_FILE.match(n)})
     return dict(sorted(files.items()))
 
 
