@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from mbuild.methods import Method, Parameter, register
+from mbuild.methods.ranking import largest_mask
 
 if TYPE_CHECKING:
     import torch
@@ -60,13 +61,18 @@ def keep_largest(
     count = max(1, int(density * delta.numel()))
     # Rank in float32 on every device (mergekit does on CPU): exact for 16-bit magnitudes, and
     # argsort's order among equal magnitudes (common in bf16) then picks mergekit's survivors.
-    # Not stable=True: CPU argsort is unstable on large inputs, and we must pick what it picks.
+    # On CPU the same survivors are found without sorting (ranking.py); elsewhere, or where this
+    # torch sorts another way, by the argsort itself (not stable=True: we pick what it picks).
     magnitudes = delta.abs().reshape(-1).float()
-    order = torch.argsort(magnitudes, descending=True)
-    del magnitudes  # free before the mask: peak memory is a few tensors, not several more
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[order[:count]] = 1
-    del order
+    mask = largest_mask(magnitudes, count)
+    if mask is None:
+        order = torch.argsort(magnitudes, descending=True)
+        del magnitudes  # free before the mask: peak memory is a few tensors, not several more
+        mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+        mask[order[:count]] = 1
+        del order
+    else:
+        del magnitudes
     # The delta here is the merge's own scratch: mask it in place (float16 rescaling keeps a copy).
     in_place = not (rescale and delta.dtype == torch.float16)
     return _masked(delta, mask.reshape_as(delta), rescale, in_place=in_place)

@@ -1,0 +1,229 @@
+"""Which elements torch's CPU sort ranks first, found without sorting.
+
+mergekit's magnitude sparsification keeps `argsort(|delta|, descending=True)[:count]`. Among
+equal magnitudes (bf16 task vectors have hundreds of thousands at the cut) the survivors are
+whatever that sort's tie order makes them, so matching mergekit's bytes means matching it.
+
+torch's CPU sort of one contiguous row is libstdc++'s `std::sort`: introsort, which moves the
+median of (second, middle, last) to the front, splits the range with an unguarded Hoare
+partition around it, recurses until ranges hold 16 elements or fewer, and finishes with an
+insertion sort (stable inside each such range). Partitions are deterministic, so only the
+ranges that contain the cut (position `count`) need to be followed: one partition per level,
+each over a range about half the size of the last, then a stable sort of at most 16 elements.
+That is linear work instead of a full sort, and picks exactly the same elements.
+
+Another build of torch may sort another way (x86-simd-sort, a parallel sort, a new libstdc++),
+so `matches_torch_sort` compares the two on a few arrays once per process and callers fall
+back to argsort where they differ.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# libstdc++'s _S_threshold: ranges this small are left to the final insertion sort.
+INSERTION_THRESHOLD = 16
+
+
+class Unfollowed(Exception):
+    """The sort leaves the path this module follows (introsort's heapsort fallback, NaN keys)."""
+
+
+def _median_to_front(keys: np.ndarray, index: np.ndarray) -> None:
+    """std::__move_median_to_first(first, first + 1, mid, last - 1) with comp = greater."""
+    size = keys.shape[0]
+    a, b, c = 1, size // 2, size - 1
+    ka, kb, kc = keys[a], keys[b], keys[c]
+    if ka > kb:
+        chosen = b if kb > kc else (c if ka > kc else a)
+    elif ka > kc:
+        chosen = a
+    elif kb > kc:
+        chosen = c
+    else:
+        chosen = b
+    keys[0], keys[chosen] = keys[chosen], keys[0]
+    index[0], index[chosen] = index[chosen], index[0]
+
+
+# Stop counts are taken per block of this many elements to find where the scanners cross.
+_BLOCK = 1 << 14
+
+
+def _block_counts(stops: np.ndarray) -> np.ndarray:
+    """Cumulative count of True in `stops` at every block boundary (first entry 0, last the total)."""
+    import numpy as np
+
+    whole = stops.shape[0] // _BLOCK * _BLOCK
+    counts = stops[:whole].reshape(-1, _BLOCK).view(np.uint8).sum(axis=1, dtype=np.int64)
+    cumulative = np.zeros(counts.shape[0] + 2, dtype=np.int64)
+    np.cumsum(counts, out=cumulative[1:-1])
+    cumulative[-1] = cumulative[-2] + np.count_nonzero(stops[whole:])
+    return cumulative
+
+
+def _nth_true(stops: np.ndarray, cumulative: np.ndarray, rank: int) -> int:
+    """Position of the True of 0-based `rank` in `stops`, found through its block counts."""
+    import numpy as np
+
+    block = int(np.searchsorted(cumulative, rank, side="right")) - 1
+    start = block * _BLOCK
+    local = np.flatnonzero(stops[start : start + _BLOCK])
+    return start + int(local[rank - cumulative[block]])
+
+
+def _hoare_swaps(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The swaps of std::__unguarded_partition around keys[0] (comp = greater), and the cut.
+
+    The left scanner stops at every element not greater than the pivot, the right scanner at
+    every element not smaller; the t-th stops swap while the left one is before the right one.
+    Scanning only ever meets untouched elements until the scanners cross, so the stops can be
+    read off the original keys. With A(x) left stops before x and B(x) right stops from x on,
+    the number of swaps is the largest min(A(x), B(x)): A rises and B falls, so it is found
+    where they cross, first between block boundaries, then inside one block.
+
+    Returns the swapped left positions (ascending), the swapped right positions (ascending:
+    the first left one pairs with the last right one), and the cut.
+    """
+    import numpy as np
+
+    pivot = keys[0]
+    rest = keys[1:]  # positions are 1 + offsets into rest
+    left_stops, right_stops = rest <= pivot, rest >= pivot
+    left_count, right_count = _block_counts(left_stops), _block_counts(right_stops)
+    total_left, total_right = int(left_count[-1]), int(right_count[-1])
+    # A and B at block boundaries (offsets 0, _BLOCK, ..., len(rest)).
+    before = left_count
+    from_here = total_right - right_count
+    crossing = int(np.searchsorted(before - from_here, 0, side="left"))
+    if crossing == 0:
+        swaps = 0
+    else:
+        start = (crossing - 1) * _BLOCK
+        stop = min(start + _BLOCK, rest.shape[0])
+        a = before[crossing - 1] + np.concatenate([[0], np.cumsum(left_stops[start:stop], dtype=np.int64)])
+        b = from_here[crossing - 1] - np.concatenate([[0], np.cumsum(right_stops[start:stop], dtype=np.int64)])
+        swaps = int(np.minimum(a, b).max())
+    if swaps == 0:
+        if total_left == 0:
+            raise Unfollowed("no element stops the left scanner")
+        cut = 1 + _nth_true(left_stops, left_count, 0)
+    else:
+        # The left scanner also stops at the last swapped right position (it now holds a larger key).
+        cut = 1 + _nth_true(right_stops, right_count, total_right - swaps)
+        if swaps < total_left:
+            cut = min(cut, 1 + _nth_true(left_stops, left_count, swaps))
+    left = np.flatnonzero(left_stops[: cut - 1])
+    right = np.flatnonzero(right_stops[cut - 1 :])
+    if right.shape[0] == swaps + 1:
+        right = right[1:]  # a key equal to the pivot at the cut, where the scanners met
+    if left.shape[0] != swaps or right.shape[0] != swaps:
+        raise Unfollowed("partition bookkeeping disagrees")  # never expected; argsort decides then
+    left += 1
+    right += cut
+    return left, right, cut
+
+
+def _largest_mask(magnitudes: np.ndarray, count: int, depth_limit: int | None = None) -> np.ndarray:
+    """Bool mask of `argsort(magnitudes, descending=True)[:count]` under libstdc++'s introsort.
+
+    `magnitudes` is float32 and finite; it is not modified.
+    """
+    import numpy as np
+
+    size = magnitudes.shape[0]
+    if count >= size:
+        return np.ones(size, dtype=bool)
+    keys = magnitudes.copy()
+    index = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64)
+    low, high = 0, size
+    # std::__lg(n) * 2 partitions deep at most, then heapsort (`depth_limit` overrides, for tests).
+    depth_left = 2 * (size.bit_length() - 1) if depth_limit is None else depth_limit
+    # Per partition whose left part is kept whole: (pivot, positions of kept keys equal to it).
+    kept_at_pivot: list[tuple[float, np.ndarray]] = []
+    last_pivot = None
+    while low < count < high and high - low > INSERTION_THRESHOLD:
+        if depth_left == 0:
+            raise Unfollowed("introsort would switch to heapsort here")
+        depth_left -= 1
+        part_keys, part_index = keys[low:high], index[low:high]
+        _median_to_front(part_keys, part_index)
+        left, right, cut = _hoare_swaps(part_keys)
+        pivot = part_keys[0]
+        # Only the part that holds the cut is brought up to date. Left positions pair with right
+        # ones in reverse order.
+        paired = right[::-1]
+        if count < low + cut:
+            part_keys[left], part_index[left] = part_keys[paired], part_index[paired]
+            high = low + cut
+        else:
+            # The left part is kept whole: its keys are >= pivot, and those equal to it are the
+            # pivot itself and the equal right stops swapped in.
+            moved = part_index[right][part_keys[right] == pivot]
+            kept_at_pivot.append((pivot, np.concatenate([part_index[:1], moved])))
+            part_keys[paired], part_index[paired] = part_keys[left], part_index[left]
+            low = low + cut
+            last_pivot = pivot
+    if count > low:
+        # The cut lies inside a range the final insertion sort orders (stably, descending).
+        leaf_keys, leaf_index = keys[low:high], index[low:high]
+        order = np.argsort(-leaf_keys, kind="stable")[: count - low]
+        threshold = leaf_keys[order[-1]]
+        at_threshold = leaf_index[order][leaf_keys[order] == threshold]
+    else:
+        # The cut is exactly a partition boundary: everything left of it is kept.
+        threshold, at_threshold = last_pivot, index[:0]
+    mask = magnitudes > threshold
+    mask[at_threshold] = True
+    for pivot, positions in kept_at_pivot:
+        if pivot == threshold:
+            mask[positions] = True
+    return mask
+
+
+def largest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor | None:
+    """Bool mask of `torch.argsort(magnitudes, descending=True)[:count]` on CPU, or None.
+
+    `magnitudes` is a 1-D float32 CPU tensor. None means this torch sorts differently or the
+    input leaves the followed path: use argsort instead.
+    """
+    import numpy as np
+    import torch
+
+    if magnitudes.device.type != "cpu" or magnitudes.dtype != torch.float32 or not matches_torch_sort():
+        return None
+    keys = magnitudes.contiguous().numpy()
+    if not np.isfinite(keys).all():
+        return None
+    try:
+        return torch.from_numpy(_largest_mask(keys, count))
+    except Unfollowed:
+        return None
+
+
+def _argsort_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
+    import torch
+
+    mask = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    mask[torch.argsort(magnitudes, descending=True)[:count]] = True
+    return mask
+
+
+@functools.cache
+def matches_torch_sort() -> bool:
+    """Whether this torch's CPU argsort picks what `_largest_mask` picks, on a few tie-heavy arrays."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    for size, distinct in ((200, 3), (5_000, 40), (60_000, 1_000), (60_001, 7)):
+        values = torch.randint(0, distinct, (size,), generator=generator).float()
+        for count in (1, size // 3, size // 2, size - 1):
+            expected = _argsort_mask(values, count)
+            if not bool((torch.from_numpy(_largest_mask(values.numpy(), count)) == expected).all()):
+                return False
+    return True
