@@ -578,6 +578,21 @@ def test_task_arithmetic_family_matches_mergekit(mergekit_methods, dtype, shape,
         assert dtype == torch.float16 and torch.isfinite(ours).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_task_arithmetic_family_slices_give_the_same_bytes(mergekit_methods, monkeypatch, dtype):
+    # The element-wise half of the merge runs a slice at a time; slices that do not divide the
+    # tensor (7 elements) must not change a byte.
+    from mbuild.methods import task_arithmetic
+
+    monkeypatch.setattr(task_arithmetic, "COMBINE_SLICE", 7)
+    tensors = random_models((64, 48), 4, dtype, seed=3)
+    for name, values in TASK_CASES:
+        ours = merge(name, tensors, base_index=3, **values)
+        theirs = mergekit_merge(mergekit_methods, name, tensors, base_index=3, **values)
+        if torch.isfinite(theirs).all():
+            assert torch.equal(ours, theirs), name
+
+
 def test_ties_matches_mergekit_on_a_large_tensor(mergekit_methods):
     # bf16 deltas repeat magnitudes often, so the argsort tie order is exercised at scale.
     tensors = random_models((1024, 1100), 3, torch.bfloat16, seed=4)

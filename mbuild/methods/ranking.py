@@ -34,21 +34,16 @@ class Unfollowed(Exception):
     """The sort leaves the path this module follows (introsort's heapsort fallback, NaN keys)."""
 
 
-def _median_to_front(keys: np.ndarray, index: np.ndarray) -> None:
-    """std::__move_median_to_first(first, first + 1, mid, last - 1) with comp = greater."""
+def _median_position(keys: np.ndarray) -> int:
+    """Where std::__move_median_to_first(first, first + 1, mid, last - 1) takes the pivot from (comp = greater)."""
     size = keys.shape[0]
     a, b, c = 1, size // 2, size - 1
     ka, kb, kc = keys[a], keys[b], keys[c]
     if ka > kb:
-        chosen = b if kb > kc else (c if ka > kc else a)
-    elif ka > kc:
-        chosen = a
-    elif kb > kc:
-        chosen = c
-    else:
-        chosen = b
-    keys[0], keys[chosen] = keys[chosen], keys[0]
-    index[0], index[chosen] = index[chosen], index[0]
+        return b if kb > kc else (c if ka > kc else a)
+    if ka > kc:
+        return a
+    return c if kb > kc else b
 
 
 # Stop counts are taken per block of this many elements to find where the scanners cross.
@@ -129,21 +124,22 @@ def _hoare_swaps(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return left, right, cut
 
 
-def _largest_mask(magnitudes: np.ndarray, count: int, depth_limit: int | None = None) -> np.ndarray:
-    """Bool mask of `argsort(magnitudes, descending=True)[:count]` under libstdc++'s introsort.
+def _select(keys: np.ndarray, count: int, depth_limit: int | None = None) -> tuple[float, np.ndarray]:
+    """Where `argsort(keys, descending=True)[:count]` cuts under libstdc++'s introsort.
 
-    `magnitudes` is float32 and finite; it is not modified.
+    Returns the smallest kept key and the positions of the kept keys equal to it: the kept
+    elements are those above it plus those. `keys` (float32, finite) is scratch: it is left
+    permuted. Positions are tracked only for the part followed, which halves at every level.
     """
     import numpy as np
 
-    size = magnitudes.shape[0]
-    if count >= size:
-        return np.ones(size, dtype=bool)
-    keys = magnitudes.copy()
-    index = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64)
-    low, high = 0, size
+    size = keys.shape[0]
+    int_type = np.int32 if size < 2**31 else np.int64
     # std::__lg(n) * 2 partitions deep at most, then heapsort (`depth_limit` overrides, for tests).
     depth_left = 2 * (size.bit_length() - 1) if depth_limit is None else depth_limit
+    # The original position of each key in the part followed; None while that is the identity.
+    index: np.ndarray | None = None
+    low, high = 0, size
     # Per partition whose left part is kept whole: (pivot, positions of kept keys equal to it).
     kept_at_pivot: list[tuple[float, np.ndarray]] = []
     last_pivot = None
@@ -151,46 +147,84 @@ def _largest_mask(magnitudes: np.ndarray, count: int, depth_limit: int | None = 
         if depth_left == 0:
             raise Unfollowed("introsort would switch to heapsort here")
         depth_left -= 1
-        part_keys, part_index = keys[low:high], index[low:high]
-        _median_to_front(part_keys, part_index)
-        left, right, cut = _hoare_swaps(part_keys)
-        pivot = part_keys[0]
-        # Only the part that holds the cut is brought up to date. Left positions pair with right
-        # ones in reverse order.
+        part = keys[low:high]
+        chosen = _median_position(part)
+        part[0], part[chosen] = part[chosen], part[0]
+        if index is None:
+            # First partition: positions are original ones, but for the median swap.
+            def origin(positions: np.ndarray, chosen: int = chosen) -> np.ndarray:
+                found = positions.astype(int_type)
+                found[positions == chosen] = 0  # never position 0 itself: scanners start at 1
+                return found
+
+            def origin_range(start: int, stop: int, chosen: int = chosen) -> np.ndarray:
+                found = np.arange(start, stop, dtype=int_type)
+                if start <= chosen < stop:
+                    found[chosen - start] = 0
+                if start == 0:
+                    found[0] = chosen
+                return found
+
+            pivot_origin = chosen
+        else:
+            index[0], index[chosen] = index[chosen], index[0]
+            origin = index.__getitem__
+            origin_range = lambda start, stop, index=index: index[start:stop]  # noqa: E731
+            pivot_origin = index[0]
+        left, right, cut = _hoare_swaps(part)
+        pivot = part[0]
+        # Only the part that holds the cut is brought up to date; left positions pair with
+        # right ones in reverse order.
         paired = right[::-1]
         if count < low + cut:
-            part_keys[left], part_index[left] = part_keys[paired], part_index[paired]
+            part[left] = part[paired]
+            followed = origin_range(0, cut)
+            followed[left] = origin(paired)
             high = low + cut
         else:
             # The left part is kept whole: its keys are >= pivot, and those equal to it are the
             # pivot itself and the equal right stops swapped in.
-            moved = part_index[right][part_keys[right] == pivot]
-            kept_at_pivot.append((pivot, np.concatenate([part_index[:1], moved])))
-            part_keys[paired], part_index[paired] = part_keys[left], part_index[left]
+            equal = right[part[right] == pivot]
+            kept_at_pivot.append((pivot, np.concatenate([np.array([pivot_origin], dtype=int_type), origin(equal)])))
+            part[paired] = part[left]
+            followed = origin_range(cut, part.shape[0])
+            followed[paired - cut] = origin(left)
             low = low + cut
             last_pivot = pivot
+        index = followed
     if count > low:
         # The cut lies inside a range the final insertion sort orders (stably, descending).
-        leaf_keys, leaf_index = keys[low:high], index[low:high]
-        order = np.argsort(-leaf_keys, kind="stable")[: count - low]
-        threshold = leaf_keys[order[-1]]
-        at_threshold = leaf_index[order][leaf_keys[order] == threshold]
+        leaf = keys[low:high]
+        leaf_index = index if index is not None else np.arange(low, high, dtype=int_type)
+        order = np.argsort(-leaf, kind="stable")[: count - low]
+        threshold = leaf[order[-1]]
+        at_threshold = leaf_index[order][leaf[order] == threshold]
     else:
         # The cut is exactly a partition boundary: everything left of it is kept.
-        threshold, at_threshold = last_pivot, index[:0]
+        threshold, at_threshold = last_pivot, np.zeros(0, dtype=int_type)
+    kept = [at_threshold] + [positions for pivot, positions in kept_at_pivot if pivot == threshold]
+    return float(threshold), np.concatenate(kept)
+
+
+def _largest_mask(magnitudes: np.ndarray, count: int, depth_limit: int | None = None) -> np.ndarray:
+    """Bool mask of `argsort(magnitudes, descending=True)[:count]`; `magnitudes` is not modified."""
+    import numpy as np
+
+    if count >= magnitudes.shape[0]:
+        return np.ones(magnitudes.shape[0], dtype=bool)
+    threshold, at_threshold = _select(magnitudes.copy(), count, depth_limit)
     mask = magnitudes > threshold
     mask[at_threshold] = True
-    for pivot, positions in kept_at_pivot:
-        if pivot == threshold:
-            mask[positions] = True
     return mask
 
 
-def largest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor | None:
-    """Bool mask of `torch.argsort(magnitudes, descending=True)[:count]` on CPU, or None.
+def select_largest(magnitudes: torch.Tensor, count: int) -> tuple[float, torch.Tensor] | None:
+    """Where `torch.argsort(magnitudes, descending=True)[:count]` cuts on CPU, or None.
 
-    `magnitudes` is a 1-D float32 CPU tensor. None means this torch sorts differently or the
-    input leaves the followed path: use argsort instead.
+    Returns the smallest kept magnitude and the positions of the kept ones equal to it (all
+    larger ones are kept). `magnitudes`, a 1-D float32 CPU tensor longer than `count`, is used
+    as scratch. None means this torch sorts differently or the input leaves the followed path
+    (NaN, heapsort): use argsort instead.
     """
     import numpy as np
     import torch
@@ -198,12 +232,31 @@ def largest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor | None:
     if magnitudes.device.type != "cpu" or magnitudes.dtype != torch.float32 or not matches_torch_sort():
         return None
     keys = magnitudes.contiguous().numpy()
-    if not np.isfinite(keys).all():
+    if not 0 < count < keys.shape[0] or not np.isfinite(keys).all():
         return None
     try:
-        return torch.from_numpy(_largest_mask(keys, count))
+        threshold, at_threshold = _select(keys, count)
     except Unfollowed:
         return None
+    return threshold, torch.from_numpy(at_threshold).long()
+
+
+def largest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor | None:
+    """Bool mask of `torch.argsort(magnitudes, descending=True)[:count]` on CPU, or None.
+
+    As `select_largest`, but `magnitudes` is left as it is.
+    """
+    import torch
+
+    if count >= magnitudes.numel():
+        return torch.ones(magnitudes.shape, dtype=torch.bool)
+    selected = select_largest(magnitudes.clone(), count)
+    if selected is None:
+        return None
+    threshold, at_threshold = selected
+    mask = magnitudes > threshold
+    mask[at_threshold] = True
+    return mask
 
 
 def _argsort_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:

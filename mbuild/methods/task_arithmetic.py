@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from mbuild.methods import Method, Parameter, register
-from mbuild.methods.ranking import largest_mask
+from mbuild.methods.ranking import select_largest
 
 if TYPE_CHECKING:
     import torch
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 RESCALE_EPS = 1e-7
 # A total weight this close to zero is not divided by when normalizing.
 WEIGHT_EPS = 1e-8
+# Elements per slice when the thinned task vectors are weighed, voted on and summed.
+COMBINE_SLICE = 1 << 16
 
 
 def _masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, in_place: bool = False) -> torch.Tensor:
@@ -64,15 +66,25 @@ def keep_largest(
     # On CPU the same survivors are found without sorting (ranking.py); elsewhere, or where this
     # torch sorts another way, by the argsort itself (not stable=True: we pick what it picks).
     magnitudes = delta.abs().reshape(-1).float()
-    mask = largest_mask(magnitudes, count)
-    if mask is None:
-        order = torch.argsort(magnitudes, descending=True)
+    on_cpu = magnitudes.device.type == "cpu"
+    selected = select_largest(magnitudes, count) if on_cpu else None  # uses magnitudes as scratch
+    if selected is not None:
         del magnitudes  # free before the mask: peak memory is a few tensors, not several more
+        threshold, at_threshold = selected
+        flat = delta.reshape(-1)
+        mask = torch.empty(flat.shape, dtype=torch.bool)
+        for start in range(0, flat.numel(), COMBINE_SLICE):
+            stop = start + COMBINE_SLICE
+            torch.gt(flat[start:stop].abs().float(), threshold, out=mask[start:stop])
+        mask[at_threshold] = True
+    else:
+        if on_cpu:  # a declined selection may have left the magnitudes permuted
+            magnitudes = delta.abs().reshape(-1).float()
+        order = torch.argsort(magnitudes, descending=True)
+        del magnitudes
         mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
         mask[order[:count]] = 1
         del order
-    else:
-        del magnitudes
     # The delta here is the merge's own scratch: mask it in place (float16 rescaling keeps a copy).
     in_place = not (rescale and delta.dtype == torch.float16)
     return _masked(delta, mask.reshape_as(delta), rescale, in_place=in_place)
@@ -315,11 +327,25 @@ class TaskArithmeticVariant:
             del delta
         weights = torch.tensor(
             [model_params[index]["weight"] for index in others], dtype=deltas.dtype, device=deltas.device
-        ).reshape(len(others), *(1,) * base.ndim)
-        deltas.mul_(weights)
+        ).reshape(len(others), 1)
+        # What follows is element-wise across the models: done a slice at a time, its
+        # temporaries stay cache-sized instead of a dozen tensor-sized buffers.
+        rows = deltas.reshape(len(others), -1)
+        flat_base = base.reshape(-1)
+        merged = torch.empty_like(flat_base)
+        for start in range(0, flat_base.numel(), COMBINE_SLICE):
+            stop = start + COMBINE_SLICE
+            mixed = self._combine(rows[:, start:stop], weights, params)
+            torch.add(flat_base[start:stop], mixed, out=merged[start:stop])
+        return merged.reshape(base.shape)
 
+    def _combine(self, deltas: torch.Tensor, weights: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        """The merged task vector of a slice (models x elements) of the thinned task vectors."""
+        import torch
+
+        deltas = deltas * weights
         if self.consensus is not None:
-            mask_dtype = torch.int8 if params["int8_mask"] else base.dtype
+            mask_dtype = torch.int8 if params["int8_mask"] else deltas.dtype
             agree = agreement_mask(deltas, self.consensus, mask_dtype)
             mixed = deltas.mul_(agree).sum(dim=0)
             # Normalize by the weight of the models that actually contributed to each element.
@@ -338,7 +364,7 @@ class TaskArithmeticVariant:
             mixed /= divisor
         if params["lambda"] != 1:
             mixed *= params["lambda"]
-        return (base + mixed).to(base.dtype)
+        return mixed
 
 
 VARIANTS: tuple[TaskArithmeticVariant, ...] = (
