@@ -223,7 +223,7 @@ class Builder:
 
     def run(self) -> dict[str, TargetReport]:
         """Bring every planned target up to date; returns a report per target."""
-        _return_freed_memory()
+        _tune_allocator()
         reports: dict[str, TargetReport] = {}
         failed: set[str] = set()
         stale: set[str] = set()
@@ -525,13 +525,11 @@ def compute_task(
     return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
 
 
-def _return_freed_memory() -> None:
-    """Make glibc give large freed blocks back to the OS at once.
+def _tune_allocator() -> None:
+    """Apply `mbuild.__main__.ALLOCATOR_TUNABLES` at run time, unless the environment set them.
 
-    By default glibc raises its mmap threshold after the first large free, so later
-    tensor-sized buffers come from per-thread heaps that never shrink: peak RSS then
-    grows with every worker thread. A fixed 1 MiB threshold keeps each tensor's memory
-    its own mapping, unmapped when the tensor dies.
+    A fixed 32 MiB mmap threshold and two heaps at most: buffers of that size are recycled
+    rather than faulted in afresh, and freed memory is not kept in one heap per thread.
     """
     import ctypes
     import ctypes.util
@@ -541,7 +539,8 @@ def _return_freed_memory() -> None:
         return
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX, before the worker threads start
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 32 * 1024 * 1024)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
