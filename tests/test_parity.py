@@ -123,6 +123,16 @@ def out_dtype_recipes(family: dict[str, Path]) -> dict[str, dict]:
             "models": [{"model": base}, {"model": code}],
             "parameters": {"t": SLERP_T},
         },
+        # bf16 sources handed to the kernel unconverted: the float32 result must not pass through bf16.
+        "linear-float32-to-float32": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "out_dtype": "float32",
+            "models": [
+                {"model": math, "parameters": {"weight": 0.3}},
+                {"model": code, "parameters": {"weight": 0.9}},
+            ],
+        },
         "linear-float32-to-float16": {
             "merge_method": "linear",
             "dtype": "float32",
