@@ -62,7 +62,7 @@ def test_declines_where_it_cannot_follow_the_sort(monkeypatch):
 def test_heapsort_fallback_is_declined():
     # A depth limit of zero is where introsort turns to heapsort, which is not followed.
     with pytest.raises(ranking.Unfollowed):
-        ranking._largest_mask(torch.rand(1_000).numpy(), 500, depth_limit=0)
+        ranking._select(torch.rand(1_000).numpy(), 500, depth_limit=0)
 
 
 @pytest.mark.parametrize("fast", [True, False])

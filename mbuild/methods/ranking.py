@@ -92,16 +92,15 @@ def _hoare_swaps(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     left_stops, right_stops = rest <= pivot, rest >= pivot
     left_count, right_count = _block_counts(left_stops), _block_counts(right_stops)
     total_left, total_right = int(left_count[-1]), int(right_count[-1])
-    # A and B at block boundaries (offsets 0, _BLOCK, ..., len(rest)).
-    before = left_count
+    # A (left_count) and B (from_here) at block boundaries (offsets 0, _BLOCK, ..., len(rest)).
     from_here = total_right - right_count
-    crossing = int(np.searchsorted(before - from_here, 0, side="left"))
+    crossing = int(np.searchsorted(left_count - from_here, 0, side="left"))
     if crossing == 0:
         swaps = 0
     else:
         start = (crossing - 1) * _BLOCK
         stop = min(start + _BLOCK, rest.shape[0])
-        a = before[crossing - 1] + np.concatenate([[0], np.cumsum(left_stops[start:stop], dtype=np.int64)])
+        a = left_count[crossing - 1] + np.concatenate([[0], np.cumsum(left_stops[start:stop], dtype=np.int64)])
         b = from_here[crossing - 1] - np.concatenate([[0], np.cumsum(right_stops[start:stop], dtype=np.int64)])
         swaps = int(np.minimum(a, b).max())
     if swaps == 0:
@@ -206,18 +205,6 @@ def _select(keys: np.ndarray, count: int, depth_limit: int | None = None) -> tup
     return float(threshold), np.concatenate(kept)
 
 
-def _largest_mask(magnitudes: np.ndarray, count: int, depth_limit: int | None = None) -> np.ndarray:
-    """Bool mask of `argsort(magnitudes, descending=True)[:count]`; `magnitudes` is not modified."""
-    import numpy as np
-
-    if count >= magnitudes.shape[0]:
-        return np.ones(magnitudes.shape[0], dtype=bool)
-    threshold, at_threshold = _select(magnitudes.copy(), count, depth_limit)
-    mask = magnitudes > threshold
-    mask[at_threshold] = True
-    return mask
-
-
 def select_largest(magnitudes: torch.Tensor, count: int) -> tuple[float, torch.Tensor] | None:
     """Where `torch.argsort(magnitudes, descending=True)[:count]` cuts on CPU, or None.
 
@@ -251,9 +238,11 @@ def largest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor | None:
     if count >= magnitudes.numel():
         return torch.ones(magnitudes.shape, dtype=torch.bool)
     selected = select_largest(magnitudes.clone(), count)
-    if selected is None:
-        return None
-    threshold, at_threshold = selected
+    return None if selected is None else _kept(magnitudes, *selected)
+
+
+def _kept(magnitudes: torch.Tensor, threshold: float, at_threshold: torch.Tensor) -> torch.Tensor:
+    """The mask a selection stands for: every magnitude above `threshold`, and `at_threshold`."""
     mask = magnitudes > threshold
     mask[at_threshold] = True
     return mask
@@ -269,14 +258,15 @@ def _argsort_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
 
 @functools.cache
 def matches_torch_sort() -> bool:
-    """Whether this torch's CPU argsort picks what `_largest_mask` picks, on a few tie-heavy arrays."""
+    """Whether this torch's CPU argsort picks what `_select` picks, on a few tie-heavy arrays."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
     for size, distinct in ((200, 3), (5_000, 40), (60_000, 1_000), (60_001, 7)):
         values = torch.randint(0, distinct, (size,), generator=generator).float()
         for count in (1, size // 3, size // 2, size - 1):
-            expected = _argsort_mask(values, count)
-            if not bool((torch.from_numpy(_largest_mask(values.numpy(), count)) == expected).all()):
+            threshold, at_threshold = _select(values.numpy().copy(), count)
+            picked = _kept(values, threshold, torch.from_numpy(at_threshold).long())
+            if not torch.equal(picked, _argsort_mask(values, count)):
                 return False
     return True
