@@ -14,7 +14,12 @@ import sys
 # small model's TIES build. Glibc's default would also create a heap per worker thread and
 # keep freed memory in each, so peak RSS grew with the thread count; two heaps bound it.
 # Larger buffers (most tensors of a 7B model) are mappings of their own, returned when freed.
-ALLOCATOR_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=33554432:glibc.malloc.arena_max=2"
+ARENA_MAX = 2
+MMAP_THRESHOLD = TRIM_THRESHOLD = 32 * 1024 * 1024
+ALLOCATOR_TUNABLES = (
+    f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
+    f":glibc.malloc.arena_max={ARENA_MAX}"
+)
 NOT_BUILDS = {"status", "graph", "methods", "explain", "gc", "clean", "import"}
 
 

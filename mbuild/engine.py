@@ -534,14 +534,16 @@ def _tune_allocator() -> None:
     import ctypes
     import ctypes.util
 
+    from mbuild.__main__ import ARENA_MAX, MMAP_THRESHOLD, TRIM_THRESHOLD
+
     name = ctypes.util.find_library("c")
     if not name or os.environ.get("MALLOC_MMAP_THRESHOLD_") or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt(-8, 2)  # M_ARENA_MAX, before the worker threads start
-        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 32 * 1024 * 1024)  # M_TRIM_THRESHOLD
+        libc.mallopt(-8, ARENA_MAX)  # M_ARENA_MAX, before the worker threads start
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
