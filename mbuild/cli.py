@@ -108,7 +108,7 @@ def _read_only_plan(args, mergefile, state):
 
 
 def _build(args) -> int:
-    from mbuild import engine, plan
+    from mbuild import engine
 
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise MbuildError(f"unknown --device '{args.device}': use cpu or cuda")
@@ -123,6 +123,16 @@ def _build(args) -> int:
     if args.device.startswith("cuda"):
         _require_cuda()
     printer = _Printer(quiet=args.quiet or args.json, targets=0)
+    torch_import = _SideImport("torch")
+    try:
+        return _run_build(args, mergefile, state, printer, torch_import)
+    finally:
+        torch_import.join()
+        state.close()
+
+
+def _run_build(args, mergefile, state, printer, torch_import) -> int:
+    from mbuild import engine, plan
 
     current: dict = {}
 
@@ -130,7 +140,7 @@ def _build(args) -> int:
         current["plan"] = plan.make_plan(
             mergefile,
             args.targets,
-            lambda source: _hash_source(state, source, printer),
+            lambda source: _hash_source(state, source, printer, torch_import.start),
             args.allow_pickle,
             args.shard_size,
             engine.output_digests(state, mergefile),
@@ -178,9 +188,42 @@ def _require_cuda() -> None:
         raise MbuildError("--device cuda asked, but torch sees no CUDA device")
 
 
-def _hash_source(state, source, printer):
+class _SideImport:
+    """A module imported on a side thread, started on demand.
+
+    A cold build hashes its sources before it computes anything. Hashing mostly waits on
+    hashlib and reads, which release the GIL, so torch (about a second to import) is
+    imported meanwhile; the import holds the GIL much of the time, so the overlap is
+    partial (about 0.1 s of a 2.7 s cold linear build). It starts only once some source
+    needs hashing, so a no-op build never pays for it; `join` before returning, so no
+    import is still running at exit.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None and self.name not in sys.modules:
+            import importlib
+
+            # An import that fails here fails again, with its message, where it is needed.
+            def load() -> None:
+                with contextlib.suppress(Exception):
+                    importlib.import_module(self.name)
+
+            self._thread = threading.Thread(target=load, name=f"import {self.name}", daemon=True)
+            self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _hash_source(state, source, printer, before_hashing=lambda: None):
     found = state.digests(source.info, compute=False)
     if found is None:
+        before_hashing()
         with printer.step(f"hashing {source.ref}", source.info.nbytes) as advance:
             found = state.digests(source.info, compute=True, progress=advance)
     return found

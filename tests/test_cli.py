@@ -125,3 +125,53 @@ def test_cuda_without_a_gpu_is_a_clear_error(project, capsys):
         pytest.skip("a GPU is present")
     assert main(["-f", str(project), "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def run_console(project, *args: str):
+    """The `mbuild` console entry in a subprocess, stdout and stderr piped (so block-buffered)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        [sys.executable, "-m", "mbuild", "-f", str(project), *args],
+        capture_output=True,
+        text=True,
+        # Buffered, as a user's pipe is: output left in a buffer at exit would be lost.
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "PYTHONPATH": str(root)},
+    )
+
+
+def test_console_build_ends_with_its_output_flushed_and_its_exit_code(project, llama):
+    # A build leaves the process without interpreter teardown: what it printed must still arrive.
+    built = run_console(project, "--json", "-j", "1")
+    assert built.returncode == 0, built.stderr
+    report = json.loads(built.stdout)["targets"]
+    assert {name: r["status"] for name, r in report.items()} == dict.fromkeys(["franken", "franken-code", "final"], "built")
+    assert io.read_model(project.parent / "build" / "final").tensors
+    # A build that fails while computing keeps its exit code and its message.
+    broken = _with_a_nan(llama["code"], project.parent / "broken")
+    project.write_text(
+        f"targets:\n  mixed:\n    merge_method: linear\n"
+        f"    models: [{{model: {llama['base']}, parameters: {{weight: 1}}}}, {{model: {broken}, parameters: {{weight: 1}}}}]\n"
+    )
+    failed = run_console(project, "--keep-going")
+    assert failed.returncode == 1
+    assert "mbuild: error:" in failed.stderr and "non-finite" in failed.stderr
+
+
+def _with_a_nan(model, folder):
+    """A copy of `model` with one NaN in its first tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, folder)
+    path = next(folder.glob("*.safetensors"))
+    tensors = load_file(path)
+    first = sorted(tensors)[0]
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    return folder
