@@ -496,6 +496,15 @@ def compute_task(
     if task.method == "copy":
         return tensors[0]
     compute_dtype = io.torch_dtype(task.compute_dtype)
+    method = methods.get(task.method)
+    options = {
+        "base_index": task.base_index,
+        "params": dict(task.params),
+        "model_params": [dict(p) for p in task.model_params],
+    }
+    same_shape = all(t.shape == tensors[0].shape for t in tensors)
+    if method.elementwise and same_shape and not task.vocabulary and torch.device(device).type == "cpu":
+        return _compute_in_slices(task, method.kernel, tensors, compute_dtype, options, target)
     inputs = [t.to(device=device, dtype=compute_dtype) for t in tensors]
     del tensors
     if task.vocabulary:
@@ -506,15 +515,41 @@ def compute_task(
     if task.seed is not None:
         # Drawn on the CPU whatever the device, so the bytes do not depend on it.
         generator = torch.Generator("cpu").manual_seed(tensor_seed(task.seed, task.name))
-    method = methods.get(task.method)
-    result = method.kernel(
-        inputs,
-        base_index=task.base_index,
-        params=dict(task.params),
-        model_params=[dict(p) for p in task.model_params],
-        generator=generator,
-    )
+    result = method.kernel(inputs, generator=generator, **options)
     del inputs
+    _require_finite(result, task, target)
+    return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
+
+
+# Elements per slice of an element-wise method: 1 MiB per float32 input, so a slice's
+# conversions and temporaries stay in cache instead of being tensor-sized buffers.
+ELEMENTWISE_SLICE = 1 << 18
+
+
+def _compute_in_slices(task: TensorTask, kernel, tensors, compute_dtype, options, target):
+    """An element-wise method run a slice at a time, each written into the output as it is done.
+
+    Only a slice of each input is ever converted to the compute dtype, so memory is the
+    inputs as stored plus the output; per element the operations, and so the bytes, are
+    those of the whole-tensor run.
+    """
+    import torch
+
+    output = torch.empty(tensors[0].shape, dtype=io.torch_dtype(task.dtype))
+    flat_output = output.view(-1)
+    flat_inputs = [t.reshape(-1) for t in tensors]
+    for start in range(0, flat_output.numel(), ELEMENTWISE_SLICE):
+        stop = start + ELEMENTWISE_SLICE
+        result = kernel([t[start:stop].to(compute_dtype) for t in flat_inputs], generator=None, **options)
+        _require_finite(result, task, target)
+        flat_output[start:stop] = result
+    return output
+
+
+def _require_finite(result, task: TensorTask, target) -> None:
+    """A clear error for NaN or inf in a method's result (they would poison every later merge)."""
+    import torch
+
     # A finite sum proves every element finite (NaN and inf propagate); only a
     # non-finite sum, rare, pays for the element-wise check.
     if not math.isfinite(float(result.sum())) and not bool(torch.isfinite(result).all()):
@@ -522,7 +557,6 @@ def compute_task(
             f"tensor '{task.name}' has non-finite values (NaN or inf) after {task.method}",
             target.location(),
         )
-    return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
 
 
 def _tune_allocator() -> None:

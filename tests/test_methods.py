@@ -593,6 +593,56 @@ def test_task_arithmetic_family_slices_give_the_same_bytes(mergekit_methods, mon
             assert torch.equal(ours, theirs), name
 
 
+ELEMENTWISE_CASES = [
+    ("linear", {"weight": [0.3, 0.9, 0.45, 0.2], "normalize": True}),
+    ("linear", {"weight": [0.7, -0.2, 1.3, 0.1], "normalize": False}),
+    *[case for case in TASK_CASES if case[0] == "task_arithmetic"],
+]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("name, values", ELEMENTWISE_CASES)
+def test_elementwise_methods_run_in_slices_match_mergekit(mergekit_methods, monkeypatch, name, values, out_dtype):
+    # The engine runs element-wise methods a slice at a time, converting each slice of the
+    # stored (bf16) inputs to float32 and writing the result into the output dtype; slices
+    # that do not divide the tensor (7 elements) must give mergekit's bytes.
+    from types import SimpleNamespace
+
+    from mbuild import engine
+
+    monkeypatch.setattr(engine, "ELEMENTWISE_SLICE", 7)
+    method = methods.get(name)
+    assert method.elementwise
+    stored = random_models((64, 47), 4, torch.bfloat16, seed=7)
+    base_index = 3 if method.base == "required" else None
+    if base_index is None:
+        values = {k: [x if x is not None else 0.5 for x in v] if isinstance(v, list) else v for k, v in values.items()}
+    params, model_params = resolve(method, len(stored), base_index, values)
+    options = {"base_index": base_index, "params": params, "model_params": model_params}
+    task = SimpleNamespace(name="w", method=name, dtype=str(out_dtype).removeprefix("torch."))
+    ours = engine._compute_in_slices(task, method.kernel, stored, torch.float32, options, target=None)
+    computed = [x.float() for x in stored]
+    theirs = mergekit_merge(mergekit_methods, name, computed, base_index=base_index, **values).to(out_dtype)
+    assert ours.shape == theirs.shape and ours.dtype == out_dtype
+    assert torch.equal(ours, theirs)
+
+
+def test_only_per_element_methods_are_declared_elementwise():
+    # A method declared element-wise must give, on a slice of its inputs, that slice of its output.
+    tensors = random_models((40, 30), 3, torch.float32, seed=8)
+    for method in methods.all_methods():
+        if not method.elementwise:
+            continue
+        base_index = 2 if method.base != "ignored" else None
+        values = {p.name: [0.4, 0.7, 0.2] if p.per_model else None for p in method.parameters if p.name == "weight"}
+        params, model_params = resolve(method, 3, base_index, {k: v for k, v in values.items() if v})
+        options = {"base_index": base_index, "params": params, "model_params": model_params, "generator": None}
+        whole = method.kernel(tensors, **options).reshape(-1)
+        part = method.kernel([x.reshape(-1)[100:400] for x in tensors], **options)
+        assert torch.equal(part, whole[100:400]), method.name
+    assert not methods.get("slerp").elementwise and not methods.get("ties").elementwise
+
+
 def test_ties_matches_mergekit_on_a_large_tensor(mergekit_methods):
     # bf16 deltas repeat magnitudes often, so the argsort tie order is exercised at scale.
     tensors = random_models((1024, 1100), 3, torch.bfloat16, seed=4)

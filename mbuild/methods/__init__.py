@@ -112,6 +112,10 @@ class Method:
     max_models: int | None = None
     random: bool = False
     summary: str = ""
+    # True when output element i depends only on element i of each input (and on scalars):
+    # the engine may then run the kernel a slice at a time, converting only that slice to the
+    # compute dtype, for the same bytes with a fraction of the memory.
+    elementwise: bool = False
 
     def __post_init__(self) -> None:
         if self.base not in _BASE_POLICIES:
@@ -119,6 +123,8 @@ class Method:
         names = [parameter.name for parameter in self.parameters]
         if len(set(names)) != len(names):
             raise ValueError(f"method {self.name!r} declares a parameter twice: {names}")
+        if self.elementwise and self.random:
+            raise ValueError(f"method {self.name!r}: a random method cannot be run in slices (its draws would move)")
         if self.min_models < 1 or (self.max_models is not None and self.max_models < self.min_models):
             raise ValueError(f"method {self.name!r}: bad model count bounds {self.min_models}..{self.max_models}")
 

@@ -46,5 +46,6 @@ register(
         ),
         paper="https://arxiv.org/abs/2203.05482",
         summary="weighted average of the models (model soups)",
+        elementwise=True,
     )
 )

@@ -291,6 +291,8 @@ class TaskArithmeticVariant:
             base="required",
             random=bool(sparsifier and sparsifier.random),
             summary=self.summary,
+            # Thinning ranks or draws over a whole task vector; without it all is per element.
+            elementwise=sparsifier is None,
         )
 
     def merge(
