@@ -505,7 +505,11 @@ def compute_task(
     same_shape = all(t.shape == tensors[0].shape for t in tensors)
     if method.elementwise and same_shape and not task.vocabulary and torch.device(device).type == "cpu":
         return _compute_in_slices(task, method.kernel, tensors, compute_dtype, options, target)
-    inputs = [t.to(device=device, dtype=compute_dtype) for t in tensors]
+    if method.stored_inputs:
+        options["dtype"] = compute_dtype
+    # Aligning vocabularies works on whole tensors in the compute dtype.
+    convert = not method.stored_inputs or task.vocabulary
+    inputs = [t.to(device=device, dtype=compute_dtype if convert else None) for t in tensors]
     del tensors
     if task.vocabulary:
         from mbuild import vocabulary as vocabularies

@@ -42,12 +42,16 @@ def resolve(method: Method, count: int, base_index: int | None, values: dict) ->
     return params, model_params
 
 
-def merge(name: str, tensors, *, base_index=None, generator=None, **values) -> torch.Tensor:
-    """Run a registered kernel on `tensors` with `values` (per-model ones as a list over all inputs)."""
+def merge(name: str, tensors, *, base_index=None, generator=None, dtype=None, **values) -> torch.Tensor:
+    """Run a registered kernel on `tensors` with `values` (per-model ones as a list over all inputs).
+
+    `dtype` (methods with stored_inputs only): the compute dtype the kernel converts to.
+    """
     method = methods.get(name)
     params, model_params = resolve(method, len(tensors), base_index, values)
+    extra = {"dtype": dtype} if dtype is not None else {}
     return method.kernel(
-        tensors, base_index=base_index, params=params, model_params=model_params, generator=generator
+        tensors, base_index=base_index, params=params, model_params=model_params, generator=generator, **extra
     )
 
 
@@ -625,6 +629,38 @@ def test_elementwise_methods_run_in_slices_match_mergekit(mergekit_methods, monk
     theirs = mergekit_merge(mergekit_methods, name, computed, base_index=base_index, **values).to(out_dtype)
     assert ours.shape == theirs.shape and ours.dtype == out_dtype
     assert torch.equal(ours, theirs)
+
+
+STORED_CASES = [
+    *TASK_CASES,
+    ("dare_linear", {"weight": [0.5, 0.3, 0.9, None], "density": 0.4}),
+    ("dare_ties", {"weight": [0.5, 0.3, 0.9, None], "density": [0.2, 0.5, 0.9, None], "rescale": False}),
+    ("breadcrumbs_ties", {"weight": [0.5, 0.3, 0.9, None], "density": 0.6, "gamma": 0.05}),
+    ("della", {"weight": [0.5, 0.3, 0.9, None], "density": 0.5, "epsilon": 0.1}),
+    ("slerp", {"t": 0.3}),
+]
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name, values", STORED_CASES)
+def test_stored_inputs_converted_piecewise_give_the_bytes_of_converted_inputs(monkeypatch, name, values, stored, compute):
+    # Kernels declared with stored_inputs convert a slice at a time (7 elements here); the
+    # bytes must be those of the same kernel on inputs converted whole beforehand.
+    from mbuild.methods import slerp, task_arithmetic
+
+    monkeypatch.setattr(task_arithmetic, "COMBINE_SLICE", 7)
+    monkeypatch.setattr(slerp, "CHUNK_ELEMENTS", 7)
+    method = methods.get(name)
+    assert method.stored_inputs
+    count = 2 if name == "slerp" else 4
+    tensors = [x.to(stored) for x in random_models((31, 9), count, torch.float32, seed=9)]
+    base_index = count - 1
+    converted = [x.to(compute) for x in tensors]
+    ours = merge(name, tensors, base_index=base_index, generator=seeded(5), dtype=compute, **values)
+    theirs = merge(name, converted, base_index=base_index, generator=seeded(5), **values)
+    assert ours.dtype == theirs.dtype == compute
+    assert torch.equal(ours.view(-1).view(torch.uint8), theirs.view(-1).view(torch.uint8))
 
 
 def test_only_per_element_methods_are_declared_elementwise():

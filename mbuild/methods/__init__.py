@@ -11,6 +11,8 @@ Every kernel has the same signature::
 ``tensors`` are the inputs in mergekit's model order (already in the compute dtype, never
 modified), ``params`` the resolved global values, ``model_params[i]`` the resolved per-model
 values of input ``i``, and ``generator`` the only source of randomness a kernel may use.
+A method declared with ``stored_inputs`` is handed its inputs as stored instead, with a
+``dtype`` keyword: the compute dtype, which it converts them to a piece at a time.
 """
 
 from __future__ import annotations
@@ -116,6 +118,9 @@ class Method:
     # the engine may then run the kernel a slice at a time, converting only that slice to the
     # compute dtype, for the same bytes with a fraction of the memory.
     elementwise: bool = False
+    # True when the kernel takes its inputs as stored plus `dtype=` (the compute dtype) and
+    # converts pieces as it reads them, rather than whole float32 copies made up front.
+    stored_inputs: bool = False
 
     def __post_init__(self) -> None:
         if self.base not in _BASE_POLICIES:

@@ -25,14 +25,20 @@ def merge_slerp(
     params: Mapping[str, Any],
     model_params: Sequence[Mapping[str, Any]],
     generator: torch.Generator | None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Interpolate along the great circle from the base (t=0) to the other input (t=1)."""
+    """Interpolate along the great circle from the base (t=0) to the other input (t=1).
+
+    `dtype`: the compute dtype, when `tensors` are given as stored (each chunk is converted
+    to it as it is read); None when they already are in it.
+    """
     import torch
 
     if base_index is None or len(tensors) != 2:
         raise ValueError("slerp needs exactly two inputs, one of them the base model")
     start, end = tensors[base_index], tensors[1 - base_index]
-    work_dtype = torch.float64 if start.dtype == torch.float64 else torch.float32
+    dtype = dtype or start.dtype
+    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
     # mergekit sees each output tensor as a batch holding one row and reduces along that row
     # in fixed-size chunks; reducing the same way reproduces its float32 rounding to the bit.
@@ -44,16 +50,20 @@ def merge_slerp(
         return torch.empty_like(start)
     chunks = [slice(offset, offset + CHUNK_ELEMENTS) for offset in range(0, width, CHUNK_ELEMENTS)]
 
-    norm_a = _row_norm(a, chunks, work_dtype)
-    norm_b = _row_norm(b, chunks, work_dtype)
+    def piece(row: torch.Tensor, chunk: slice, to: torch.dtype) -> torch.Tensor:
+        """A chunk of an input in the compute dtype, then in `to` (as mergekit's two casts)."""
+        return row[:, chunk].to(dtype).to(to)
+
+    norm_a = _row_norm(a, chunks, piece, work_dtype)
+    norm_b = _row_norm(b, chunks, piece, work_dtype)
     norm_a = torch.where(norm_a > NORM_EPS, norm_a, 1)
     norm_b = torch.where(norm_b > NORM_EPS, norm_b, 1)
     # Dividing by the norms before multiplying keeps large weights from overflowing the dot.
     # (In-place steps on fresh scratch: the same roundings as the plain expression, fewer buffers.)
     dot_parts = []
     for chunk in chunks:
-        scaled = a[:, chunk].to(work_dtype) / norm_a
-        scaled.mul_(b[:, chunk].to(work_dtype) / norm_b)
+        scaled = piece(a, chunk, work_dtype) / norm_a
+        scaled.mul_(piece(b, chunk, work_dtype) / norm_b)
         dot_parts.append(scaled.sum(dim=1, keepdim=True))
         del scaled
     dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
@@ -64,23 +74,24 @@ def merge_slerp(
     weight_a = torch.where(parallel, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     weight_b = torch.where(parallel, t, torch.sin(t * theta) / sin_theta)
 
-    result = torch.empty_like(a)  # in the inputs' dtype, as mergekit's: rounded once per chunk
+    # In the compute dtype, as mergekit's: rounded once per chunk.
+    result = torch.empty(a.shape, dtype=dtype, device=a.device)
     for chunk in chunks:
         if result.dtype == work_dtype:
             # weight_a * a + weight_b * b, each product rounded, then the sum, written in place.
             part = result[:, chunk]
-            torch.mul(weight_a, a[:, chunk], out=part)
-            part.add_(weight_b * b[:, chunk])
+            torch.mul(weight_a, piece(a, chunk, work_dtype), out=part)
+            part.add_(weight_b * piece(b, chunk, work_dtype))
         else:
-            result[:, chunk] = weight_a * a[:, chunk].to(work_dtype) + weight_b * b[:, chunk].to(work_dtype)
+            result[:, chunk] = weight_a * piece(a, chunk, work_dtype) + weight_b * piece(b, chunk, work_dtype)
     return result.reshape(start.shape)
 
 
-def _row_norm(row: torch.Tensor, chunks: list[slice], work_dtype: torch.dtype) -> torch.Tensor:
+def _row_norm(row: torch.Tensor, chunks: list[slice], piece, work_dtype: torch.dtype) -> torch.Tensor:
     """Return the L2 norm of a (1, n) row as a (1, 1) tensor: the norm of its chunks' norms."""
     import torch
 
-    parts = [torch.linalg.vector_norm(row[:, chunk].to(work_dtype), dim=1, keepdim=True) for chunk in chunks]
+    parts = [torch.linalg.vector_norm(piece(row, chunk, work_dtype), dim=1, keepdim=True) for chunk in chunks]
     return torch.linalg.vector_norm(torch.stack(parts), dim=0)
 
 
@@ -103,5 +114,6 @@ register(
         min_models=2,
         max_models=2,
         summary="spherical interpolation between the base model and one other",
+        stored_inputs=True,
     )
 )

@@ -219,6 +219,19 @@ SPARSIFIERS: dict[str, Sparsifier] = {
 }
 
 
+def _difference(tensor: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`tensor - base` in `out`'s dtype, written into `out`, converting a slice at a time."""
+    import torch
+
+    if tensor.dtype == base.dtype == out.dtype:
+        return torch.sub(tensor, base, out=out)
+    flat_tensor, flat_base, flat_out = tensor.reshape(-1), base.reshape(-1), out.view(-1)
+    for start in range(0, flat_out.numel(), COMBINE_SLICE):
+        stop = start + COMBINE_SLICE
+        torch.sub(flat_tensor[start:stop].to(out.dtype), flat_base[start:stop].to(out.dtype), out=flat_out[start:stop])
+    return out
+
+
 def _sign_by_sum(deltas: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Elect per element the sign of the summed (weighted) task vectors."""
     return deltas.sum(dim=0) >= 0
@@ -293,6 +306,7 @@ class TaskArithmeticVariant:
             summary=self.summary,
             # Thinning ranks or draws over a whole task vector; without it all is per element.
             elementwise=sparsifier is None,
+            stored_inputs=True,
         )
 
     def merge(
@@ -303,24 +317,30 @@ class TaskArithmeticVariant:
         params: Mapping[str, Any],
         model_params: Sequence[Mapping[str, Any]],
         generator: torch.Generator | None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Add the weighted, thinned and sign-agreeing task vectors to the base."""
+        """Add the weighted, thinned and sign-agreeing task vectors to the base.
+
+        `dtype`: the compute dtype, when `tensors` are given as stored (converted here a
+        slice at a time); None when they already are in it.
+        """
         import torch
 
         if base_index is None:
             raise ValueError(f"{self.name} needs a base model")
         base = tensors[base_index]
+        dtype = dtype or base.dtype
         others = [index for index in range(len(tensors)) if index != base_index]
         if not others:
-            return base.clone()
+            return base.to(dtype, copy=True)
         sparsifier = SPARSIFIERS[self.sparsification] if self.sparsification else None
 
         # One stacked buffer in the compute dtype, reduced over dim 0 below: the same sums,
         # and so the same rounding, as mergekit.
-        deltas = base.new_empty((len(others), *base.shape))
+        deltas = torch.empty((len(others), *base.shape), dtype=dtype, device=base.device)
         for row, index in enumerate(others):
             # Each task vector is computed into its own row: the sparsifiers may thin it there.
-            delta = torch.sub(tensors[index], base, out=deltas[row])
+            delta = _difference(tensors[index], base, out=deltas[row])
             if sparsifier is not None:
                 thinned = sparsifier.keep(delta, model_params[index], params["rescale"], generator)
                 if thinned is not delta:
@@ -334,11 +354,11 @@ class TaskArithmeticVariant:
         # temporaries stay cache-sized instead of a dozen tensor-sized buffers.
         rows = deltas.reshape(len(others), -1)
         flat_base = base.reshape(-1)
-        merged = torch.empty_like(flat_base)
+        merged = torch.empty(flat_base.shape, dtype=dtype, device=base.device)
         for start in range(0, flat_base.numel(), COMBINE_SLICE):
             stop = start + COMBINE_SLICE
             mixed = self._combine(rows[:, start:stop], weights, params)
-            torch.add(flat_base[start:stop], mixed, out=merged[start:stop])
+            torch.add(flat_base[start:stop].to(dtype), mixed, out=merged[start:stop])
         return merged.reshape(base.shape)
 
     def _combine(self, deltas: torch.Tensor, weights: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
