@@ -13,6 +13,16 @@ def argsort_pick(values: torch.Tensor, count: int) -> torch.Tensor:
     return mask
 
 
+@pytest.fixture(params=["native", "numpy"])
+def walk(request, monkeypatch):
+    """Each test once with the C walk and once with the numpy one."""
+    if request.param == "numpy":
+        monkeypatch.setattr(ranking, "_native", lambda: None)
+    elif ranking._native() is None:
+        pytest.skip("the C extension was not built (no compiler at install)")
+    return request.param
+
+
 def test_this_torch_sorts_the_way_followed():
     # torch 2.13's CPU sort is libstdc++ introsort; if a torch sorts otherwise, the fast path is off.
     assert ranking.matches_torch_sort()
@@ -20,7 +30,7 @@ def test_this_torch_sorts_the_way_followed():
 
 @pytest.mark.parametrize("size", [1, 2, 16, 17, 40, 129, 1_000, 16_385, 50_000, 200_001])
 @pytest.mark.parametrize("distinct", [1, 2, 7, 1_000, 10**7])
-def test_picks_what_argsort_picks_among_ties(size, distinct):
+def test_picks_what_argsort_picks_among_ties(walk, size, distinct):
     generator = torch.Generator().manual_seed(size * 31 + distinct)
     values = torch.randint(0, distinct, (size,), generator=generator).float()
     for fraction in (0.0, 0.01, 0.3, 0.5, 0.77, 0.999):
@@ -31,7 +41,7 @@ def test_picks_what_argsort_picks_among_ties(size, distinct):
         assert torch.equal(picked, argsort_pick(values, count)), (size, distinct, count)
 
 
-def test_bf16_task_vector_with_many_ties_at_the_cut():
+def test_bf16_task_vector_with_many_ties_at_the_cut(walk):
     generator = torch.Generator().manual_seed(5)
     # A fine-tune moves each weight by a fraction of it: in bf16 the change is a few ulps, so
     # the same magnitudes recur everywhere.
@@ -59,10 +69,29 @@ def test_declines_where_it_cannot_follow_the_sort(monkeypatch):
     assert ranking.largest_mask(torch.rand(1_000), 100) is None
 
 
-def test_heapsort_fallback_is_declined():
+def test_heapsort_fallback_is_declined(walk):
     # A depth limit of zero is where introsort turns to heapsort, which is not followed.
     with pytest.raises(ranking.Unfollowed):
         ranking._select(torch.rand(1_000).numpy(), 500, depth_limit=0)
+
+
+def test_the_c_and_numpy_walks_agree_with_both_index_widths():
+    native = ranking._native()
+    if native is None:
+        pytest.skip("the C extension was not built (no compiler at install)")
+    generator = torch.Generator().manual_seed(11)
+    for trial in range(60):
+        size = int(torch.randint(1, 70_000, (1,), generator=generator))
+        distinct = [1, 3, 50, 10**6][trial % 4]
+        keys = torch.randint(0, distinct, (size,), generator=generator).float().numpy()
+        for count in {1, size // 3, size // 2, size - 1}:
+            if not 0 < count < size:
+                continue
+            threshold, kept = ranking._select_numpy(keys.copy(), count)
+            for wide in (False, True):
+                native_threshold, native_kept = ranking._select_native(native, keys.copy(), count, wide=wide)
+                assert native_threshold == threshold, (size, distinct, count, wide)
+                assert sorted(native_kept.tolist()) == sorted(kept.tolist()), (size, distinct, count, wide)
 
 
 @pytest.mark.parametrize("fast", [True, False])

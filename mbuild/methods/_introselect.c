@@ -1,0 +1,170 @@
+/* Where libstdc++'s std::sort (comp = greater) cuts an array of floats at position `count`,
+ * following only the partitions that hold the cut: mbuild/methods/ranking.py explains why and
+ * holds the pure numpy version of the same walk, which this one must agree with.
+ *
+ * follow_i32 / follow_i64 (the index type): fills `index` with 0..size-1 and permutes `keys`
+ * and `index` together exactly as std::sort's partitions would along the followed path, then
+ * stable-sorts the leaf holding the cut. On return 0, `keys[:count]` (and `index[:count]`)
+ * hold the elements the sort puts first, and `*threshold` is the smallest of them. Return 1:
+ * introsort would switch to heapsort (the depth limit ran out); 2: bookkeeping gave no cut.
+ * Keys must be finite. Called through ctypes (which releases the GIL); the module itself
+ * defines nothing, it only makes the shared object importable and locatable.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+/* libstdc++'s _S_threshold: ranges this small are left to the final insertion sort. */
+#define INSERTION_THRESHOLD 16
+/* Stops are gathered this many elements at a time on each side, without branches. */
+#define BLOCK 128
+
+/* Swap two keys and their positions. */
+#define SWAP(INDEX, K, X, A, B)                                                                \
+    do {                                                                                       \
+        float swap_key = (K)[A];                                                               \
+        (K)[A] = (K)[B];                                                                       \
+        (K)[B] = swap_key;                                                                     \
+        INDEX swap_position = (X)[A];                                                          \
+        (X)[A] = (X)[B];                                                                       \
+        (X)[B] = swap_position;                                                                \
+    } while (0)
+
+/* std::__unguarded_partition(first + 1, last, first, greater) on k[0..m), pivot at k[0],
+ * returning the cut. The blocks pair the i-th left stop with the i-th right stop, as the
+ * scanners do, while a gap of two blocks separates them; the scanners' own loop finishes,
+ * resumed at the first unpaired stop, since near the crossing they read swapped elements. */
+#define DEFINE_FOLLOW(NAME, INDEX)                                                              \
+    static int64_t NAME##_partition(float *k, INDEX *x, int64_t m)                             \
+    {                                                                                          \
+        const float pivot = k[0];                                                              \
+        unsigned char off_l[BLOCK], off_r[BLOCK];                                              \
+        int64_t l = 1, r = m - 1, base_l = 0, base_r = 0;                                      \
+        int nl = 0, nr = 0, sl = 0, sr = 0;                                                    \
+        while (r - l + 1 >= 2 * BLOCK) {                                                       \
+            if (nl == 0) {                                                                     \
+                sl = 0;                                                                        \
+                base_l = l;                                                                    \
+                for (int i = 0; i < BLOCK; i++) {                                              \
+                    off_l[nl] = (unsigned char)i;                                              \
+                    nl += !(k[l + i] > pivot);                                                 \
+                }                                                                              \
+                l += BLOCK;                                                                    \
+            }                                                                                  \
+            if (nr == 0) {                                                                     \
+                sr = 0;                                                                        \
+                base_r = r;                                                                    \
+                for (int i = 0; i < BLOCK; i++) {                                              \
+                    off_r[nr] = (unsigned char)i;                                              \
+                    nr += !(pivot > k[r - i]);                                                 \
+                }                                                                              \
+                r -= BLOCK;                                                                    \
+            }                                                                                  \
+            int n = nl < nr ? nl : nr;                                                         \
+            for (int j = 0; j < n; j++) {                                                      \
+                SWAP(INDEX, k, x, base_l + off_l[sl + j], base_r - off_r[sr + j]);             \
+            }                                                                                  \
+            nl -= n;                                                                           \
+            nr -= n;                                                                           \
+            sl += n;                                                                           \
+            sr += n;                                                                           \
+        }                                                                                      \
+        int64_t first = nl > 0 ? base_l + off_l[sl] : l;                                       \
+        int64_t last = nr > 0 ? base_r - off_r[sr] + 1 : r + 1;                                \
+        for (;;) {                                                                             \
+            while (k[first] > pivot)                                                           \
+                first++;                                                                       \
+            last--;                                                                            \
+            while (pivot > k[last])                                                            \
+                last--;                                                                        \
+            if (!(first < last))                                                               \
+                return first;                                                                  \
+            SWAP(INDEX, k, x, first, last);                                                    \
+            first++;                                                                           \
+        }                                                                                      \
+    }                                                                                          \
+                                                                                               \
+    int NAME(float *keys, INDEX *index, int64_t size, int64_t count, int64_t depth_limit,      \
+             float *threshold)                                                                 \
+    {                                                                                          \
+        for (int64_t i = 0; i < size; i++)                                                     \
+            index[i] = (INDEX)i;                                                               \
+        int64_t low = 0, high = size;                                                          \
+        int have_pivot = 0;                                                                    \
+        float last_pivot = 0;                                                                  \
+        while (low < count && count < high && high - low > INSERTION_THRESHOLD) {              \
+            if (depth_limit == 0)                                                              \
+                return 1;                                                                      \
+            depth_limit--;                                                                     \
+            float *k = keys + low;                                                             \
+            INDEX *x = index + low;                                                            \
+            int64_t m = high - low;                                                            \
+            /* std::__move_median_to_first(first, first + 1, mid, last - 1, greater) */       \
+            int64_t a = 1, b = m / 2, c = m - 1, chosen;                                       \
+            if (k[a] > k[b])                                                                   \
+                chosen = (k[b] > k[c]) ? b : ((k[a] > k[c]) ? c : a);                          \
+            else if (k[a] > k[c])                                                              \
+                chosen = a;                                                                    \
+            else                                                                               \
+                chosen = (k[b] > k[c]) ? c : b;                                                \
+            SWAP(INDEX, k, x, 0, chosen);                                                      \
+            float pivot = k[0];                                                                \
+            int64_t cut = NAME##_partition(k, x, m);                                           \
+            if (count < low + cut) {                                                           \
+                high = low + cut;                                                              \
+            } else {                                                                           \
+                low = low + cut;                                                               \
+                last_pivot = pivot;                                                            \
+                have_pivot = 1;                                                                \
+            }                                                                                  \
+        }                                                                                      \
+        if (count > low) {                                                                     \
+            /* The final insertion sort, stable, over the leaf holding the cut. */             \
+            float *k = keys + low;                                                             \
+            INDEX *x = index + low;                                                            \
+            int64_t m = high - low;                                                            \
+            for (int64_t i = 1; i < m; i++) {                                                  \
+                float v = k[i];                                                                \
+                INDEX u = x[i];                                                                \
+                int64_t j = i;                                                                 \
+                while (j > 0 && v > k[j - 1]) {                                                \
+                    k[j] = k[j - 1];                                                           \
+                    x[j] = x[j - 1];                                                           \
+                    j--;                                                                       \
+                }                                                                              \
+                k[j] = v;                                                                      \
+                x[j] = u;                                                                      \
+            }                                                                                  \
+            *threshold = keys[count - 1];                                                      \
+        } else {                                                                               \
+            if (!have_pivot)                                                                   \
+                return 2;                                                                      \
+            *threshold = last_pivot; /* the cut is a partition boundary */                     \
+        }                                                                                      \
+        return 0;                                                                              \
+    }
+
+#if defined(_WIN32)
+#define EXPORT __declspec(dllexport)
+#else
+#define EXPORT __attribute__((visibility("default")))
+#endif
+
+DEFINE_FOLLOW(follow_i32_impl, int32_t)
+DEFINE_FOLLOW(follow_i64_impl, int64_t)
+
+EXPORT int mbuild_follow_i32(float *keys, int32_t *index, int64_t size, int64_t count, int64_t depth_limit,
+                             float *threshold)
+{
+    return follow_i32_impl(keys, index, size, count, depth_limit, threshold);
+}
+
+EXPORT int mbuild_follow_i64(float *keys, int64_t *index, int64_t size, int64_t count, int64_t depth_limit,
+                             float *threshold)
+{
+    return follow_i64_impl(keys, index, size, count, depth_limit, threshold);
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_introselect", NULL, -1, NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__introselect(void) { return PyModule_Create(&module); }
