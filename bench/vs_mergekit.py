@@ -7,9 +7,10 @@
 For a base model and two mock fine-tunes (made once by examples/make_models.py and
 kept in the work folder), each recipe (TIES, linear, SLERP) is built by mbuild and by
 mergekit under ``/usr/bin/time -v``; the outputs are compared tensor by tensor with
-``torch.equal``. A "floor" pass (read every tensor of one model, one fused add, write
-it) puts a number on the I/O any merge has to do. Figures are ratios measured in one
-run on one machine; the table goes to stdout and the full results to
+``torch.equal``. A "floor" pass per recipe (read every tensor of the recipe's input
+models, add them, write the sum) puts a number on the I/O that merge has to do.
+Figures are ratios measured in one run on one machine; the table goes to stdout and
+the full results to
 ``vs_mergekit-SIZE.json`` beside the work folder. mbuild runs from a private copy of
 its package (the working tree, or --ref's commit), so edits made meanwhile change nothing.
 """
@@ -69,7 +70,10 @@ DTYPES = {"dtype": "float32", "out_dtype": "bfloat16"}
 def main() -> int:
     """Parse the command line and run the benchmark (or, internally, the floor pass)."""
     if sys.argv[1:2] == ["--floor-pass"]:
-        code = floor_pass(Path(sys.argv[2]), Path(sys.argv[3]), fsync="--fsync" in sys.argv[4:])
+        # --floor-pass OUT [--fsync] MODEL...
+        rest = sys.argv[3:]
+        models = [Path(arg) for arg in rest if arg != "--fsync"]
+        code = floor_pass(models, Path(sys.argv[2]), fsync="--fsync" in rest)
         # Ended as an mbuild build ends, without interpreter teardown (torch's takes ~0.5 s):
         # the floor counts the work, not what any program can skip.
         os._exit(code)
@@ -127,7 +131,7 @@ def run_benchmark(work: Path, size: str, recipes: list[str], repeat: int, keep: 
         samples = []
         for attempt in range(repeat):
             out = runs / f"{variant}-{attempt}.safetensors"
-            command = [PYTHON, str(Path(__file__).resolve()), "--floor-pass", str(family["base"]), str(out), *extra]
+            command = [PYTHON, str(Path(__file__).resolve()), "--floor-pass", str(out), *extra, str(family["base"])]
             samples.append(timed(command, runs, runs / f"{variant}-{attempt}.log"))
             out.unlink(missing_ok=True)
         floor[variant] = summarize(samples)
@@ -147,19 +151,23 @@ def run_benchmark(work: Path, size: str, recipes: list[str], repeat: int, keep: 
         "notes": [
             "wall_s: fastest of `repeat` runs of the whole command (interpreter start, imports and all);"
             " max_rss_mb: largest 'Maximum resident set size' of those runs, from /usr/bin/time -v",
-            "page cache warm: every model file is read once before timing; no run reads from disk",
+            "page cache warm: every model file is read once before timing; no run reads from disk;"
+            " sync before every command, so none pays for the previous one's writes",
             "mbuild cold: fresh --cache-dir, so source hashing is included;"
             " mbuild warm: same cache dir again (hashes remembered), output removed, --force;"
             " mbuild noop: then the same command without --force (nothing to do);"
             " mbuild cached: output deleted, same command (tensors come from mbuild's tensor cache);"
             " bit-identical: both the computed (warm) output and the one rebuilt from the cache equal mergekit's",
-            "floor: read every tensor of the base model (pread), one fused add in its dtype, write one"
-            " safetensors file; floor+fsync also fsyncs it (mbuild fsyncs its outputs, mergekit does not)",
+            "floor (per recipe): read every tensor of each of the recipe's input models (pread), add them"
+            " (one fused add per extra model) in their dtype, write one safetensors file: the same bytes"
+            " the merge reads and writes; x floor: wall / that recipe's floor wall",
+            "floor, floor+fsync (rows): the same pass over the base model alone (add 1); floor+fsync also"
+            " fsyncs it (mbuild fsyncs its outputs, mergekit does not)",
             "startup: `python -c 'import os, torch, safetensors; os._exit(0)'`, the part of every figure no tool"
             " can avoid; the floor pass and mbuild builds also end with os._exit (no interpreter teardown),"
             " mergekit ends normally",
             "ratios: mergekit/mbuild (above 1 means mbuild is faster or smaller); cpu: user+system seconds of the"
-            " fastest run (steadier than wall on a shared machine); x floor: wall / floor wall",
+            " fastest run (steadier than wall on a shared machine)",
         ],
     }
 
@@ -177,8 +185,14 @@ def run_recipe(name: str, family: dict[str, Path], folder: Path, repeat: int, ke
     mbuild_out, mergekit_out = folder / "mbuild-out", folder / "mergekit-out"
     computed_out = folder / "mbuild-computed"
 
-    samples = {"mbuild_cold": [], "mbuild_warm": [], "mbuild_noop": [], "mbuild_cached": [], "mergekit": []}
+    samples = {"mbuild_cold": [], "mbuild_warm": [], "mbuild_noop": [], "mbuild_cached": [], "mergekit": [], "floor": []}
+    inputs = [str(family[member]) for member in members(RECIPES[name])]
     for attempt in range(repeat):
+        # The floor over this recipe's own inputs: read them all, add, write one model.
+        floor_out = folder / f"floor-{attempt}.safetensors"
+        floor = [PYTHON, str(Path(__file__).resolve()), "--floor-pass", str(floor_out), *inputs]
+        samples["floor"].append(timed(floor, folder, folder / f"floor-{attempt}.log"))
+        floor_out.unlink(missing_ok=True)
         cache = folder / f"cache-{attempt}"
         build = [PYTHON, "-m", "mbuild.cli", "all", "-f", str(mergefile), "--force", "-q", "--cache-dir", str(cache)]
         shutil.rmtree(mbuild_out, ignore_errors=True)
@@ -225,13 +239,20 @@ def snapshot_mbuild(folder: Path, ref: str | None) -> dict:
         commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
         if commit.returncode != 0:
             sys.exit(f"vs_mergekit: unknown git ref {ref!r}")
-        archive = subprocess.run(["git", "archive", commit.stdout.strip(), "mbuild"], cwd=ROOT, capture_output=True)
+        paths = [path for path in ("mbuild", "setup.py", "pyproject.toml") if git("cat-file", "-e", f"{ref}:{path}").returncode == 0]
+        archive = subprocess.run(["git", "archive", commit.stdout.strip(), *paths], cwd=ROOT, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
         source = {"kind": "commit", "ref": ref, "commit": commit.stdout.strip()}
     else:
-        shutil.copytree(ROOT / "mbuild", folder / "mbuild", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "mbuild", folder / "mbuild", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        for name in ("setup.py", "pyproject.toml"):
+            if (ROOT / name).exists():
+                shutil.copy2(ROOT / name, folder / name)
         dirty = git("status", "--porcelain", "--", "mbuild").stdout.split("\n")
         source = {"kind": "working tree", "head": head, "changed_files": [line[3:] for line in dirty if line.strip()]}
+    if (folder / "setup.py").exists():
+        # The optional C extension, compiled in place as `pip install -e .` does.
+        subprocess.run([PYTHON, "setup.py", "-q", "build_ext", "--inplace"], cwd=folder, capture_output=True)
     check = subprocess.run(
         [PYTHON, "-c", "import mbuild.cli, mbuild; print(mbuild.__file__)"],
         env={**os.environ, "PYTHONPATH": str(folder)}, cwd=folder, capture_output=True, text=True,
@@ -239,8 +260,26 @@ def snapshot_mbuild(folder: Path, ref: str | None) -> dict:
     if check.returncode != 0 or not check.stdout.startswith(str(folder)):
         sys.exit(f"vs_mergekit: this mbuild does not import:\n{check.stderr.strip()[-2000:]}")
     source["path"] = str(folder)
-    log(f"mbuild under test: {source.get('commit') or 'working tree at ' + head[:10]} (copied to {folder})")
+    native = subprocess.run(
+        [PYTHON, "-c", "from mbuild.methods import ranking; print(ranking._native() is not None)"],
+        env={**os.environ, "PYTHONPATH": str(folder)}, cwd=folder, capture_output=True, text=True,
+    )
+    source["native_selection"] = native.stdout.strip() == "True"
+    walk = "C" if source["native_selection"] else "numpy"
+    log(f"mbuild under test: {source.get('commit') or 'working tree at ' + head[:10]} (copied to {folder}; {walk} selection)")
     return source
+
+
+def members(value) -> list[str]:
+    """The family members ({base}, {math}, {code}) a recipe names, each once, in order."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        found = [name for item in value for name in members(item)]
+        return list(dict.fromkeys(found))
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+        return [value[1:-1]]
+    return []
 
 
 def fill(value, names: dict[str, str]):
@@ -283,7 +322,12 @@ def warm_page_cache(folders) -> None:
 
 
 def timed(command: list[str], cwd: Path, log_path: Path, env: dict | None = None) -> dict:
-    """Run a command under /usr/bin/time -v; its wall time, peak RSS and exit status."""
+    """Run a command under /usr/bin/time -v; its wall time, peak RSS and exit status.
+
+    Dirty pages the previous command left are written back first, so no command's time
+    includes another one's writes.
+    """
+    os.sync()
     started = time.perf_counter()
     with open(log_path, "w") as log_file:
         completed = subprocess.run(
@@ -400,40 +444,49 @@ def machine() -> dict:
 # The floor
 
 
-def floor_pass(model: Path, out: Path, fsync: bool) -> int:
-    """Read every tensor of a model, add 1 in its own dtype (one fused kernel), write a safetensors file.
+def floor_pass(models: list[Path], out: Path, fsync: bool) -> int:
+    """Read every tensor of each model, add them (one fused add per extra model; one model: add 1), write the sum.
 
-    Made for one-file models (every --size here): a sharded model's shards would be concatenated.
+    The same bytes a merge of these models reads and writes, with the least arithmetic.
+    Made for one-file models (every --size here) with the same tensors in the same layout.
     """
     import torch
 
-    sizes = {"F32": (torch.float32, 4), "BF16": (torch.bfloat16, 2), "F16": (torch.float16, 2)}
-    with open(out, "wb") as writer:
-        for path in sorted(model.glob("*.safetensors")):
-            with open(path, "rb") as reader:
-                (length,) = struct.unpack("<Q", reader.read(8))
-                raw_header = reader.read(length)
-            header = json.loads(raw_header)
-            header.pop("__metadata__", None)
-            # Same tensors, same layout: the input's header is the output's.
-            writer.write(struct.pack("<Q", len(raw_header)) + raw_header)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-                    begin, end = entry["data_offsets"]
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    files = [next(iter(sorted(model.glob("*.safetensors")))) for model in models]
+    headers = []
+    for path in files:
+        with open(path, "rb") as reader:
+            (length,) = struct.unpack("<Q", reader.read(8))
+            headers.append((length, reader.read(length)))
+    length, raw_header = headers[0]
+    header = json.loads(raw_header)
+    header.pop("__metadata__", None)
+    descriptors = [os.open(path, os.O_RDONLY) for path in files]
+    try:
+        with open(out, "wb") as writer:
+            # Same tensors, same layout: the first input's header is the output's.
+            writer.write(struct.pack("<Q", length) + raw_header)
+            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                begin, end = entry["data_offsets"]
+                inputs = []
+                for fd, (size, _) in zip(descriptors, headers):
                     buffer = torch.empty(end - begin, dtype=torch.uint8)
                     view = memoryview(buffer.numpy()).cast("B")
                     done = 0
                     while done < len(view):
-                        done += os.preadv(fd, [view[done:]], 8 + length + begin + done)
-                    dtype = sizes[entry["dtype"]][0]
-                    result = buffer.view(dtype).add(1)
-                    writer.write(memoryview(result.view(torch.uint8).numpy()).cast("B"))
-            finally:
-                os.close(fd)
-        if fsync:
-            writer.flush()
-            os.fsync(writer.fileno())
+                        done += os.preadv(fd, [view[done:]], 8 + size + begin + done)
+                    inputs.append(buffer.view(dtypes[entry["dtype"]]))
+                result = inputs[0].add(1) if len(inputs) == 1 else torch.add(inputs[0], inputs[1])
+                for extra in inputs[2:]:
+                    result.add_(extra)
+                writer.write(memoryview(result.view(torch.uint8).numpy()).cast("B"))
+            if fsync:
+                writer.flush()
+                os.fsync(writer.fileno())
+    finally:
+        for fd in descriptors:
+            os.close(fd)
     return 0
 
 
@@ -454,14 +507,16 @@ def print_table(results: dict) -> None:
     )
     header = (
         "recipe", "mbuild s", "mbuild MB", "no-hash s", "mergekit s", "mergekit MB", "time mk/mb", "cpu mk/mb",
-        "RSS mk/mb", "mbuild x floor", "mergekit x floor", "bit-identical", "no-op s", "from-cache s",
+        "RSS mk/mb", "floor s", "mbuild x floor", "no-hash x floor", "mergekit x floor", "bit-identical",
+        "no-op s", "from-cache s",
     )
     rows = []
     for variant, data in results["floor"].items():
-        rows.append((variant, f"{data['wall_s']:.2f}", f"{data['max_rss_mb']:.0f}", *[""] * 6,
-                     f"{data['wall_s'] / floor:.2f}", *[""] * 4))
+        rows.append((variant, f"{data['wall_s']:.2f}", f"{data['max_rss_mb']:.0f}", *[""] * 13))
     for name, data in results["recipes"].items():
         mb, warm, mk = data["mbuild_cold"], data["mbuild_warm"], data["mergekit"]
+        # Older results measured one floor for all recipes (the base model alone).
+        own_floor = data["floor"]["wall_s"] if "floor" in data else floor
         rows.append((
             name,
             f"{mb['wall_s']:.2f}",
@@ -472,8 +527,10 @@ def print_table(results: dict) -> None:
             f"{mk['wall_s'] / mb['wall_s']:.2f}",
             f"{mk['cpu_s'] / mb['cpu_s']:.2f}",
             f"{mk['max_rss_mb'] / mb['max_rss_mb']:.2f}",
-            f"{mb['wall_s'] / floor:.2f}",
-            f"{mk['wall_s'] / floor:.2f}",
+            f"{own_floor:.2f}",
+            f"{mb['wall_s'] / own_floor:.2f}",
+            f"{warm['wall_s'] / own_floor:.2f}",
+            f"{mk['wall_s'] / own_floor:.2f}",
             "yes" if data["identical"] else "NO",
             f"{data['mbuild_noop']['wall_s']:.2f}",
             f"{data['mbuild_cached']['wall_s']:.2f}",
