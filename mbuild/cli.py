@@ -193,10 +193,10 @@ class _SideImport:
 
     A cold build hashes its sources before it computes anything. Hashing mostly waits on
     hashlib and reads, which release the GIL, so torch (about a second to import) is
-    imported meanwhile; the import holds the GIL much of the time, so the overlap is
-    partial (about 0.1 s of a 2.7 s cold linear build). It starts only once some source
-    needs hashing, so a no-op build never pays for it; `join` before returning, so no
-    import is still running at exit.
+    imported meanwhile: a cold linear build of two 379 MB models then starts computing
+    about 0.1 s later than one whose hashes are remembered, instead of the 0.4 s the
+    hashing takes. It starts only once some source needs hashing, so a no-op build never
+    pays for it; `join` before returning, so no import is still running at exit.
     """
 
     def __init__(self, name: str):
