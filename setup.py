@@ -1,13 +1,27 @@
-"""The one compiled part: an optional C walk for TIES' magnitude selection.
+"""The one compiled part: optional C loops for TIES (the magnitude selection walk and the
+sum-consensus combine).
 
 Everything else is declared in pyproject.toml. Without a C compiler the build goes on
-without it and mbuild uses the numpy version of the same walk (mbuild/methods/ranking.py).
+without it and mbuild runs the same steps in numpy and torch, with the same bytes.
 """
+
+import sys
 
 from setuptools import Extension, setup
 
+# Products and sums stay separately rounded, as torch's element-wise ops are: no fused
+# multiply-add (compilers may contract `a + b * c` into one on ARM, or with -march flags).
+# No trapping math: comparisons may then be vectorized; it changes no result, only whether
+# a floating-point exception could trap (none is enabled).
+FLAGS = [] if sys.platform == "win32" else ["-ffp-contract=off", "-fno-trapping-math"]
+
 setup(
     ext_modules=[
-        Extension("mbuild.methods._introselect", ["mbuild/methods/_introselect.c"], optional=True),
+        Extension(
+            "mbuild.methods._introselect",
+            ["mbuild/methods/_introselect.c"],
+            extra_compile_args=FLAGS,
+            optional=True,
+        ),
     ]
 )

@@ -679,6 +679,37 @@ def test_only_per_element_methods_are_declared_elementwise():
     assert not methods.get("slerp").elementwise and not methods.get("ties").elementwise
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_sum_consensus_edge_cases_match_mergekit(mergekit_methods, monkeypatch, native, base_dtype):
+    # The C combine (used for float32 TIES on the CPU) and the torch one, on the elements where
+    # the order and rounding of the rules show: a sum of exactly 0 (elects +), zero and -0.0
+    # deltas (agree with neither sign), weights cancelling to a zero divisor (becomes 1).
+    from mbuild.methods import ranking
+
+    if native and ranking._native() is None:
+        pytest.skip("the C extension was not built (no compiler at install)")
+    if not native:
+        monkeypatch.setattr(ranking, "_native", lambda: None)
+    base = t(0.5, -0.25, 1.0, -0.0, 3.0, 2.0, -1.5, 0.75).to(base_dtype)
+    first = t(1.5, -1.25, 1.0, -0.0, 4.0, 2.0, -1.5, 1.0)
+    second = t(-0.5, 0.75, 1.0, 1.0, 2.0, 1.0, -2.5, 0.5)
+    third = t(1.5, -0.25, 0.0, -1.0, 3.5, 3.0, -1.5, 0.25)
+    tensors = [first.to(base_dtype), second.to(base_dtype), third.to(base_dtype), base]
+    cases = [
+        {"weight": [1.0, 1.0, 1.0, None]},
+        {"weight": [1.0, -1.0, 0.5, None]},
+        {"weight": [1.0, 1.0, -1.0, None], "normalize": False},
+        {"weight": [0.3, 0.7, 1.1, None], "lambda": 0.6},
+    ]
+    for values in cases:
+        values = {**values, "density": 1.0}
+        computed = [x.float() for x in tensors]
+        ours = merge("ties", tensors, base_index=3, dtype=torch.float32, **values)
+        theirs = mergekit_merge(mergekit_methods, "ties", computed, base_index=3, **values)
+        assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), values
+
+
 def test_ties_matches_mergekit_on_a_large_tensor(mergekit_methods):
     # bf16 deltas repeat magnitudes often, so the argsort tie order is exercised at scale.
     tensors = random_models((1024, 1100), 3, torch.bfloat16, seed=4)

@@ -13,6 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 /* libstdc++'s _S_threshold: ranges this small are left to the final insertion sort. */
 #define INSERTION_THRESHOLD 16
@@ -163,6 +164,71 @@ EXPORT int mbuild_follow_i64(float *keys, int64_t *index, int64_t size, int64_t 
                              float *threshold)
 {
     return follow_i64_impl(keys, index, size, count, depth_limit, threshold);
+}
+
+/* TIES' element-wise half for the sum consensus, in float32, one element at a time, with
+ * exactly torch's operations in torch's order (mergekit's, as task_arithmetic._combine runs
+ * them): w = delta * weight per model; the elected sign is + where the sum of w (from 0, in
+ * model order) is >= 0; a model agrees where w has that sign (a zero agrees with neither);
+ * mixed and divisor sum w * agree and weight * agree from 0 in model order; a zero divisor
+ * becomes 1; then mixed / divisor (normalize), * lambda, and base + mixed.
+ *
+ * deltas: `rows` task vectors of `size` floats, one after another; base: `size` float32
+ * (base_bf16 = 0) or bfloat16 (base_bf16 = 1) values; out: `size` float32. Rows at most 16. */
+/* Columns per block: the block's sums stay in cache and each loop below vectorizes. */
+#define COLUMNS 512
+
+EXPORT int mbuild_ties_combine(const float *deltas, int64_t rows, int64_t size, const float *weights,
+                               const void *base, int base_bf16, int normalize, int scale, float lambda,
+                               float *out)
+{
+    float total[COLUMNS], mixed[COLUMNS], divisor[COLUMNS];
+    if (rows < 1 || rows > 16)
+        return 1;
+    for (int64_t start = 0; start < size; start += COLUMNS) {
+        int n = size - start < COLUMNS ? (int)(size - start) : COLUMNS;
+        for (int j = 0; j < n; j++)
+            total[j] = 0.0f;
+        for (int64_t i = 0; i < rows; i++) {
+            const float *row = deltas + i * size + start;
+            const float weight = weights[i];
+            for (int j = 0; j < n; j++)
+                total[j] = total[j] + row[j] * weight;
+        }
+        for (int j = 0; j < n; j++) {
+            mixed[j] = 0.0f;
+            divisor[j] = 0.0f;
+        }
+        for (int64_t i = 0; i < rows; i++) {
+            const float *row = deltas + i * size + start;
+            const float weight = weights[i];
+            for (int j = 0; j < n; j++) {
+                float w = row[j] * weight;
+                /* 1 where w has the elected sign, else 0; in arithmetic, so it vectorizes */
+                float positive = (float)(total[j] >= 0.0f);
+                float a = positive * (float)(w > 0.0f) + (1.0f - positive) * (float)(w < 0.0f);
+                mixed[j] = mixed[j] + w * a;
+                divisor[j] = divisor[j] + weight * a;
+            }
+        }
+        for (int j = 0; j < n; j++) {
+            float m = mixed[j];
+            float d = divisor[j] + (float)(divisor[j] == 0.0f); /* a zero divisor becomes 1 */
+            if (normalize)
+                m = m / d;
+            if (scale)
+                m = m * lambda;
+            float value;
+            if (base_bf16) {
+                uint32_t bits = (uint32_t)((const uint16_t *)base)[start + j] << 16;
+                memcpy(&value, &bits, sizeof value);
+            } else {
+                value = ((const float *)base)[start + j];
+            }
+            out[start + j] = value + m;
+        }
+    }
+    return 0;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_introselect", NULL, -1, NULL, NULL, NULL, NULL, NULL};

@@ -182,6 +182,11 @@ def _native():
         # keys, index (int32 or int64), size, count, depth limit, threshold out
         follow.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
         follow.argtypes += [ctypes.POINTER(ctypes.c_float)]
+    # deltas, rows, size, weights, base, base is bf16, normalize, scale, lambda, out (task_arithmetic)
+    library.mbuild_ties_combine.restype = ctypes.c_int
+    library.mbuild_ties_combine.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    library.mbuild_ties_combine.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float]
+    library.mbuild_ties_combine.argtypes += [ctypes.c_void_p]
     return library
 
 

@@ -232,6 +232,38 @@ def _difference(tensor: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> 
     return out
 
 
+def _combine_natively(
+    deltas: torch.Tensor, weights: Sequence[float], base: torch.Tensor, params: Mapping[str, Any]
+) -> torch.Tensor | None:
+    """The sum-consensus combine and the base added, by the C loop in `_introselect.c`, or None.
+
+    It applies to float32 task vectors on the CPU over a float32 or bfloat16 base, up to 16
+    models; it runs mergekit's operations in mergekit's order, one element at a time, so the
+    bytes are those of `_combine` (the mask dtype cannot change them: signs are compared only).
+    """
+    import ctypes
+
+    import torch
+
+    from mbuild.methods import ranking
+
+    library = ranking._native()
+    usable = deltas.dtype == torch.float32 and deltas.device.type == "cpu" and 1 <= deltas.shape[0] <= 16
+    if library is None or not usable or base.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    rows = deltas.reshape(deltas.shape[0], -1).contiguous()
+    flat_base = base.reshape(-1).contiguous()
+    scales = torch.tensor(weights, dtype=torch.float32)
+    merged = torch.empty(flat_base.shape, dtype=torch.float32)
+    scale = params["lambda"] != 1
+    status = library.mbuild_ties_combine(
+        rows.data_ptr(), rows.shape[0], rows.shape[1], scales.data_ptr(), flat_base.data_ptr(),
+        int(base.dtype == torch.bfloat16), int(bool(params["normalize"])), int(scale), ctypes.c_float(params["lambda"]),
+        merged.data_ptr(),
+    )
+    return merged if status == 0 else None
+
+
 def _sign_by_sum(deltas: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Elect per element the sign of the summed (weighted) task vectors."""
     return deltas.sum(dim=0) >= 0
@@ -347,6 +379,10 @@ class TaskArithmeticVariant:
                     deltas[row] = thinned
                 del thinned
             del delta
+        if self.consensus == "sum":
+            native = _combine_natively(deltas, [model_params[index]["weight"] for index in others], base, params)
+            if native is not None:
+                return native.reshape(base.shape)
         weights = torch.tensor(
             [model_params[index]["weight"] for index in others], dtype=deltas.dtype, device=deltas.device
         ).reshape(len(others), 1)
