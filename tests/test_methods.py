@@ -710,6 +710,25 @@ def test_sum_consensus_edge_cases_match_mergekit(mergekit_methods, monkeypatch, 
         assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), values
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("name, values", [case for case in TASK_CASES if case[0] == "ties"])
+def test_ties_from_stored_bf16_matches_mergekit_with_and_without_the_c_loops(
+    mergekit_methods, monkeypatch, native, name, values
+):
+    # Stored bf16 inputs computed in float32: the configuration the C loops (task vector,
+    # selection, thinning, combine) take on; without them, numpy and torch do the same steps.
+    from mbuild.methods import ranking
+
+    if native and ranking._native() is None:
+        pytest.skip("the C extension was not built (no compiler at install)")
+    if not native:
+        monkeypatch.setattr(ranking, "_native", lambda: None)
+    stored = random_models((96, 203), 4, torch.bfloat16, seed=12)
+    ours = merge(name, stored, base_index=3, dtype=torch.float32, **values)
+    theirs = mergekit_merge(mergekit_methods, name, [x.float() for x in stored], base_index=3, **values)
+    assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
+
+
 def test_ties_matches_mergekit_on_a_large_tensor(mergekit_methods):
     # bf16 deltas repeat magnitudes often, so the argsort tie order is exercised at scale.
     tensors = random_models((1024, 1100), 3, torch.bfloat16, seed=4)

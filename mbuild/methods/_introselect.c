@@ -13,6 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 /* libstdc++'s _S_threshold: ranges this small are left to the final insertion sort. */
@@ -175,6 +176,40 @@ EXPORT int mbuild_follow_i64(float *keys, int64_t *index, int64_t size, int64_t 
  *
  * deltas: `rows` task vectors of `size` floats, one after another; base: `size` float32
  * (base_bf16 = 0) or bfloat16 (base_bf16 = 1) values; out: `size` float32. Rows at most 16. */
+/* A float32 value from a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array. */
+static inline float load_value(const void *values, int bf16, int64_t j)
+{
+    if (!bf16)
+        return ((const float *)values)[j];
+    uint32_t bits = (uint32_t)((const uint16_t *)values)[j] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* A task vector: delta = model - base, both read as float32 (exact for bfloat16), as torch
+ * subtracts the two converted tensors. */
+EXPORT void mbuild_task_vector(const void *model, int model_bf16, const void *base, int base_bf16, int64_t size,
+                               float *delta)
+{
+    if (!model_bf16 && !base_bf16) {
+        for (int64_t j = 0; j < size; j++)
+            delta[j] = ((const float *)model)[j] - ((const float *)base)[j];
+        return;
+    }
+    for (int64_t j = 0; j < size; j++)
+        delta[j] = load_value(model, model_bf16, j) - load_value(base, base_bf16, j);
+}
+
+/* TIES' thinning once the cut is known: delta * (|delta| > threshold), as torch multiplies
+ * by the bool mask (a dropped negative becomes -0.0). Kept elements equal to the threshold
+ * are the caller's to restore. */
+EXPORT void mbuild_keep_above(float *delta, int64_t size, float threshold)
+{
+    for (int64_t j = 0; j < size; j++)
+        delta[j] = delta[j] * (float)(fabsf(delta[j]) > threshold);
+}
+
 /* Columns per block: the block's sums stay in cache and each loop below vectorizes. */
 #define COLUMNS 512
 
@@ -218,14 +253,7 @@ EXPORT int mbuild_ties_combine(const float *deltas, int64_t rows, int64_t size, 
                 m = m / d;
             if (scale)
                 m = m * lambda;
-            float value;
-            if (base_bf16) {
-                uint32_t bits = (uint32_t)((const uint16_t *)base)[start + j] << 16;
-                memcpy(&value, &bits, sizeof value);
-            } else {
-                value = ((const float *)base)[start + j];
-            }
-            out[start + j] = value + m;
+            out[start + j] = load_value(base, base_bf16, start + j) + m;
         }
     }
     return 0;

@@ -187,6 +187,13 @@ def _native():
     library.mbuild_ties_combine.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     library.mbuild_ties_combine.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float]
     library.mbuild_ties_combine.argtypes += [ctypes.c_void_p]
+    # model, model is bf16, base, base is bf16, size, delta out
+    library.mbuild_task_vector.restype = None
+    library.mbuild_task_vector.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    library.mbuild_task_vector.argtypes += [ctypes.c_int64, ctypes.c_void_p]
+    # delta (in place), size, threshold
+    library.mbuild_keep_above.restype = None
+    library.mbuild_keep_above.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
     return library
 
 

@@ -53,6 +53,8 @@ def keep_largest(
     delta: torch.Tensor, settings: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Keep the `density` fraction of elements largest in magnitude (at least one), zero the rest."""
+    import ctypes
+
     import torch
 
     density = settings["density"]
@@ -72,6 +74,13 @@ def keep_largest(
         del magnitudes  # free before the mask: peak memory is a few tensors, not several more
         threshold, at_threshold = selected
         flat = delta.reshape(-1)
+        library = _native_for(delta) if not rescale else None
+        if library is not None:
+            # delta * (|delta| > threshold) in one pass, then the kept ties put back as they were.
+            kept_ties = flat[at_threshold]
+            library.mbuild_keep_above(flat.data_ptr(), flat.numel(), ctypes.c_float(threshold))
+            flat[at_threshold] = kept_ties
+            return delta
         mask = torch.empty(flat.shape, dtype=torch.bool)
         for start in range(0, flat.numel(), COMBINE_SLICE):
             stop = start + COMBINE_SLICE
@@ -226,10 +235,30 @@ def _difference(tensor: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> 
     if tensor.dtype == base.dtype == out.dtype:
         return torch.sub(tensor, base, out=out)
     flat_tensor, flat_base, flat_out = tensor.reshape(-1), base.reshape(-1), out.view(-1)
+    library = _native_for(out, tensor, base)
+    if library is not None:
+        # One pass in C: each element converted and subtracted, the same single rounding.
+        flat_tensor, flat_base = flat_tensor.contiguous(), flat_base.contiguous()
+        library.mbuild_task_vector(
+            flat_tensor.data_ptr(), int(tensor.dtype == torch.bfloat16), flat_base.data_ptr(),
+            int(base.dtype == torch.bfloat16), flat_out.numel(), flat_out.data_ptr(),
+        )
+        return out
     for start in range(0, flat_out.numel(), COMBINE_SLICE):
         stop = start + COMBINE_SLICE
         torch.sub(flat_tensor[start:stop].to(out.dtype), flat_base[start:stop].to(out.dtype), out=flat_out[start:stop])
     return out
+
+
+def _native_for(out: torch.Tensor, *inputs: torch.Tensor):
+    """The C loops, where `out` is contiguous float32 on the CPU and `inputs` float32 or bfloat16 there."""
+    import torch
+
+    from mbuild.methods import ranking
+
+    usable = out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()
+    usable = usable and all(t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu" for t in inputs)
+    return ranking._native() if usable else None
 
 
 def _combine_natively(
@@ -245,11 +274,8 @@ def _combine_natively(
 
     import torch
 
-    from mbuild.methods import ranking
-
-    library = ranking._native()
-    usable = deltas.dtype == torch.float32 and deltas.device.type == "cpu" and 1 <= deltas.shape[0] <= 16
-    if library is None or not usable or base.dtype not in (torch.float32, torch.bfloat16):
+    library = _native_for(deltas, base)
+    if library is None or not 1 <= deltas.shape[0] <= 16:
         return None
     rows = deltas.reshape(deltas.shape[0], -1).contiguous()
     flat_base = base.reshape(-1).contiguous()
