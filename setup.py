@@ -18,8 +18,8 @@ FLAGS = [] if sys.platform == "win32" else ["-ffp-contract=off", "-fno-trapping-
 setup(
     ext_modules=[
         Extension(
-            "mbuild.methods._introselect",
-            ["mbuild/methods/_introselect.c"],
+            "mbuild.methods._kernels",
+            ["mbuild/methods/_kernels.c"],
             extra_compile_args=FLAGS,
             optional=True,
         ),

@@ -229,6 +229,17 @@ def run_recipe(name: str, family: dict[str, Path], folder: Path, repeat: int, ke
     return result
 
 
+# Prints whether the mbuild on PYTHONPATH has its C loops built (older commits: the walk alone).
+LOOPS_BUILT = """
+try:
+    from mbuild.methods import native
+    print(native.library() is not None)
+except ImportError:
+    from mbuild.methods import ranking
+    print(getattr(ranking, "_native", lambda: None)() is not None)
+"""
+
+
 def snapshot_mbuild(folder: Path, ref: str | None) -> dict:
     """A private copy of the mbuild package, so edits made to the tree during the run change nothing."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -251,7 +262,7 @@ def snapshot_mbuild(folder: Path, ref: str | None) -> dict:
         dirty = git("status", "--porcelain", "--", "mbuild").stdout.split("\n")
         source = {"kind": "working tree", "head": head, "changed_files": [line[3:] for line in dirty if line.strip()]}
     if (folder / "setup.py").exists():
-        # The optional C extension, compiled in place as `pip install -e .` does.
+        # The optional C loops, compiled in place as `pip install -e .` does.
         subprocess.run([PYTHON, "setup.py", "-q", "build_ext", "--inplace"], cwd=folder, capture_output=True)
     check = subprocess.run(
         [PYTHON, "-c", "import mbuild.cli, mbuild; print(mbuild.__file__)"],
@@ -261,12 +272,12 @@ def snapshot_mbuild(folder: Path, ref: str | None) -> dict:
         sys.exit(f"vs_mergekit: this mbuild does not import:\n{check.stderr.strip()[-2000:]}")
     source["path"] = str(folder)
     native = subprocess.run(
-        [PYTHON, "-c", "from mbuild.methods import ranking; print(ranking._native() is not None)"],
+        [PYTHON, "-c", LOOPS_BUILT],
         env={**os.environ, "PYTHONPATH": str(folder)}, cwd=folder, capture_output=True, text=True,
     )
-    source["native_selection"] = native.stdout.strip() == "True"
-    walk = "C" if source["native_selection"] else "numpy"
-    log(f"mbuild under test: {source.get('commit') or 'working tree at ' + head[:10]} (copied to {folder}; {walk} selection)")
+    source["native_loops"] = native.stdout.strip() == "True"
+    loops = "with" if source["native_loops"] else "without"
+    log(f"mbuild under test: {source.get('commit') or 'working tree at ' + head[:10]} (copied to {folder}; {loops} C loops)")
     return source
 
 

@@ -685,12 +685,12 @@ def test_sum_consensus_edge_cases_match_mergekit(mergekit_methods, monkeypatch, 
     # The C combine (used for float32 TIES on the CPU) and the torch one, on the elements where
     # the order and rounding of the rules show: a sum of exactly 0 (elects +), zero and -0.0
     # deltas (agree with neither sign), weights cancelling to a zero divisor (becomes 1).
-    from mbuild.methods import ranking
+    from mbuild.methods import native as c_loops
 
-    if native and ranking._native() is None:
+    if native and c_loops.library() is None:
         pytest.skip("the C extension was not built (no compiler at install)")
     if not native:
-        monkeypatch.setattr(ranking, "_native", lambda: None)
+        monkeypatch.setattr(c_loops, "library", lambda: None)
     base = t(0.5, -0.25, 1.0, -0.0, 3.0, 2.0, -1.5, 0.75).to(base_dtype)
     first = t(1.5, -1.25, 1.0, -0.0, 4.0, 2.0, -1.5, 1.0)
     second = t(-0.5, 0.75, 1.0, 1.0, 2.0, 1.0, -2.5, 0.5)
@@ -717,12 +717,12 @@ def test_ties_from_stored_bf16_matches_mergekit_with_and_without_the_c_loops(
 ):
     # Stored bf16 inputs computed in float32: the configuration the C loops (task vector,
     # selection, thinning, combine) take on; without them, numpy and torch do the same steps.
-    from mbuild.methods import ranking
+    from mbuild.methods import native as c_loops
 
-    if native and ranking._native() is None:
+    if native and c_loops.library() is None:
         pytest.skip("the C extension was not built (no compiler at install)")
     if not native:
-        monkeypatch.setattr(ranking, "_native", lambda: None)
+        monkeypatch.setattr(c_loops, "library", lambda: None)
     stored = random_models((96, 203), 4, torch.bfloat16, seed=12)
     ours = merge(name, stored, base_index=3, dtype=torch.float32, **values)
     theirs = mergekit_merge(mergekit_methods, name, [x.float() for x in stored], base_index=3, **values)

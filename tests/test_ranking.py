@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mbuild.methods import native as c_loops
 from mbuild.methods import ranking
 from mbuild.methods.task_arithmetic import keep_largest
 
@@ -17,8 +18,8 @@ def argsort_pick(values: torch.Tensor, count: int) -> torch.Tensor:
 def walk(request, monkeypatch):
     """Each test once with the C walk and once with the numpy one."""
     if request.param == "numpy":
-        monkeypatch.setattr(ranking, "_native", lambda: None)
-    elif ranking._native() is None:
+        monkeypatch.setattr(c_loops, "library", lambda: None)
+    elif c_loops.library() is None:
         pytest.skip("the C extension was not built (no compiler at install)")
     return request.param
 
@@ -76,7 +77,7 @@ def test_heapsort_fallback_is_declined(walk):
 
 
 def test_the_c_and_numpy_walks_agree_with_both_index_widths():
-    native = ranking._native()
+    native = c_loops.library()
     if native is None:
         pytest.skip("the C extension was not built (no compiler at install)")
     generator = torch.Generator().manual_seed(11)

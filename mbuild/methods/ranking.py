@@ -12,7 +12,7 @@ ranges that contain the cut (position `count`) need to be followed: one partitio
 each over a range about half the size of the last, then a stable sort of at most 16 elements.
 That is linear work instead of a full sort, and picks exactly the same elements.
 
-The walk runs in C (`_introselect.c`, an optional extension built at install) or, where it
+The walk runs in C (`_kernels.c`, an optional extension built at install) or, where it
 was not built, in numpy (`_select_numpy`, which reads each partition's swaps off per-block
 stop counts); both must pick the same elements.
 
@@ -134,10 +134,12 @@ def _select(keys: np.ndarray, count: int, depth_limit: int | None = None) -> tup
     runs in C where the optional extension was built (about 4x faster), else in numpy; both
     take the same path and pick the same elements. `keys` is scratch: it is left permuted.
     """
-    native = _native()
-    if native is None:
+    from mbuild.methods import native
+
+    library = native.library()
+    if library is None:
         return _select_numpy(keys, count, depth_limit)
-    return _select_native(native, keys, count, depth_limit)
+    return _select_native(library, keys, count, depth_limit)
 
 
 def _depth_limit(size: int) -> int:
@@ -148,7 +150,7 @@ def _depth_limit(size: int) -> int:
 def _select_native(
     native, keys: np.ndarray, count: int, depth_limit: int | None = None, wide: bool | None = None
 ) -> tuple[float, np.ndarray]:
-    """`_select` by the C walk in `_introselect.c`; `wide`: int64 positions (needed from 2**31 keys)."""
+    """`_select` by the C walk in `_kernels.c`; `wide`: int64 positions (needed from 2**31 keys)."""
     import ctypes
 
     import numpy as np
@@ -165,36 +167,6 @@ def _select_native(
     value = np.float32(threshold.value)
     kept = keys[:count]
     return float(value), index[:count][kept == value]
-
-
-@functools.cache
-def _native():
-    """The compiled walk (ctypes handle), or None where the extension was not built."""
-    try:
-        import ctypes
-
-        from mbuild.methods import _introselect
-    except ImportError:
-        return None
-    library = ctypes.CDLL(_introselect.__file__)
-    for follow in (library.mbuild_follow_i32, library.mbuild_follow_i64):
-        follow.restype = ctypes.c_int
-        # keys, index (int32 or int64), size, count, depth limit, threshold out
-        follow.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-        follow.argtypes += [ctypes.POINTER(ctypes.c_float)]
-    # deltas, rows, size, weights, base, base is bf16, normalize, scale, lambda, out (task_arithmetic)
-    library.mbuild_ties_combine.restype = ctypes.c_int
-    library.mbuild_ties_combine.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    library.mbuild_ties_combine.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float]
-    library.mbuild_ties_combine.argtypes += [ctypes.c_void_p]
-    # model, model is bf16, base, base is bf16, size, delta out
-    library.mbuild_task_vector.restype = None
-    library.mbuild_task_vector.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    library.mbuild_task_vector.argtypes += [ctypes.c_int64, ctypes.c_void_p]
-    # delta (in place), size, threshold
-    library.mbuild_keep_above.restype = None
-    library.mbuild_keep_above.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
-    return library
 
 
 def _select_numpy(keys: np.ndarray, count: int, depth_limit: int | None = None) -> tuple[float, np.ndarray]:

@@ -254,17 +254,17 @@ def _native_for(out: torch.Tensor, *inputs: torch.Tensor):
     """The C loops, where `out` is contiguous float32 on the CPU and `inputs` float32 or bfloat16 there."""
     import torch
 
-    from mbuild.methods import ranking
+    from mbuild.methods import native
 
     usable = out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()
     usable = usable and all(t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu" for t in inputs)
-    return ranking._native() if usable else None
+    return native.library() if usable else None
 
 
 def _combine_natively(
     deltas: torch.Tensor, weights: Sequence[float], base: torch.Tensor, params: Mapping[str, Any]
 ) -> torch.Tensor | None:
-    """The sum-consensus combine and the base added, by the C loop in `_introselect.c`, or None.
+    """The sum-consensus combine and the base added, by the C loop in `_kernels.c`, or None.
 
     It applies to float32 task vectors on the CPU over a float32 or bfloat16 base, up to 16
     models; it runs mergekit's operations in mergekit's order, one element at a time, so the

@@ -1,14 +1,22 @@
-/* Where libstdc++'s std::sort (comp = greater) cuts an array of floats at position `count`,
- * following only the partitions that hold the cut: mbuild/methods/ranking.py explains why and
- * holds the pure numpy version of the same walk, which this one must agree with.
+/* The C loops behind TIES on the CPU. Each one does what a sequence of numpy or torch steps
+ * in mbuild/methods/ does, in one pass and with the same bytes; those steps remain, and run
+ * wherever this optional extension was not built. Called through ctypes (which releases the
+ * GIL); the module itself defines nothing, it only makes the shared object importable.
  *
- * follow_i32 / follow_i64 (the index type): fills `index` with 0..size-1 and permutes `keys`
- * and `index` together exactly as std::sort's partitions would along the followed path, then
- * stable-sorts the leaf holding the cut. On return 0, `keys[:count]` (and `index[:count]`)
- * hold the elements the sort puts first, and `*threshold` is the smallest of them. Return 1:
- * introsort would switch to heapsort (the depth limit ran out); 2: bookkeeping gave no cut.
- * Keys must be finite. Called through ctypes (which releases the GIL); the module itself
- * defines nothing, it only makes the shared object importable and locatable.
+ * mbuild_follow_i32 / _i64 (the index type): where libstdc++'s std::sort (comp = greater)
+ * cuts an array of floats at position `count`, following only the partitions that hold the
+ * cut (ranking.py explains why, and holds the numpy walk this one must agree with). It fills
+ * `index` with 0..size-1 and permutes `keys` and `index` together exactly as std::sort's
+ * partitions would along the followed path, then stable-sorts the leaf holding the cut. On
+ * return 0, `keys[:count]` (and `index[:count]`) hold the elements the sort puts first, and
+ * `*threshold` is the smallest of them. Return 1: introsort would switch to heapsort (the
+ * depth limit ran out); 2: bookkeeping gave no cut. Keys must be finite.
+ *
+ * mbuild_task_vector, mbuild_keep_above, mbuild_ties_combine: task_arithmetic.py's task
+ * vector, magnitude thinning and sum-consensus combine (comments at each).
+ *
+ * Build flags (setup.py): no FMA contraction, so products and sums round separately as
+ * torch's element-wise ops do; no trapping math, so comparisons vectorize.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -167,15 +175,6 @@ EXPORT int mbuild_follow_i64(float *keys, int64_t *index, int64_t size, int64_t 
     return follow_i64_impl(keys, index, size, count, depth_limit, threshold);
 }
 
-/* TIES' element-wise half for the sum consensus, in float32, one element at a time, with
- * exactly torch's operations in torch's order (mergekit's, as task_arithmetic._combine runs
- * them): w = delta * weight per model; the elected sign is + where the sum of w (from 0, in
- * model order) is >= 0; a model agrees where w has that sign (a zero agrees with neither);
- * mixed and divisor sum w * agree and weight * agree from 0 in model order; a zero divisor
- * becomes 1; then mixed / divisor (normalize), * lambda, and base + mixed.
- *
- * deltas: `rows` task vectors of `size` floats, one after another; base: `size` float32
- * (base_bf16 = 0) or bfloat16 (base_bf16 = 1) values; out: `size` float32. Rows at most 16. */
 /* A float32 value from a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array. */
 static inline float load_value(const void *values, int bf16, int64_t j)
 {
@@ -212,6 +211,16 @@ EXPORT void mbuild_keep_above(float *delta, int64_t size, float threshold)
 
 /* Columns per block: the block's sums stay in cache and each loop below vectorizes. */
 #define COLUMNS 512
+
+/* TIES' element-wise half for the sum consensus, in float32, one element at a time, with
+ * exactly torch's operations in torch's order (mergekit's, as task_arithmetic._combine runs
+ * them): w = delta * weight per model; the elected sign is + where the sum of w (from 0, in
+ * model order) is >= 0; a model agrees where w has that sign (a zero agrees with neither);
+ * mixed and divisor sum w * agree and weight * agree from 0 in model order; a zero divisor
+ * becomes 1; then mixed / divisor (normalize), * lambda, and base + mixed.
+ *
+ * deltas: `rows` task vectors of `size` floats, one after another; base: `size` float32
+ * (base_bf16 = 0) or bfloat16 (base_bf16 = 1) values; out: `size` float32. Rows at most 16. */
 
 EXPORT int mbuild_ties_combine(const float *deltas, int64_t rows, int64_t size, const float *weights,
                                const void *base, int base_bf16, int normalize, int scale, float lambda,
@@ -259,6 +268,6 @@ EXPORT int mbuild_ties_combine(const float *deltas, int64_t rows, int64_t size, 
     return 0;
 }
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_introselect", NULL, -1, NULL, NULL, NULL, NULL, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, NULL, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__introselect(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -1,0 +1,44 @@
+"""The optional C loops (`_kernels.c`), loaded once through ctypes, or None where not built.
+
+`pip install` compiles them when a C compiler is there (see setup.py); without one the
+install goes on and every caller runs the same steps in numpy and torch, with the same bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+# name: (return type, argument types), as ctypes names them; see _kernels.c for each.
+_SIGNATURES = {
+    # keys, index (int32), size, count, depth limit, threshold out
+    "mbuild_follow_i32": ("c_int", ["c_void_p", "c_void_p", "c_int64", "c_int64", "c_int64", "c_float_p"]),
+    # keys, index (int64), size, count, depth limit, threshold out
+    "mbuild_follow_i64": ("c_int", ["c_void_p", "c_void_p", "c_int64", "c_int64", "c_int64", "c_float_p"]),
+    # model, model is bf16, base, base is bf16, size, delta out
+    "mbuild_task_vector": (None, ["c_void_p", "c_int", "c_void_p", "c_int", "c_int64", "c_void_p"]),
+    # delta (thinned in place), size, threshold
+    "mbuild_keep_above": (None, ["c_void_p", "c_int64", "c_float"]),
+    # deltas, rows, size, weights, base, base is bf16, normalize, scale, lambda, out
+    "mbuild_ties_combine": (
+        "c_int",
+        ["c_void_p", "c_int64", "c_int64", "c_void_p", "c_void_p", "c_int", "c_int", "c_int", "c_float", "c_void_p"],
+    ),
+}
+
+
+@functools.cache
+def library():
+    """The loaded C loops (a ctypes library), or None where the extension was not built."""
+    import ctypes
+
+    try:
+        from mbuild.methods import _kernels
+    except ImportError:
+        return None
+    loaded = ctypes.CDLL(_kernels.__file__)
+    types = {"c_float_p": ctypes.POINTER(ctypes.c_float)}
+    for name, (result, arguments) in _SIGNATURES.items():
+        function = getattr(loaded, name)
+        function.restype = None if result is None else getattr(ctypes, result)
+        function.argtypes = [types.get(kind) or getattr(ctypes, kind) for kind in arguments]
+    return loaded
