@@ -48,8 +48,13 @@ def workspace(tmp_path, monkeypatch):
             return path
 
         def mbuild(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-            """Run the real CLI in a subprocess, in this folder."""
-            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            """Run the real CLI in a subprocess, in this folder.
+
+            Its output is piped and block-buffered, as a user's pipe is (PYTHONUNBUFFERED
+            dropped): output left in a buffer at exit would be lost, and a test would see it.
+            """
+            env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+            env["PYTHONPATH"] = str(ROOT)
             result = subprocess.run(
                 [sys.executable, "-m", "mbuild.cli", *args],
                 cwd=tmp_path,

@@ -127,26 +127,10 @@ def test_cuda_without_a_gpu_is_a_clear_error(project, capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def run_console(project, *args: str):
-    """The `mbuild` console entry in a subprocess, stdout and stderr piped (so block-buffered)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    return subprocess.run(
-        [sys.executable, "-m", "mbuild", "-f", str(project), *args],
-        capture_output=True,
-        text=True,
-        # Buffered, as a user's pipe is: output left in a buffer at exit would be lost.
-        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "PYTHONPATH": str(root)},
-    )
-
-
-def test_console_build_ends_with_its_output_flushed_and_its_exit_code(project, llama):
+def test_console_build_ends_with_its_output_flushed_and_its_exit_code(project, llama, workspace):
     # A build leaves the process without interpreter teardown: what it printed must still arrive.
-    built = run_console(project, "--json", "-j", "1")
+    assert workspace.root == project.parent  # the workspace runs mbuild beside this Mergefile
+    built = workspace.mbuild("--json", "-j", "1", check=False)
     assert built.returncode == 0, built.stderr
     report = json.loads(built.stdout)["targets"]
     assert {name: r["status"] for name, r in report.items()} == dict.fromkeys(["franken", "franken-code", "final"], "built")
@@ -157,7 +141,7 @@ def test_console_build_ends_with_its_output_flushed_and_its_exit_code(project, l
         f"targets:\n  mixed:\n    merge_method: linear\n"
         f"    models: [{{model: {llama['base']}, parameters: {{weight: 1}}}}, {{model: {broken}, parameters: {{weight: 1}}}}]\n"
     )
-    failed = run_console(project, "--keep-going")
+    failed = workspace.mbuild("--keep-going", check=False)
     assert failed.returncode == 1
     assert "mbuild: error:" in failed.stderr and "non-finite" in failed.stderr
 
