@@ -729,6 +729,21 @@ def test_ties_from_stored_bf16_matches_mergekit_with_and_without_the_c_loops(
     assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
 
 
+@pytest.mark.parametrize("count", [3, 4, 5, 6, 9])
+@pytest.mark.parametrize("width", [7, 5917, 2 * 65536 + 33])
+def test_ties_of_up_to_nine_fine_tunes_matches_mergekit(mergekit_methods, count, width):
+    # Fine-tunes of very different scales, nothing thinned: the order in which the models'
+    # contributions are summed shows in the bytes. The C combine takes up to 4; from 5 torch's
+    # sum over models groups them otherwise, and the torch steps must run.
+    generator = seeded(count * 1000 + width)
+    base = torch.randn(width, generator=generator)
+    tensors = [base + 10.0 ** (i - 2) * torch.randn(width, generator=generator) for i in range(count)] + [base]
+    values = {"weight": [1.0 + 0.1 * i for i in range(count)] + [None], "density": 1.0}
+    ours = merge("ties", tensors, base_index=count, dtype=torch.float32, **values)
+    theirs = mergekit_merge(mergekit_methods, "ties", tensors, base_index=count, **values)
+    assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
+
+
 def test_ties_matches_mergekit_on_a_large_tensor(mergekit_methods):
     # bf16 deltas repeat magnitudes often, so the argsort tie order is exercised at scale.
     tensors = random_models((1024, 1100), 3, torch.bfloat16, seed=4)

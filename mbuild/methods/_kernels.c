@@ -220,14 +220,16 @@ EXPORT void mbuild_keep_above(float *delta, int64_t size, float threshold)
  * becomes 1; then mixed / divisor (normalize), * lambda, and base + mixed.
  *
  * deltas: `rows` task vectors of `size` floats, one after another; base: `size` float32
- * (base_bf16 = 0) or bfloat16 (base_bf16 = 1) values; out: `size` float32. Rows at most 16. */
+ * (base_bf16 = 0) or bfloat16 (base_bf16 = 1) values; out: `size` float32. Rows at most 4:
+ * up to 4 rows torch's dim-0 sum adds them one after another from +0, as here; from 5 it
+ * groups them otherwise (found by comparing the two), so those are left to torch. */
 
 EXPORT int mbuild_ties_combine(const float *deltas, int64_t rows, int64_t size, const float *weights,
                                const void *base, int base_bf16, int normalize, int scale, float lambda,
                                float *out)
 {
     float total[COLUMNS], mixed[COLUMNS], divisor[COLUMNS];
-    if (rows < 1 || rows > 16)
+    if (rows < 1 || rows > 4)
         return 1;
     for (int64_t start = 0; start < size; start += COLUMNS) {
         int n = size - start < COLUMNS ? (int)(size - start) : COLUMNS;

@@ -266,8 +266,8 @@ def _combine_natively(
 ) -> torch.Tensor | None:
     """The sum-consensus combine and the base added, by the C loop in `_kernels.c`, or None.
 
-    It applies to float32 task vectors on the CPU over a float32 or bfloat16 base, up to 16
-    models; it runs mergekit's operations in mergekit's order, one element at a time, so the
+    It applies to float32 task vectors on the CPU over a float32 or bfloat16 base, up to 4
+    task vectors (from 5, torch's sum over models is not a plain sequence of additions); it runs mergekit's operations in mergekit's order, one element at a time, so the
     bytes are those of `_combine` (the mask dtype cannot change them: signs are compared only).
     """
     import ctypes
@@ -275,7 +275,7 @@ def _combine_natively(
     import torch
 
     library = _native_for(deltas, base)
-    if library is None or not 1 <= deltas.shape[0] <= 16:
+    if library is None or not 1 <= deltas.shape[0] <= 4:
         return None
     rows = deltas.reshape(deltas.shape[0], -1).contiguous()
     flat_base = base.reshape(-1).contiguous()
