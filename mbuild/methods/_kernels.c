@@ -191,11 +191,6 @@ static inline float load_value(const void *values, int bf16, int64_t j)
 EXPORT void mbuild_task_vector(const void *model, int model_bf16, const void *base, int base_bf16, int64_t size,
                                float *delta)
 {
-    if (!model_bf16 && !base_bf16) {
-        for (int64_t j = 0; j < size; j++)
-            delta[j] = ((const float *)model)[j] - ((const float *)base)[j];
-        return;
-    }
     for (int64_t j = 0; j < size; j++)
         delta[j] = load_value(model, model_bf16, j) - load_value(base, base_bf16, j);
 }

@@ -267,8 +267,9 @@ def _combine_natively(
     """The sum-consensus combine and the base added, by the C loop in `_kernels.c`, or None.
 
     It applies to float32 task vectors on the CPU over a float32 or bfloat16 base, up to 4
-    task vectors (from 5, torch's sum over models is not a plain sequence of additions); it runs mergekit's operations in mergekit's order, one element at a time, so the
-    bytes are those of `_combine` (the mask dtype cannot change them: signs are compared only).
+    task vectors (from 5, torch's sum over models is not a plain sequence of additions); it
+    runs mergekit's operations in mergekit's order, one element at a time, so the bytes are
+    those of `_combine` (the mask dtype cannot change them: signs are compared only).
     """
     import ctypes
 
@@ -405,13 +406,12 @@ class TaskArithmeticVariant:
                     deltas[row] = thinned
                 del thinned
             del delta
+        weight_values = [model_params[index]["weight"] for index in others]
         if self.consensus == "sum":
-            native = _combine_natively(deltas, [model_params[index]["weight"] for index in others], base, params)
+            native = _combine_natively(deltas, weight_values, base, params)
             if native is not None:
                 return native.reshape(base.shape)
-        weights = torch.tensor(
-            [model_params[index]["weight"] for index in others], dtype=deltas.dtype, device=deltas.device
-        ).reshape(len(others), 1)
+        weights = torch.tensor(weight_values, dtype=deltas.dtype, device=deltas.device).reshape(len(others), 1)
         # What follows is element-wise across the models: done a slice at a time, its
         # temporaries stay cache-sized instead of a dozen tensor-sized buffers.
         rows = deltas.reshape(len(others), -1)
