@@ -4,9 +4,10 @@
   path, size, mtime and inode like DVC's state, so unchanged files are never re-read;
   and the content digest of every tensor task ever computed, by task key, so a
   downstream key can use the bytes an upstream task produced (early cutoff).
-- ``TensorCache`` (diskcache, ``tensors/``): the computed tensors themselves, content
-  addressed by task key, bounded with least-recently-used eviction, each entry checked
-  against its digest before reuse.
+- ``TensorCache`` (``tensors/``): the computed tensors themselves, content addressed by
+  task key, bounded with least-recently-used eviction, each entry checked against its
+  digest before reuse. Their bytes are shared with the output shards (hard links), or
+  copied into diskcache where they cannot be.
 
 Both are safe for two mbuild processes at once (SQLite locking; diskcache writes each
 value under a unique file name before committing its row).
@@ -21,6 +22,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -145,12 +147,32 @@ class State:
 
 
 class TensorCache:
-    """Computed tensors by task key, as raw bytes with their sha256 as the entry's tag."""
+    """Computed tensors by task key, each checked against its sha256 before reuse.
+
+    An entry is one of two kinds:
+    - a *place* in a blob: output shards are hard-linked into ``blobs/`` while they are
+      written, and ``links.db`` maps a task key to the blob, offset, length and digest of
+      its bytes. The bytes then exist on disk once, shared by the output and the cache;
+      a published output is never written again (a rebuild writes new files), so the
+      shared bytes stay put even when the output is replaced or removed.
+    - a *copy* (diskcache), where a shard cannot be linked: the cache on another
+      filesystem, or one without hard links.
+
+    Blobs are bounded by ``size_limit`` (whole blobs, least recently used first; a blob
+    counts its full size even while the output still shares it), copies by diskcache.
+    A blob no entry points into any more is deleted once no build is writing it.
+    """
 
     def __init__(self, folder: Path, size_limit: int | None = None, read_only: bool = False):
         import diskcache
 
         folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.blob_folder = folder / "blobs"
+        self.read_only = read_only
+        self._linkable = not read_only
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
         if read_only:
             # Looking only: keep the settings the last build stored, compute nothing.
             self.store = diskcache.Cache(str(folder))
@@ -167,8 +189,92 @@ class TensorCache:
             sqlite_mmap_size=0,
         )
 
+    @property
+    def size_limit(self) -> int:
+        """The bound, in bytes, on blobs (and separately on copies)."""
+        return self.store.size_limit
+
+    def _links(self) -> sqlite3.Connection | None:
+        if self._db is None:
+            path = self.folder / "links.db"
+            if self.read_only and not path.exists():
+                return None
+            self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # A lost commit only costs a recomputation; no fsync per tensor.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS blobs (id TEXT PRIMARY KEY, size INTEGER, used REAL, writer INTEGER)"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS places (key TEXT PRIMARY KEY, blob TEXT, offset INTEGER,"
+                " length INTEGER, sha256 TEXT)"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS places_by_blob ON places (blob)")
+        return self._db
+
+    def _query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
+        with self._lock:
+            db = self._links()
+            return [] if db is None else db.execute(sql, parameters).fetchall()
+
+    def _change(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._lock:
+            db = self._links()
+            if db is None:
+                return  # looking only, and nothing was ever linked
+            with db:
+                for sql, parameters in statements:
+                    db.execute(sql, parameters)
+
+    def _place(self, key: str) -> tuple[str, int, int, str] | None:
+        rows = self._query("SELECT blob, offset, length, sha256 FROM places WHERE key = ?", (key,))
+        return rows[0] if rows else None
+
+    def link(self, shard: Path) -> str | None:
+        """Share a shard this process is writing: hard-link it in; the blob's id, or None.
+
+        None means this shard's tensors must be cached as copies (``put``).
+        """
+        if not self._linkable:
+            return None
+        size = os.stat(shard).st_size
+        if not self._make_room(size):
+            return None
+        blob = uuid.uuid4().hex
+        self.blob_folder.mkdir(exist_ok=True)
+        # The row first: a file in blobs/ without a row is always garbage.
+        self._change([("INSERT INTO blobs VALUES (?, ?, ?, ?)", (blob, size, time.time(), os.getpid()))])
+        try:
+            os.link(shard, self.blob_folder / blob)
+        except OSError:
+            # Another filesystem, or none of hard links: copies from now on.
+            self._linkable = False
+            self._change([("DELETE FROM blobs WHERE id = ?", (blob,))])
+            return None
+        return blob
+
+    def put_at(self, key: str, blob: str, offset: int, length: int, digest: str) -> None:
+        """Record where task ``key``'s bytes lie in a linked shard (committed at once)."""
+        self._change([("INSERT OR REPLACE INTO places VALUES (?, ?, ?, ?, ?)", (key, blob, offset, length, digest))])
+        if key in self.store:
+            self.store.delete(key, retry=True)
+
+    def done_with(self, blobs: Iterable[str]) -> None:
+        """Mark blobs as no longer being written by this process."""
+        self._change([("UPDATE blobs SET writer = NULL WHERE id = ?", (blob,)) for blob in blobs])
+
     def get(self, key: str) -> tuple[bytes, str] | None:
         """A computed tensor's bytes and digest, or None; a corrupt entry is dropped, never returned."""
+        place = self._place(key)
+        if place is not None:
+            blob, offset, length, digest = place
+            data = self._read(blob, offset, length)
+            if data is None or hashlib.sha256(data).hexdigest() != digest:
+                self._change([("DELETE FROM places WHERE key = ?", (key,))])
+                return None
+            self._change([("UPDATE blobs SET used = ? WHERE id = ?", (time.time(), blob))])
+            return data, digest
         value, digest = self.store.get(key, default=None, tag=True, retry=True)
         if value is None:
             return None
@@ -177,8 +283,27 @@ class TensorCache:
             return None
         return value, digest
 
+    def _read(self, blob: str, offset: int, length: int) -> bytearray | None:
+        try:
+            fd = os.open(self.blob_folder / blob, os.O_RDONLY)
+        except FileNotFoundError:
+            self._remove_blob(blob)
+            return None
+        try:
+            data = bytearray(length)
+            view = memoryview(data)
+            done = 0
+            while done < length:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got == 0:
+                    return None  # the blob is shorter than the place says
+                done += got
+            return data
+        finally:
+            os.close(fd)
+
     def put(self, key: str, data: bytes | memoryview, digest: str) -> None:
-        """Commit one computed tensor (atomically: a reader sees all of it or nothing).
+        """Commit a copy of one computed tensor (atomically: a reader sees all of it or nothing).
 
         Streamed from the buffer in pieces, so the tensor is never copied whole.
         """
@@ -186,10 +311,13 @@ class TensorCache:
 
     def contains(self, key: str) -> bool:
         """Whether an entry exists (not verified: reading it does that)."""
-        return key in self.store
+        return self._place(key) is not None or key in self.store
 
     def size_of(self, key: str) -> int:
         """Bytes an entry holds (0 if absent)."""
+        place = self._place(key)
+        if place is not None:
+            return place[2]
         handle = self.store.get(key, default=None, read=True, retry=True)
         if handle is None:
             return 0
@@ -204,19 +332,55 @@ class TensorCache:
 
     def keys(self) -> list[str]:
         """Every task key held."""
-        return list(self.store.iterkeys())
+        placed = [row[0] for row in self._query("SELECT key FROM places")]
+        known = set(placed)
+        return placed + [key for key in self.store.iterkeys() if key not in known]
 
     def delete(self, key: str) -> None:
-        """Drop one entry."""
+        """Drop one entry (its blob goes with ``prune`` once nothing points into it)."""
+        self._change([("DELETE FROM places WHERE key = ?", (key,))])
         self.store.delete(key, retry=True)
 
     def volume(self) -> int:
-        """Bytes the cache holds on disk."""
-        return self.store.volume()
+        """Bytes the cache holds on disk (a blob counted whole, even while an output shares it)."""
+        blobs = self._query("SELECT COALESCE(SUM(size), 0) FROM blobs")
+        return self.store.volume() + (blobs[0][0] if blobs else 0)
+
+    def prune(self) -> int:
+        """Delete blobs nothing points into and no live build writes, and stray files; returns the count."""
+        rows = self._query(
+            "SELECT id, writer FROM blobs WHERE NOT EXISTS (SELECT 1 FROM places WHERE places.blob = blobs.id)"
+        )
+        doomed = [blob for blob, writer in rows if writer is None or not io.process_alive(writer)]
+        for blob in doomed:
+            self._remove_blob(blob)
+        known = {row[0] for row in self._query("SELECT id FROM blobs")}
+        strays = [p for p in self.blob_folder.iterdir() if p.name not in known] if self.blob_folder.exists() else []
+        for path in strays:
+            path.unlink(missing_ok=True)
+        return len(doomed) + len(strays)
+
+    def _make_room(self, size: int) -> bool:
+        """Evict least recently used blobs until ``size`` more bytes fit the bound; whether they do."""
+        while True:
+            rows = self._query("SELECT id, size, writer FROM blobs ORDER BY used")
+            if sum(row[1] for row in rows) + size <= self.size_limit:
+                return True
+            evictable = [blob for blob, _, writer in rows if writer is None or not io.process_alive(writer)]
+            if not evictable:
+                return False
+            self._remove_blob(evictable[0])
+
+    def _remove_blob(self, blob: str) -> None:
+        self._change([("DELETE FROM places WHERE blob = ?", (blob,)), ("DELETE FROM blobs WHERE id = ?", (blob,))])
+        (self.blob_folder / blob).unlink(missing_ok=True)
 
     def close(self) -> None:
         """Close the cache."""
         self.store.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 class _Pieces:
@@ -240,6 +404,8 @@ def default_size_limit(folder: Path) -> int:
     except OSError:
         return 8 * GIB
     held = sum(p.stat().st_size for p in folder.rglob("*.val")) if folder.exists() else 0
+    if (folder / "blobs").exists():
+        held += sum(p.stat().st_size for p in (folder / "blobs").iterdir())
     return max(GIB, held + free // 2)
 
 

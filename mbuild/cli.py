@@ -497,11 +497,10 @@ def _gc(args) -> int:
         stale_keys = {k for k in cache.keys() if k not in keep}
         if older_than is not None:
             stale_keys |= {k for k in cache.keys() if (state.last_used(k) or 0) < older_than}
-        freed = 0
         for key in stale_keys:
-            freed += cache.size_of(key)
             cache.delete(key)
         dropped = len(stale_keys)
+        cache.prune()  # shards shared with outputs, once no entry points into them
         cache.close()
     forgotten = state.forget_outputs(keep, older_than)
     if args.json:

@@ -293,6 +293,9 @@ class Builder:
         except BaseException:
             io.discard(temporary)
             raise
+        finally:
+            if self.cache is not None:
+                self.cache.prune()  # blobs the new output superseded, or a failed build left empty
         self._record(target_plan, output)
         report = TargetReport(
             target.name,
@@ -334,6 +337,26 @@ class Builder:
 
         cache = None if self.options.force else self.cache
         made: dict[str, str] = {}  # task key -> digest of the bytes it produced
+
+        # Shards shared with the cache as they are written: a computed tensor's bytes
+        # then exist once on disk, and caching one costs a row, not a second write.
+        blobs: dict[str, str] = {}
+        if self.cache is not None and any(t.key and t.method != "concat" for t in target_plan.tasks):
+            for file in writer.shards:
+                blob = self.cache.link(folder / file)
+                if blob is not None:
+                    blobs[file] = blob
+
+        def keep(task: TensorTask, digest: str, data=None) -> None:
+            """Cache a task's bytes: their place in a linked shard, else (when given) a copy."""
+            if self.cache is None or not task.key:
+                return
+            slot = writer.slots[task.name]
+            blob = blobs.get(slot.file)
+            if blob is not None:
+                self.cache.put_at(task.key, blob, slot.start, slot.end - slot.start, digest)
+            elif data is not None:
+                self.cache.put(task.key, data, digest)
 
         gates = None
         if any(t.method == "moe_gate" for t in target_plan.tasks):
@@ -381,11 +404,13 @@ class Builder:
                 found = cache.get(task.key)
                 if found is not None:
                     made[task.key] = writer.write(task.name, found[0], found[1])
+                    keep(task, found[1])  # the new shard's copy now serves, and the old blob can go
                     return "reused"
             if previous_model is not None and old and task.key and old.get("key") == task.key:
                 data = _raw_bytes(reader.read(previous_model.tensors[task.name]))
                 if hashlib.sha256(data).hexdigest() == old.get("sha256"):
                     made[task.key] = writer.write(task.name, data)
+                    keep(task, made[task.key])
                     return "reused"
             if task.method == "moe_gate":
                 from mbuild import moe
@@ -397,9 +422,8 @@ class Builder:
             digest = writer.write(task.name, data)
             if task.key:
                 made[task.key] = digest
-                if self.cache is not None:
-                    # Committed as soon as computed: a killed build resumes from here.
-                    self.cache.put(task.key, data, digest)
+                # Committed as soon as computed: a killed build resumes from here.
+                keep(task, digest, data)
             return "computed"
 
         try:
@@ -423,6 +447,8 @@ class Builder:
         finally:
             reader.close()
             self.state.remember_outputs(made)
+            if blobs:
+                self.cache.done_with(blobs.values())
         counts["digests"] = dict(writer.digests)
         counts["shards"] = {name: slot.file for name, slot in writer.slots.items()}
         return counts

@@ -388,7 +388,9 @@ class ShardedWriter:
         self._lock = threading.Lock()
         for file, slots in self.shards.items():
             path = folder / file
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            # A new file, never a truncated old one: the cache may share an old file's bytes.
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self._handles[file] = fd
             header = _header_bytes([(s.name, s.dtype, s.shape) for s in slots])
             total = 8 + len(header) + sum(s.end - s.start for s in slots)
@@ -586,7 +588,7 @@ def recover(output: Path) -> None:
     """Undo a publish interrupted between its two renames, and drop dead temporaries."""
     for leftover in output.parent.glob(f".{output.name}.mbuild-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+        if pid.isdigit() and process_alive(int(pid)) and int(pid) != os.getpid():
             continue
         if leftover.name.endswith("-lock"):
             continue
@@ -596,7 +598,8 @@ def recover(output: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id is running (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import signal
@@ -133,18 +135,61 @@ def test_dry_run_says_cached_when_every_tensor_is_in_the_cache(project, llama):
     assert plan["tuned"]["tensors_to_compute"] == 0 and plan["tuned"]["bytes_to_read"] == 0
 
 
-def test_corrupt_entries_are_dropped_and_recomputed(project, llama, reference):
+def test_computed_bytes_are_on_disk_once_shared_by_output_and_cache(project, reference):
     run(project)
     cache_folder = project.parent / "cache" / "tensors"
+    assert not list(cache_folder.rglob("*.val"))  # no second copy of any tensor
+
+    def inodes(folder):
+        return {path.stat().st_ino for path in folder.rglob("*.safetensors")}
+
+    blobs = {path.stat().st_ino for path in (cache_folder / "blobs").iterdir()}
+    assert blobs == inodes(project.parent / "build")  # every output shard shared, nothing else held
+    # The outputs gone, the cache still holds every tensor: nothing is computed again.
+    assert main(["clean", "-f", str(project)]) == 0
+    report = run(project)
+    assert all(r["status"] == "built" and r["tensors_computed"] == 0 for r in report.values())
+    for name in report:
+        assert same_tensors(project.parent / "build" / name, reference / name)
+    # The new outputs took over every entry, so the old shards were let go.
+    assert {path.stat().st_ino for path in (cache_folder / "blobs").iterdir()} == inodes(project.parent / "build")
+
+
+def test_corrupt_entries_are_dropped_and_recomputed(project, llama, reference):
+    run(project)
+    assert main(["clean", "-f", str(project)]) == 0  # blobs share the outputs' bytes: damage only the cache
+    blobs = sorted((project.parent / "cache" / "tensors" / "blobs").iterdir())
+    assert blobs
+    for blob in blobs:
+        data = bytearray(blob.read_bytes())
+        for position in range(len(data) // 2, len(data), 256):
+            data[position] ^= 0xFF
+        blob.write_bytes(bytes(data))
+    report = run(project)
+    for name in report:
+        assert report[name]["status"] == "built" and report[name]["tensors_computed"] > 0
+        assert same_tensors(project.parent / "build" / name, reference / name)
+
+
+def test_without_hard_links_the_cache_keeps_verified_copies(project, reference, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    run(project)
+    cache_folder = project.parent / "cache" / "tensors"
+    assert not (cache_folder / "blobs").exists() or not list((cache_folder / "blobs").iterdir())
     values = sorted(cache_folder.rglob("*.val"))
     assert values, "large tensors should live as files"
+    assert main(["clean", "-f", str(project), "tuned"]) == 0
+    assert run(project)["tuned"]["tensors_computed"] == 0
     for value in values:
         data = bytearray(value.read_bytes())
         data[len(data) // 2] ^= 0xFF
         value.write_bytes(bytes(data))
     assert main(["clean", "-f", str(project), "tuned"]) == 0
     report = run(project)
-    assert report["tuned"]["status"] == "built"
+    assert report["tuned"]["status"] == "built" and report["tuned"]["tensors_computed"] > 0
     assert same_tensors(project.parent / "build" / "tuned", reference / "tuned")
 
 
@@ -295,3 +340,61 @@ def test_state_remembers_files_by_identity(llama, tmp_path):
     computed = state.digests(model, compute=True)
     assert computed == state.digests(model, compute=False)
     assert set(computed) == set(model.tensors)
+
+
+def shard_file(folder: Path, name: str, size: int = 1000) -> Path:
+    path = folder / name
+    path.write_bytes(bytes(range(256)) * (size // 256) + bytes(size % 256))
+    return path
+
+
+def place(cache: TensorCache, key: str, shard: Path, blob: str) -> None:
+    cache.put_at(key, blob, 100, 50, hashlib.sha256(shard.read_bytes()[100:150]).hexdigest())
+
+
+def test_blobs_are_bounded_least_recently_used_first(tmp_path):
+    cache = TensorCache(tmp_path / "cache", size_limit=2500)
+    shards = [shard_file(tmp_path, name) for name in ("a", "b", "c", "d")]
+    a, b = cache.link(shards[0]), cache.link(shards[1])
+    place(cache, "in-a", shards[0], a)
+    place(cache, "in-b", shards[1], b)
+    # Both still being written by this (live) process: neither may go to make room.
+    assert cache.link(shards[2]) is None
+    cache.done_with([a, b])
+    assert cache.get("in-a")[0] == shards[0].read_bytes()[100:150]  # 'a' is now the more recent
+    c = cache.link(shards[2])
+    assert c is not None and cache.volume() - cache.store.volume() == 2000
+    assert not cache.contains("in-b") and cache.contains("in-a")
+    assert sorted(p.name for p in cache.blob_folder.iterdir()) == sorted([a, c])
+    # A blob larger than the whole bound is never linked.
+    assert cache.link(shard_file(tmp_path, "huge", 3000)) is None
+    cache.close()
+
+
+def test_prune_keeps_blobs_in_use_and_drops_the_rest(tmp_path):
+    cache = TensorCache(tmp_path / "cache", size_limit=10_000)
+    shards = [shard_file(tmp_path, name) for name in ("a", "b", "c")]
+    used, empty, writing = (cache.link(shard) for shard in shards)
+    place(cache, "in-used", shards[0], used)
+    cache.done_with([used, empty])
+    (cache.blob_folder / "stray").write_bytes(b"left by a crash between link and row")
+    assert cache.prune() == 2  # 'empty' and the stray file
+    assert sorted(p.name for p in cache.blob_folder.iterdir()) == sorted([used, writing])
+    cache.delete("in-used")
+    cache.done_with([writing])
+    assert cache.prune() == 2
+    assert list(cache.blob_folder.iterdir()) == [] and cache.volume() == cache.store.volume()
+    # The shards themselves (the outputs) are untouched.
+    assert all(shard.read_bytes()[:256] == bytes(range(256)) for shard in shards)
+    cache.close()
+
+
+def test_a_blob_that_vanished_is_a_miss(tmp_path):
+    cache = TensorCache(tmp_path / "cache", size_limit=10_000)
+    shard = shard_file(tmp_path, "a")
+    blob = cache.link(shard)
+    place(cache, "in-a", shard, blob)
+    (cache.blob_folder / blob).unlink()
+    assert cache.get("in-a") is None
+    assert not cache.contains("in-a") and cache.volume() == cache.store.volume()
+    cache.close()

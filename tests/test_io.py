@@ -46,6 +46,18 @@ def test_writer_lays_out_shards_and_refuses_wrong_sizes(tmp_path):
     assert index["metadata"]["total_size"] == 64 + 20 + 32
 
 
+def test_writer_never_writes_into_a_file_shared_elsewhere(tmp_path):
+    # The cache hard-links output shards: writing into an existing file would change its bytes.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"earlier output")
+    os.link(tmp_path / "out" / "model.safetensors", tmp_path / "shared")
+    writer = io.ShardedWriter(tmp_path / "out", [("a", "float32", (2,))], max_shard_bytes=1000)
+    writer.write("a", torch.ones(2).numpy().tobytes())
+    writer.close()
+    assert (tmp_path / "shared").read_bytes() == b"earlier output"
+    assert torch.equal(load_tensors(tmp_path / "out")["a"], torch.ones(2))
+
+
 def fake_hub_snapshot(cache: Path, repo: str, commit: str, source: Path, main: bool = True) -> None:
     """Lay out one snapshot of a model the way huggingface_hub's cache does."""
     folder = cache / ("models--" + repo.replace("/", "--"))
