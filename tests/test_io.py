@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -56,6 +57,28 @@ def test_writer_never_writes_into_a_file_shared_elsewhere(tmp_path):
     writer.close()
     assert (tmp_path / "shared").read_bytes() == b"earlier output"
     assert torch.equal(load_tensors(tmp_path / "out")["a"], torch.ones(2))
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_tensor_digests_are_the_sha256_of_each_tensors_bytes(llama, tmp_path, monkeypatch, chunk):
+    import hashlib
+
+    from mbuild.errors import ModelError
+
+    monkeypatch.setattr(io, "READ_CHUNK", chunk)  # 7: every tensor in many pieces through one buffer
+    model = io.read_model(llama["base"])
+    path = next(iter(model.weight_files))
+    raw = Path(path).read_bytes()
+    expected = {name: hashlib.sha256(raw[t.start : t.end]).hexdigest() for name, t in model.tensors.items()}
+    seen = []
+    for workers in (1, 2):
+        assert io.hash_tensor_bytes(model.tensors.values(), workers=workers, progress=seen.append) == expected
+    assert sum(seen) == 2 * sum(t.end - t.start for t in model.tensors.values())
+    last = max(model.tensors.values(), key=lambda t: t.end)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(raw[: last.end - 3])
+    with pytest.raises(ModelError, match="truncated"):
+        io.hash_tensor_bytes([dataclasses.replace(last, file=str(cut))])
 
 
 def fake_hub_snapshot(cache: Path, repo: str, commit: str, source: Path, main: bool = True) -> None:
