@@ -530,7 +530,7 @@ def compute_task(
     }
     same_shape = all(t.shape == tensors[0].shape for t in tensors)
     if method.elementwise and same_shape and not task.vocabulary and torch.device(device).type == "cpu":
-        return _compute_in_slices(task, method.kernel, tensors, compute_dtype, options, target)
+        return _compute_in_slices(task, method, tensors, compute_dtype, options, target)
     if method.stored_inputs:
         options["dtype"] = compute_dtype
     # Aligning vocabularies works on whole tensors in the compute dtype.
@@ -556,21 +556,31 @@ def compute_task(
 ELEMENTWISE_SLICE = 1 << 18
 
 
-def _compute_in_slices(task: TensorTask, kernel, tensors, compute_dtype, options, target):
+def _compute_in_slices(task: TensorTask, method, tensors, compute_dtype, options, target):
     """An element-wise method run a slice at a time, each written into the output as it is done.
 
     Only a slice of each input is ever converted to the compute dtype, so memory is the
     inputs as stored plus the output; per element the operations, and so the bytes, are
-    those of the whole-tensor run.
+    those of the whole-tensor run. A method's compiled one-pass form, where it applies,
+    does the same in one pass.
     """
     import torch
 
+    from mbuild.methods import NonFiniteResult
+
     output = torch.empty(tensors[0].shape, dtype=io.torch_dtype(task.dtype))
+    if method.one_pass is not None:
+        try:
+            inputs = [t.contiguous() for t in tensors]
+            if method.one_pass(inputs, output, compute_dtype=compute_dtype, threads=torch.get_num_threads(), **options):
+                return output
+        except NonFiniteResult:
+            raise _non_finite(task, target) from None
     flat_output = output.view(-1)
     flat_inputs = [t.reshape(-1) for t in tensors]
     for start in range(0, flat_output.numel(), ELEMENTWISE_SLICE):
         stop = start + ELEMENTWISE_SLICE
-        result = kernel([t[start:stop].to(compute_dtype) for t in flat_inputs], generator=None, **options)
+        result = method.kernel([t[start:stop].to(compute_dtype) for t in flat_inputs], generator=None, **options)
         _require_finite(result, task, target)
         flat_output[start:stop] = result
     return output
@@ -583,10 +593,11 @@ def _require_finite(result, task: TensorTask, target) -> None:
     # A finite sum proves every element finite (NaN and inf propagate); only a
     # non-finite sum, rare, pays for the element-wise check.
     if not math.isfinite(float(result.sum())) and not bool(torch.isfinite(result).all()):
-        raise BuildError(
-            f"tensor '{task.name}' has non-finite values (NaN or inf) after {task.method}",
-            target.location(),
-        )
+        raise _non_finite(task, target)
+
+
+def _non_finite(task: TensorTask, target) -> BuildError:
+    return BuildError(f"tensor '{task.name}' has non-finite values (NaN or inf) after {task.method}", target.location())
 
 
 def _tune_allocator() -> None:

@@ -604,16 +604,25 @@ ELEMENTWISE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c", "torch"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("name, values", ELEMENTWISE_CASES)
-def test_elementwise_methods_run_in_slices_match_mergekit(mergekit_methods, monkeypatch, name, values, out_dtype):
+def test_elementwise_methods_run_in_slices_match_mergekit(
+    mergekit_methods, monkeypatch, name, values, out_dtype, native
+):
     # The engine runs element-wise methods a slice at a time, converting each slice of the
     # stored (bf16) inputs to float32 and writing the result into the output dtype; slices
-    # that do not divide the tensor (7 elements) must give mergekit's bytes.
+    # that do not divide the tensor (7 elements) must give mergekit's bytes. Linear's C
+    # one-pass form, where it applies, must too.
     from types import SimpleNamespace
 
     from mbuild import engine
+    from mbuild.methods import native as c_loops
 
+    if native and c_loops.library() is None:
+        pytest.skip("the C extension was not built (no compiler at install)")
+    if not native:
+        monkeypatch.setattr(c_loops, "library", lambda: None)
     monkeypatch.setattr(engine, "ELEMENTWISE_SLICE", 7)
     method = methods.get(name)
     assert method.elementwise
@@ -624,7 +633,7 @@ def test_elementwise_methods_run_in_slices_match_mergekit(mergekit_methods, monk
     params, model_params = resolve(method, len(stored), base_index, values)
     options = {"base_index": base_index, "params": params, "model_params": model_params}
     task = SimpleNamespace(name="w", method=name, dtype=str(out_dtype).removeprefix("torch."))
-    ours = engine._compute_in_slices(task, method.kernel, stored, torch.float32, options, target=None)
+    ours = engine._compute_in_slices(task, method, stored, torch.float32, options, target=None)
     computed = [x.float() for x in stored]
     theirs = mergekit_merge(mergekit_methods, name, computed, base_index=base_index, **values).to(out_dtype)
     assert ours.shape == theirs.shape and ours.dtype == out_dtype
@@ -779,3 +788,53 @@ def test_declarations_match_mergekit(mergekit_methods):
             assert mine.applies_to_base == (theirs.scope != ParameterScope.NON_BASE), (ours.name, theirs.name)
             expected_default = REQUIRED if theirs.default is MISSING else theirs.default
             assert mine.default == expected_default or mine.default is expected_default, (ours.name, theirs.name)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_linear_one_pass_gives_the_kernels_bytes(threads):
+    # The C loop against merge_linear itself (float32 math, then the output dtype), over
+    # sizes around its 512-column blocks, 1 to 5 models of very different scales, stored
+    # float32, bfloat16 or both, with and without normalizing; 3 threads split the largest.
+    from mbuild.methods import NonFiniteResult
+    from mbuild.methods import native as c_loops
+    from mbuild.methods.linear import merge_linear, merge_linear_in_one_pass
+
+    if c_loops.library() is None or not c_loops.library().mbuild_has_fma():
+        pytest.skip("the C extension was not built, or this CPU has no FMA")
+    generator = torch.Generator().manual_seed(5)
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+    checked = 0
+    for size in (1, 7, 511, 512, 513, 3 * 64 * 512 + 17):
+        for count in (1, 2, 3, 5):
+            scales = [10.0 ** e for e in (0, -3, 3, 1, -1)[:count]]
+            weights = (torch.rand(count, generator=generator) * 2 - 0.5).tolist()
+            for mix in ("bf16", "f32", "both"):
+                dtypes = [torch.bfloat16 if mix == "bf16" or (mix == "both" and i % 2) else torch.float32
+                          for i in range(count)]
+                tensors = [(torch.randn(size, generator=generator) * s).to(d) for s, d in zip(scales, dtypes)]
+                for out_dtype in (torch.bfloat16, torch.float32):
+                    for normalize in (True, False):
+                        options = {"params": {"normalize": normalize}, "model_params": [{"weight": w} for w in weights]}
+                        output = torch.empty(size, dtype=out_dtype)
+                        assert merge_linear_in_one_pass(
+                            tensors, output, compute_dtype=torch.float32, threads=threads, base_index=None, **options
+                        )
+                        expected = merge_linear(
+                            [t.float() for t in tensors], base_index=None, generator=None, **options
+                        ).to(out_dtype)
+                        assert torch.equal(output.view(bits[out_dtype]), expected.view(bits[out_dtype]))
+                        checked += 1
+    assert checked == 6 * 4 * 3 * 2 * 2
+    # Not finite: an error, never a silent inf.
+    options = {"params": {"normalize": False}, "model_params": [{"weight": 1e38}, {"weight": 1e38}]}
+    with pytest.raises(NonFiniteResult):
+        merge_linear_in_one_pass([torch.full((9,), 4.0)] * 2, torch.empty(9), compute_dtype=torch.float32,
+                                 threads=threads, **options)
+    # Where it does not apply, it says so and the engine runs the kernel in slices.
+    half = [torch.ones(9, dtype=torch.float16)] * 2
+    options["model_params"] = [{"weight": 1.0}] * 2
+    assert not merge_linear_in_one_pass(half, torch.empty(9), compute_dtype=torch.float32, threads=1, **options)
+    assert not merge_linear_in_one_pass([torch.ones(9)] * 2, torch.empty(9, dtype=torch.float16),
+                                        compute_dtype=torch.float32, threads=1, **options)
+    assert not merge_linear_in_one_pass([torch.ones(9)] * 2, torch.empty(9), compute_dtype=torch.float64,
+                                        threads=1, **options)

@@ -100,6 +100,10 @@ class Parameter:
             raise ValueError(f"expected a value {allowed}, got {value:g}")
 
 
+class NonFiniteResult(ValueError):
+    """A kernel's result holds NaN or inf."""
+
+
 @dataclass(frozen=True)
 class Method:
     """A merge method: its kernel plus everything needed to check and plan a recipe without running it."""
@@ -121,6 +125,11 @@ class Method:
     # True when the kernel takes its inputs as stored plus `dtype=` (the compute dtype) and
     # converts pieces as it reads them, rather than whole float32 copies made up front.
     stored_inputs: bool = False
+    # Optionally, an `elementwise` kernel's whole-tensor pass in compiled code:
+    # one_pass(stored tensors, output, *, compute_dtype, threads, **kernel keywords) fills
+    # `output` (in the output dtype) and returns True, or returns False where it does not
+    # apply (the engine then runs the kernel in slices), or raises NonFiniteResult.
+    one_pass: Callable[..., bool] | None = None
 
     def __post_init__(self) -> None:
         if self.base not in _BASE_POLICIES:
@@ -128,6 +137,8 @@ class Method:
         names = [parameter.name for parameter in self.parameters]
         if len(set(names)) != len(names):
             raise ValueError(f"method {self.name!r} declares a parameter twice: {names}")
+        if self.one_pass is not None and not self.elementwise:
+            raise ValueError(f"method {self.name!r}: only an elementwise method has a one-pass form")
         if self.elementwise and self.random:
             raise ValueError(f"method {self.name!r}: a random method cannot be run in slices (its draws would move)")
         if self.min_models < 1 or (self.max_models is not None and self.max_models < self.min_models):

@@ -1,4 +1,4 @@
-/* The C loops behind TIES on the CPU. Each one does what a sequence of numpy or torch steps
+/* The C loops behind TIES and linear on the CPU. Each one does what a sequence of numpy or torch steps
  * in mbuild/methods/ does, in one pass and with the same bytes; those steps remain, and run
  * wherever this optional extension was not built. Called through ctypes (which releases the
  * GIL); the module itself defines nothing, it only makes the shared object importable.
@@ -15,6 +15,9 @@
  * mbuild_task_vector, mbuild_keep_above, mbuild_ties_combine: task_arithmetic.py's task
  * vector, magnitude thinning and sum-consensus combine (comments at each).
  *
+ * mbuild_linear: linear.py's weighted sum over a whole tensor in one pass, stored inputs in,
+ * output dtype out, on `threads` threads (comment there).
+ *
  * Build flags (setup.py): no FMA contraction, so products and sums round separately as
  * torch's element-wise ops do; no trapping math, so comparisons vectorize.
  */
@@ -23,6 +26,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include <pthread.h>
 
 /* libstdc++'s _S_threshold: ranges this small are left to the final insertion sort. */
 #define INSERTION_THRESHOLD 16
@@ -263,6 +267,121 @@ EXPORT int mbuild_ties_combine(const float *deltas, int64_t rows, int64_t size, 
         }
     }
     return 0;
+}
+
+/* linear.py's kernel as torch runs it, for each element: total = +0, then for each model in
+ * order total = fma(x_i, weight_i, total) (torch's addcmul_ on float32 is one fused
+ * multiply-add on AVX2 and AVX-512 builds, checked by the tests), then total / divisor when
+ * normalizing; the result must be finite; it is stored as float32 or rounded to bfloat16
+ * (round to nearest even, as torch converts). Inputs are float32 or bfloat16, each element
+ * read as float32 (exact). FMA is a compiler target here, so mbuild_has_fma must say the
+ * CPU has it before mbuild_linear is called. */
+
+struct linear_job {
+    const void *const *inputs;
+    const int *inputs_bf16;
+    const float *weights;
+    int64_t rows;
+    float divisor;
+    int normalize;
+    void *out;
+    int out_bf16;
+    int64_t begin, end;
+    int status;
+};
+
+__attribute__((target("avx2,fma"))) static void linear_part(struct linear_job *job)
+{
+    float total[COLUMNS];
+    int bad = 0;
+    for (int64_t start = job->begin; start < job->end; start += COLUMNS) {
+        int n = job->end - start < COLUMNS ? (int)(job->end - start) : COLUMNS;
+        for (int j = 0; j < n; j++)
+            total[j] = 0.0f;
+        for (int64_t i = 0; i < job->rows; i++) {
+            const float weight = job->weights[i];
+            if (job->inputs_bf16[i]) {
+                const uint16_t *row = (const uint16_t *)job->inputs[i] + start;
+                for (int j = 0; j < n; j++) {
+                    uint32_t bits = (uint32_t)row[j] << 16;
+                    float value;
+                    memcpy(&value, &bits, sizeof value);
+                    total[j] = fmaf(value, weight, total[j]);
+                }
+            } else {
+                const float *row = (const float *)job->inputs[i] + start;
+                for (int j = 0; j < n; j++)
+                    total[j] = fmaf(row[j], weight, total[j]);
+            }
+        }
+        if (job->normalize)
+            for (int j = 0; j < n; j++)
+                total[j] = total[j] / job->divisor;
+        for (int j = 0; j < n; j++)
+            bad |= !(fabsf(total[j]) <= 3.40282347e+38f); /* inf or NaN */
+        if (job->out_bf16) {
+            uint16_t *out = (uint16_t *)job->out + start;
+            for (int j = 0; j < n; j++) {
+                uint32_t bits;
+                memcpy(&bits, &total[j], sizeof bits);
+                out[j] = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+            }
+        } else {
+            memcpy((float *)job->out + start, total, (size_t)n * sizeof(float));
+        }
+    }
+    job->status = bad;
+}
+
+static void *linear_thread(void *job)
+{
+    linear_part((struct linear_job *)job);
+    return NULL;
+}
+
+EXPORT int mbuild_has_fma(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* inputs: `rows` arrays of `size` elements (inputs_bf16[i]: bfloat16, else float32);
+ * out: `size` elements (bfloat16 when out_bf16, else float32). Returns 0, or 1 when some
+ * result is not finite (the output is then not to be used), or 2 for bad arguments. */
+EXPORT int mbuild_linear(const void *const *inputs, const int *inputs_bf16, int64_t rows, int64_t size,
+                         const float *weights, int normalize, float divisor, void *out, int out_bf16, int threads)
+{
+    enum { MOST_THREADS = 64 };
+    struct linear_job jobs[MOST_THREADS];
+    pthread_t handles[MOST_THREADS];
+    int started[MOST_THREADS];
+    if (rows < 1 || size < 0 || !mbuild_has_fma())
+        return 2;
+    if (threads < 1)
+        threads = 1;
+    if (threads > MOST_THREADS)
+        threads = MOST_THREADS;
+    /* Parts of whole column blocks, and none smaller than 64 blocks. */
+    int64_t blocks = (size + COLUMNS - 1) / COLUMNS;
+    if (blocks < (int64_t)threads * 64)
+        threads = blocks / 64 > 0 ? (int)(blocks / 64) : 1;
+    int64_t per = (blocks + threads - 1) / threads * COLUMNS;
+    for (int t = 0; t < threads; t++) {
+        struct linear_job job = {inputs, inputs_bf16, weights, rows, divisor, normalize, out, out_bf16,
+                                 t * per < size ? t * per : size, (t + 1) * per < size ? (t + 1) * per : size, 0};
+        jobs[t] = job;
+        started[t] = t > 0 && pthread_create(&handles[t], NULL, linear_thread, &jobs[t]) == 0;
+    }
+    for (int t = 0; t < threads; t++)
+        if (t == 0 || !started[t])
+            linear_part(&jobs[t]); /* the caller's share, and any a thread could not take */
+    int status = 0;
+    for (int t = 0; t < threads; t++) {
+        if (started[t])
+            pthread_join(handles[t], NULL);
+        status |= jobs[t].status;
+    }
+    return status;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, NULL, NULL, NULL, NULL, NULL};

@@ -36,6 +36,62 @@ def merge_linear(
     return total.to(first.dtype)
 
 
+def merge_linear_in_one_pass(
+    tensors: Sequence[torch.Tensor],
+    output: torch.Tensor,
+    *,
+    params: Mapping[str, Any],
+    model_params: Sequence[Mapping[str, Any]],
+    compute_dtype: torch.dtype,
+    threads: int,
+    **_: Any,
+) -> bool:
+    """`merge_linear` over whole tensors in one pass of the C loop, from stored inputs into `output`.
+
+    The same bytes as the kernel run in float32 and cast to `output`'s dtype. False where the
+    loop does not apply (not built; no FMA, whose single rounding torch's addcmul_ has on
+    AVX2 and AVX-512 builds; dtypes other than float32 and bfloat16; float32 math not asked).
+    """
+    import torch
+
+    from mbuild.methods import NonFiniteResult, native
+
+    stored = (torch.float32, torch.bfloat16)
+    if (
+        compute_dtype != torch.float32
+        or output.dtype not in stored
+        or any(t.dtype not in stored or not t.is_contiguous() or t.device.type != "cpu" for t in tensors)
+        or not output.is_contiguous()
+        or _cpu_capability() not in ("AVX2", "AVX512")
+    ):
+        return False
+    library = native.library()
+    if library is None or not library.mbuild_has_fma():
+        return False
+    import ctypes
+
+    weights = torch.tensor([p["weight"] for p in model_params], dtype=torch.float32)
+    divisor = float(weights.sum())  # torch's float32 sum, as the kernel divides by
+    pointers = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+    bf16 = (ctypes.c_int * len(tensors))(*(t.dtype == torch.bfloat16 for t in tensors))
+    status = library.mbuild_linear(
+        pointers, bf16, len(tensors), output.numel(), weights.data_ptr(), bool(params["normalize"]),
+        divisor, output.data_ptr(), output.dtype == torch.bfloat16, threads,
+    )
+    if status == 1:
+        raise NonFiniteResult("non-finite result")
+    return status == 0
+
+
+def _cpu_capability() -> str:
+    import torch
+
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch: do not assume its kernels
+        return "unknown"
+
+
 register(
     Method(
         name="linear",
@@ -47,5 +103,6 @@ register(
         paper="https://arxiv.org/abs/2203.05482",
         summary="weighted average of the models (model soups)",
         elementwise=True,
+        one_pass=merge_linear_in_one_pass,
     )
 )

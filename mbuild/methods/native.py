@@ -23,6 +23,13 @@ _SIGNATURES = {
         "c_int",
         ["c_void_p", "c_int64", "c_int64", "c_void_p", "c_void_p", "c_int", "c_int", "c_int", "c_float", "c_void_p"],
     ),
+    "mbuild_has_fma": ("c_int", []),
+    # inputs (pointer array), inputs are bf16 (int array), rows, size, weights, normalize, divisor,
+    # out, out is bf16, threads
+    "mbuild_linear": (
+        "c_int",
+        ["c_void_p", "c_void_p", "c_int64", "c_int64", "c_void_p", "c_int", "c_float", "c_void_p", "c_int", "c_int"],
+    ),
 }
 
 
