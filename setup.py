@@ -1,5 +1,5 @@
 """The one compiled part: optional C loops for TIES (the magnitude selection walk and the
-sum-consensus combine) and for linear (the weighted sum in one pass).
+sum-consensus combine), linear (the weighted sum in one pass) and SLERP (its dot and last pass).
 
 Everything else is declared in pyproject.toml. Without a C compiler the build goes on
 without it and mbuild runs the same steps in numpy and torch, with the same bytes.

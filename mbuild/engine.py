@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import math
 import os
 import threading
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mbuild import io, lock, methods
+from mbuild.methods import NonFiniteResult
 from mbuild.cache import State, TensorCache
 from mbuild.errors import BuildError, Location, MbuildError
 from mbuild.plan import node_of as plan_node
@@ -545,9 +545,16 @@ def compute_task(
     if task.seed is not None:
         # Drawn on the CPU whatever the device, so the bytes do not depend on it.
         generator = torch.Generator("cpu").manual_seed(tensor_seed(task.seed, task.name))
-    result = method.kernel(inputs, generator=generator, **options)
+    if method.casts_output:
+        options["out_dtype"] = io.torch_dtype(task.dtype)
+        try:
+            result = method.kernel(inputs, generator=generator, **options)  # checked finite as it went
+        except NonFiniteResult:
+            raise _non_finite(task, target) from None
+    else:
+        result = method.kernel(inputs, generator=generator, **options)
+        _require_finite(result, task, target)
     del inputs
-    _require_finite(result, task, target)
     return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
 
 
@@ -565,8 +572,6 @@ def _compute_in_slices(task: TensorTask, method, tensors, compute_dtype, options
     does the same in one pass.
     """
     import torch
-
-    from mbuild.methods import NonFiniteResult
 
     output = torch.empty(tensors[0].shape, dtype=io.torch_dtype(task.dtype))
     if method.one_pass is not None:
@@ -588,12 +593,10 @@ def _compute_in_slices(task: TensorTask, method, tensors, compute_dtype, options
 
 def _require_finite(result, task: TensorTask, target) -> None:
     """A clear error for NaN or inf in a method's result (they would poison every later merge)."""
-    import torch
-
-    # A finite sum proves every element finite (NaN and inf propagate); only a
-    # non-finite sum, rare, pays for the element-wise check.
-    if not math.isfinite(float(result.sum())) and not bool(torch.isfinite(result).all()):
-        raise _non_finite(task, target)
+    try:
+        methods.require_finite(result)
+    except NonFiniteResult:
+        raise _non_finite(task, target) from None
 
 
 def _non_finite(task: TensorTask, target) -> BuildError:

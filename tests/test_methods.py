@@ -7,6 +7,7 @@ own section at the end and skip cleanly when mergekit is not installed.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import pickle
 import subprocess
@@ -838,3 +839,48 @@ def test_linear_one_pass_gives_the_kernels_bytes(threads):
                                         compute_dtype=torch.float32, threads=1, **options)
     assert not merge_linear_in_one_pass([torch.ones(9)] * 2, torch.empty(9), compute_dtype=torch.float64,
                                         threads=1, **options)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c", "torch"])
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_slerp_casting_its_output_gives_the_bytes_of_a_cast_after(monkeypatch, native, compute, stored):
+    # SLERP declares casts_output: asked for out_dtype, it writes its result straight into
+    # it (from float32 math through the C loops where built) instead of the engine casting a
+    # whole compute-dtype result; the bytes must be those of the torch steps cast after.
+    # Sizes around the C loops' 512-column blocks and thread split (3 parts from 3 * 64
+    # blocks), and around SLERP's own chunks (made 1000 elements here).
+    from mbuild.methods import NonFiniteResult, slerp
+    from mbuild.methods import native as c_loops
+    from mbuild.methods.slerp import merge_slerp
+
+    if native and c_loops.library() is None:
+        pytest.skip("the C extension was not built (no compiler at install)")
+    built = c_loops.library
+    monkeypatch.setattr(slerp, "CHUNK_ELEMENTS", 1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    options = {"base_index": 1, "model_params": [{}, {}], "generator": None, "dtype": compute}
+    generator = seeded(21)
+    try:
+        for width in (1, 511, 513, 3 * 64 * 512 + 5):
+            first = torch.randn(width, generator=generator)
+            unrelated = [first * 0.02, torch.randn(width, generator=generator) * 3.0]
+            # Nearly parallel (cos about 0.9992): the last bits of the dot show in the weights.
+            close = [first, first + 0.04 * torch.randn(width, generator=generator)]
+            for (t, out), pair in itertools.product(
+                ((0.3, torch.bfloat16), (0.9, torch.float32), (0.5, torch.float16)), (unrelated, close)
+            ):
+                pair = [x.to(stored) for x in pair]
+                monkeypatch.setattr(c_loops, "library", lambda: None)
+                after = merge_slerp(pair, params={"t": t}, **options).to(out)
+                monkeypatch.setattr(c_loops, "library", built if native else lambda: None)
+                cast = merge_slerp(pair, params={"t": t}, out_dtype=out, **options)
+                assert cast.dtype == out and torch.equal(cast.view(torch.uint8), after.view(torch.uint8))
+        # An inf in an input makes every weight NaN: an error, never NaN written out.
+        broken = [torch.ones(600).to(stored), torch.ones(600).to(stored)]
+        broken[0][5] = float("inf")
+        with pytest.raises(NonFiniteResult):
+            merge_slerp(broken, params={"t": 0.5}, out_dtype=torch.bfloat16, **options)
+    finally:
+        torch.set_num_threads(threads)

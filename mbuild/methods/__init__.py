@@ -12,7 +12,9 @@ Every kernel has the same signature::
 modified), ``params`` the resolved global values, ``model_params[i]`` the resolved per-model
 values of input ``i``, and ``generator`` the only source of randomness a kernel may use.
 A method declared with ``stored_inputs`` is handed its inputs as stored instead, with a
-``dtype`` keyword: the compute dtype, which it converts them to a piece at a time.
+``dtype`` keyword: the compute dtype, which it converts them to a piece at a time. One
+declared with ``casts_output`` also takes ``out_dtype`` and returns its result in that
+dtype, having checked the compute-dtype values finite (``require_finite``).
 """
 
 from __future__ import annotations
@@ -104,6 +106,16 @@ class NonFiniteResult(ValueError):
     """A kernel's result holds NaN or inf."""
 
 
+def require_finite(result: "torch.Tensor") -> None:
+    """Raise NonFiniteResult if ``result`` holds NaN or inf."""
+    import torch
+
+    # A finite sum proves every element finite (NaN and inf propagate); only a
+    # non-finite sum, rare, pays for the element-wise check.
+    if not math.isfinite(float(result.sum())) and not bool(torch.isfinite(result).all()):
+        raise NonFiniteResult("non-finite result")
+
+
 @dataclass(frozen=True)
 class Method:
     """A merge method: its kernel plus everything needed to check and plan a recipe without running it."""
@@ -130,6 +142,10 @@ class Method:
     # `output` (in the output dtype) and returns True, or returns False where it does not
     # apply (the engine then runs the kernel in slices), or raises NonFiniteResult.
     one_pass: Callable[..., bool] | None = None
+    # True when a `stored_inputs` kernel also takes `out_dtype=` and returns its result in it,
+    # checked finite in the compute dtype first (NonFiniteResult): no compute-dtype copy of
+    # the whole result is made, and no second pass converts it.
+    casts_output: bool = False
 
     def __post_init__(self) -> None:
         if self.base not in _BASE_POLICIES:
@@ -137,6 +153,8 @@ class Method:
         names = [parameter.name for parameter in self.parameters]
         if len(set(names)) != len(names):
             raise ValueError(f"method {self.name!r} declares a parameter twice: {names}")
+        if self.casts_output and not self.stored_inputs:
+            raise ValueError(f"method {self.name!r}: only a stored_inputs method can cast its output")
         if self.one_pass is not None and not self.elementwise:
             raise ValueError(f"method {self.name!r}: only an elementwise method has a one-pass form")
         if self.elementwise and self.random:

@@ -1,4 +1,4 @@
-/* The C loops behind TIES and linear on the CPU. Each one does what a sequence of numpy or torch steps
+/* The C loops behind TIES, linear and SLERP on the CPU. Each one does what a sequence of numpy or torch steps
  * in mbuild/methods/ does, in one pass and with the same bytes; those steps remain, and run
  * wherever this optional extension was not built. Called through ctypes (which releases the
  * GIL); the module itself defines nothing, it only makes the shared object importable.
@@ -16,7 +16,8 @@
  * vector, magnitude thinning and sum-consensus combine (comments at each).
  *
  * mbuild_linear: linear.py's weighted sum over a whole tensor in one pass, stored inputs in,
- * output dtype out, on `threads` threads (comment there).
+ * output dtype out, on `threads` threads; mbuild_slerp_combine: slerp.py's last pass, the
+ * same way; mbuild_scaled_product: the element-wise half of slerp.py's dot (comments at each).
  *
  * Build flags (setup.py): no FMA contraction, so products and sums round separately as
  * torch's element-wise ops do; no trapping math, so comparisons vectorize.
@@ -269,15 +270,83 @@ EXPORT int mbuild_ties_combine(const float *deltas, int64_t rows, int64_t size, 
     return 0;
 }
 
+/* One tensor's element-wise pass split over threads: parts of whole column blocks, none
+ * smaller than 64 blocks; the caller's thread takes the first part (and any part a thread
+ * could not be started for). Each part ORs its status into the result. */
+typedef int (*part_function)(const void *arguments, int64_t begin, int64_t end);
+
+struct part {
+    part_function work;
+    const void *arguments;
+    int64_t begin, end;
+    int status;
+};
+
+static void *run_part(void *part)
+{
+    struct part *p = (struct part *)part;
+    p->status = p->work(p->arguments, p->begin, p->end);
+    return NULL;
+}
+
+static int in_parts(part_function work, const void *arguments, int64_t size, int threads)
+{
+    enum { MOST_THREADS = 64 };
+    struct part parts[MOST_THREADS];
+    pthread_t handles[MOST_THREADS];
+    int started[MOST_THREADS];
+    int64_t blocks = (size + COLUMNS - 1) / COLUMNS;
+    if (threads > MOST_THREADS)
+        threads = MOST_THREADS;
+    if (blocks < (int64_t)threads * 64)
+        threads = (int)(blocks / 64);
+    if (threads < 1)
+        threads = 1;
+    int64_t per = (blocks + threads - 1) / threads * COLUMNS;
+    for (int t = 0; t < threads; t++) {
+        struct part part = {work, arguments, t * per < size ? t * per : size, (t + 1) * per < size ? (t + 1) * per : size, 0};
+        parts[t] = part;
+        started[t] = t > 0 && pthread_create(&handles[t], NULL, run_part, &parts[t]) == 0;
+    }
+    for (int t = 0; t < threads; t++)
+        if (!started[t])
+            run_part(&parts[t]);
+    int status = 0;
+    for (int t = 0; t < threads; t++) {
+        if (started[t])
+            pthread_join(handles[t], NULL);
+        status |= parts[t].status;
+    }
+    return status;
+}
+
+/* 1 where a float32 is inf or NaN; in arithmetic, so the loops around it vectorize. */
+static inline int not_finite(float value) { return !(fabsf(value) <= 3.40282347e+38f); }
+
+/* Store n float32 values as float32 (out_bf16 = 0) or as bfloat16 rounded to nearest even,
+ * as torch converts (NaN is never stored: callers fail on non-finite values first). */
+static inline void store_values(const float *values, int n, void *out, int out_bf16, int64_t start)
+{
+    if (!out_bf16) {
+        memcpy((float *)out + start, values, (size_t)n * sizeof(float));
+        return;
+    }
+    uint16_t *to = (uint16_t *)out + start;
+    for (int j = 0; j < n; j++) {
+        uint32_t bits;
+        memcpy(&bits, &values[j], sizeof bits);
+        to[j] = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    }
+}
+
 /* linear.py's kernel as torch runs it, for each element: total = +0, then for each model in
  * order total = fma(x_i, weight_i, total) (torch's addcmul_ on float32 is one fused
  * multiply-add on AVX2 and AVX-512 builds, checked by the tests), then total / divisor when
- * normalizing; the result must be finite; it is stored as float32 or rounded to bfloat16
- * (round to nearest even, as torch converts). Inputs are float32 or bfloat16, each element
- * read as float32 (exact). FMA is a compiler target here, so mbuild_has_fma must say the
- * CPU has it before mbuild_linear is called. */
+ * normalizing; the result must be finite; it is stored as float32 or bfloat16. Inputs are
+ * float32 or bfloat16, each element read as float32 (exact). FMA is a compiler target here,
+ * so mbuild_has_fma must say the CPU has it before mbuild_linear runs the loop. */
 
-struct linear_job {
+struct linear_arguments {
     const void *const *inputs;
     const int *inputs_bf16;
     const float *weights;
@@ -286,16 +355,15 @@ struct linear_job {
     int normalize;
     void *out;
     int out_bf16;
-    int64_t begin, end;
-    int status;
 };
 
-__attribute__((target("avx2,fma"))) static void linear_part(struct linear_job *job)
+__attribute__((target("avx2,fma"))) static int linear_part(const void *arguments, int64_t begin, int64_t end)
 {
+    const struct linear_arguments *job = (const struct linear_arguments *)arguments;
     float total[COLUMNS];
     int bad = 0;
-    for (int64_t start = job->begin; start < job->end; start += COLUMNS) {
-        int n = job->end - start < COLUMNS ? (int)(job->end - start) : COLUMNS;
+    for (int64_t start = begin; start < end; start += COLUMNS) {
+        int n = end - start < COLUMNS ? (int)(end - start) : COLUMNS;
         for (int j = 0; j < n; j++)
             total[j] = 0.0f;
         for (int64_t i = 0; i < job->rows; i++) {
@@ -318,25 +386,10 @@ __attribute__((target("avx2,fma"))) static void linear_part(struct linear_job *j
             for (int j = 0; j < n; j++)
                 total[j] = total[j] / job->divisor;
         for (int j = 0; j < n; j++)
-            bad |= !(fabsf(total[j]) <= 3.40282347e+38f); /* inf or NaN */
-        if (job->out_bf16) {
-            uint16_t *out = (uint16_t *)job->out + start;
-            for (int j = 0; j < n; j++) {
-                uint32_t bits;
-                memcpy(&bits, &total[j], sizeof bits);
-                out[j] = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-            }
-        } else {
-            memcpy((float *)job->out + start, total, (size_t)n * sizeof(float));
-        }
+            bad |= not_finite(total[j]);
+        store_values(total, n, job->out, job->out_bf16, start);
     }
-    job->status = bad;
-}
-
-static void *linear_thread(void *job)
-{
-    linear_part((struct linear_job *)job);
-    return NULL;
+    return bad;
 }
 
 EXPORT int mbuild_has_fma(void)
@@ -351,37 +404,61 @@ EXPORT int mbuild_has_fma(void)
 EXPORT int mbuild_linear(const void *const *inputs, const int *inputs_bf16, int64_t rows, int64_t size,
                          const float *weights, int normalize, float divisor, void *out, int out_bf16, int threads)
 {
-    enum { MOST_THREADS = 64 };
-    struct linear_job jobs[MOST_THREADS];
-    pthread_t handles[MOST_THREADS];
-    int started[MOST_THREADS];
     if (rows < 1 || size < 0 || !mbuild_has_fma())
         return 2;
-    if (threads < 1)
-        threads = 1;
-    if (threads > MOST_THREADS)
-        threads = MOST_THREADS;
-    /* Parts of whole column blocks, and none smaller than 64 blocks. */
-    int64_t blocks = (size + COLUMNS - 1) / COLUMNS;
-    if (blocks < (int64_t)threads * 64)
-        threads = blocks / 64 > 0 ? (int)(blocks / 64) : 1;
-    int64_t per = (blocks + threads - 1) / threads * COLUMNS;
-    for (int t = 0; t < threads; t++) {
-        struct linear_job job = {inputs, inputs_bf16, weights, rows, divisor, normalize, out, out_bf16,
-                                 t * per < size ? t * per : size, (t + 1) * per < size ? (t + 1) * per : size, 0};
-        jobs[t] = job;
-        started[t] = t > 0 && pthread_create(&handles[t], NULL, linear_thread, &jobs[t]) == 0;
+    struct linear_arguments arguments = {inputs, inputs_bf16, weights, rows, divisor, normalize, out, out_bf16};
+    return in_parts(linear_part, &arguments, size, threads);
+}
+
+/* slerp.py's last pass, once the weights are known: weight_a * a + weight_b * b in float32,
+ * each product rounded, then the sum (torch's mul, then add_ of the other product); the
+ * result must be finite; stored as float32 or bfloat16. a and b: float32 or bfloat16. */
+
+struct slerp_arguments {
+    const void *a;
+    int a_bf16;
+    const void *b;
+    int b_bf16;
+    float weight_a, weight_b;
+    void *out;
+    int out_bf16;
+};
+
+static int slerp_part(const void *arguments, int64_t begin, int64_t end)
+{
+    const struct slerp_arguments *job = (const struct slerp_arguments *)arguments;
+    float result[COLUMNS];
+    int bad = 0;
+    for (int64_t start = begin; start < end; start += COLUMNS) {
+        int n = end - start < COLUMNS ? (int)(end - start) : COLUMNS;
+        for (int j = 0; j < n; j++) {
+            float x = job->weight_a * load_value(job->a, job->a_bf16, start + j);
+            float y = job->weight_b * load_value(job->b, job->b_bf16, start + j);
+            result[j] = x + y;
+        }
+        for (int j = 0; j < n; j++)
+            bad |= not_finite(result[j]);
+        store_values(result, n, job->out, job->out_bf16, start);
     }
-    for (int t = 0; t < threads; t++)
-        if (t == 0 || !started[t])
-            linear_part(&jobs[t]); /* the caller's share, and any a thread could not take */
-    int status = 0;
-    for (int t = 0; t < threads; t++) {
-        if (started[t])
-            pthread_join(handles[t], NULL);
-        status |= jobs[t].status;
-    }
-    return status;
+    return bad;
+}
+
+/* slerp.py's dot pass, one chunk: out = (a / norm_a) * (b / norm_b), each step rounded as
+ * torch's division and multiplication are, from float32 or bfloat16 inputs; torch then sums
+ * `out` exactly as it sums its own. */
+EXPORT void mbuild_scaled_product(const void *a, int a_bf16, const void *b, int b_bf16, int64_t size, float norm_a,
+                                  float norm_b, float *out)
+{
+    for (int64_t j = 0; j < size; j++)
+        out[j] = (load_value(a, a_bf16, j) / norm_a) * (load_value(b, b_bf16, j) / norm_b);
+}
+
+/* Returns 0, or 1 when some result is not finite (the output is then not to be used). */
+EXPORT int mbuild_slerp_combine(const void *a, int a_bf16, const void *b, int b_bf16, int64_t size, float weight_a,
+                                float weight_b, void *out, int out_bf16, int threads)
+{
+    struct slerp_arguments arguments = {a, a_bf16, b, b_bf16, weight_a, weight_b, out, out_bf16};
+    return in_parts(slerp_part, &arguments, size, threads);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, NULL, NULL, NULL, NULL, NULL};

@@ -30,6 +30,15 @@ _SIGNATURES = {
         "c_int",
         ["c_void_p", "c_void_p", "c_int64", "c_int64", "c_void_p", "c_int", "c_float", "c_void_p", "c_int", "c_int"],
     ),
+    # a, a is bf16, b, b is bf16, size, weight a, weight b, out, out is bf16, threads
+    "mbuild_slerp_combine": (
+        "c_int",
+        ["c_void_p", "c_int", "c_void_p", "c_int", "c_int64", "c_float", "c_float", "c_void_p", "c_int", "c_int"],
+    ),
+    # a, a is bf16, b, b is bf16, size, norm a, norm b, out
+    "mbuild_scaled_product": (
+        None, ["c_void_p", "c_int", "c_void_p", "c_int", "c_int64", "c_float", "c_float", "c_void_p"]
+    ),
 }
 
 

@@ -26,13 +26,17 @@ def merge_slerp(
     model_params: Sequence[Mapping[str, Any]],
     generator: torch.Generator | None,
     dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Interpolate along the great circle from the base (t=0) to the other input (t=1).
 
     `dtype`: the compute dtype, when `tensors` are given as stored (each chunk is converted
-    to it as it is read); None when they already are in it.
+    to it as it is read); None when they already are in it. `out_dtype`: the dtype to return
+    the result in, each chunk checked finite first (NonFiniteResult); None: the compute dtype.
     """
     import torch
+
+    from mbuild.methods import require_finite
 
     if base_index is None or len(tensors) != 2:
         raise ValueError("slerp needs exactly two inputs, one of them the base model")
@@ -46,24 +50,40 @@ def merge_slerp(
     b = end.reshape(1, -1)
     t = torch.tensor(params["t"], dtype=work_dtype, device=start.device).reshape(1, 1)
     width = a.shape[1]
+    final = out_dtype or dtype
     if width == 0:
-        return torch.empty_like(start)
+        return torch.empty(start.shape, dtype=final, device=start.device)
     chunks = [slice(offset, offset + CHUNK_ELEMENTS) for offset in range(0, width, CHUNK_ELEMENTS)]
 
     def piece(row: torch.Tensor, chunk: slice, to: torch.dtype) -> torch.Tensor:
         """A chunk of an input in the compute dtype, then in `to` (as mergekit's two casts)."""
         return row[:, chunk].to(dtype).to(to)
 
-    norm_a = _row_norm(a, chunks, piece, work_dtype)
-    norm_b = _row_norm(b, chunks, piece, work_dtype)
+    # float32 math from float32 or bfloat16 rows on the CPU: chunks are converted into one
+    # reused scratch row, and the dot's element-wise half runs in the C loop. Either way torch
+    # reduces the same float32 values, so the bytes do not change.
+    native_rows = dtype == torch.float32 and _native_rows(a, b)
+    scratch = torch.empty((1, min(width, CHUNK_ELEMENTS)), dtype=work_dtype) if native_rows else None
+
+    def converted(row: torch.Tensor, chunk: slice) -> torch.Tensor:
+        if scratch is None:
+            return piece(row, chunk, work_dtype)
+        part = row[:, chunk]
+        return scratch[:, : part.shape[1]].copy_(part)
+
+    norm_a = _row_norm(a, chunks, converted)
+    norm_b = _row_norm(b, chunks, converted)
     norm_a = torch.where(norm_a > NORM_EPS, norm_a, 1)
     norm_b = torch.where(norm_b > NORM_EPS, norm_b, 1)
     # Dividing by the norms before multiplying keeps large weights from overflowing the dot.
     # (In-place steps on fresh scratch: the same roundings as the plain expression, fewer buffers.)
     dot_parts = []
     for chunk in chunks:
-        scaled = piece(a, chunk, work_dtype) / norm_a
-        scaled.mul_(piece(b, chunk, work_dtype) / norm_b)
+        if native_rows:
+            scaled = _scaled_product(a, b, chunk, float(norm_a), float(norm_b), scratch)
+        else:
+            scaled = piece(a, chunk, work_dtype) / norm_a
+            scaled.mul_(piece(b, chunk, work_dtype) / norm_b)
         dot_parts.append(scaled.sum(dim=1, keepdim=True))
         del scaled
     dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
@@ -74,25 +94,84 @@ def merge_slerp(
     weight_a = torch.where(parallel, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     weight_b = torch.where(parallel, t, torch.sin(t * theta) / sin_theta)
 
+    result = torch.empty(a.shape, dtype=final, device=a.device)
+    if out_dtype is not None and dtype == torch.float32 and _combine_natively(a, b, weight_a, weight_b, result):
+        return result.reshape(start.shape)
     # In the compute dtype, as mergekit's: rounded once per chunk.
-    result = torch.empty(a.shape, dtype=dtype, device=a.device)
     for chunk in chunks:
-        if result.dtype == work_dtype:
-            # weight_a * a + weight_b * b, each product rounded, then the sum, written in place.
-            part = result[:, chunk]
-            torch.mul(weight_a, piece(a, chunk, work_dtype), out=part)
-            part.add_(weight_b * piece(b, chunk, work_dtype))
+        part = result[:, chunk]
+        if dtype == work_dtype:
+            # weight_a * a + weight_b * b, each product rounded, then the sum (in place when
+            # the result is in the compute dtype).
+            value = part if final == work_dtype else torch.empty(part.shape, dtype=work_dtype, device=a.device)
+            torch.mul(weight_a, piece(a, chunk, work_dtype), out=value)
+            value.add_(weight_b * piece(b, chunk, work_dtype))
         else:
-            result[:, chunk] = weight_a * piece(a, chunk, work_dtype) + weight_b * piece(b, chunk, work_dtype)
+            value = (weight_a * piece(a, chunk, work_dtype) + weight_b * piece(b, chunk, work_dtype)).to(dtype)
+        if out_dtype is not None:
+            require_finite(value)
+        if value is not part:
+            part.copy_(value)
     return result.reshape(start.shape)
 
 
-def _row_norm(row: torch.Tensor, chunks: list[slice], piece, work_dtype: torch.dtype) -> torch.Tensor:
+def _combine_natively(a, b, weight_a, weight_b, result) -> bool:
+    """The last pass in the C loop (float32 math) straight into `result`; False where it does not apply."""
+    import ctypes
+
+    import torch
+
+    from mbuild.methods import NonFiniteResult, native
+
+    stored = (torch.float32, torch.bfloat16)
+    library = native.library()
+    if library is None or any(
+        t.dtype not in stored or t.device.type != "cpu" or not t.is_contiguous() for t in (a, b, result)
+    ):
+        return False
+    status = library.mbuild_slerp_combine(
+        a.data_ptr(), a.dtype == torch.bfloat16, b.data_ptr(), b.dtype == torch.bfloat16, a.numel(),
+        float(weight_a), float(weight_b), result.data_ptr(), result.dtype == torch.bfloat16,
+        torch.get_num_threads(),
+    )
+    if status:
+        raise NonFiniteResult("non-finite result")
+    return True
+
+
+def _row_norm(row: torch.Tensor, chunks: list[slice], converted) -> torch.Tensor:
     """Return the L2 norm of a (1, n) row as a (1, 1) tensor: the norm of its chunks' norms."""
     import torch
 
-    parts = [torch.linalg.vector_norm(piece(row, chunk, work_dtype), dim=1, keepdim=True) for chunk in chunks]
+    parts = [torch.linalg.vector_norm(converted(row, chunk), dim=1, keepdim=True) for chunk in chunks]
     return torch.linalg.vector_norm(torch.stack(parts), dim=0)
+
+
+def _native_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the C loops can read these rows: float32 or bfloat16, contiguous, on the CPU, and built."""
+    import torch
+
+    from mbuild.methods import native
+
+    return native.library() is not None and all(
+        t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu" and t.is_contiguous() for t in (a, b)
+    )
+
+
+def _scaled_product(a, b, chunk: slice, norm_a: float, norm_b: float, scratch) -> torch.Tensor:
+    """(a / norm_a) * (b / norm_b) over one chunk, in float32, into the scratch row."""
+    import torch
+
+    from mbuild.methods import native
+
+    count = a[:, chunk].shape[1]
+    out = scratch[:, :count]
+    native.library().mbuild_scaled_product(
+        a.data_ptr() + chunk.start * a.element_size(), a.dtype == torch.bfloat16,
+        b.data_ptr() + chunk.start * b.element_size(), b.dtype == torch.bfloat16,
+        count, norm_a, norm_b, out.data_ptr(),
+    )
+    return out
 
 
 register(
@@ -115,5 +194,6 @@ register(
         max_models=2,
         summary="spherical interpolation between the base model and one other",
         stored_inputs=True,
+        casts_output=True,
     )
 )
