@@ -176,7 +176,18 @@ def test_interrupted_publish_is_recovered(llama, tmp_path):
     assert snapshot(out)["model.safetensors"] == before["model.safetensors"]
 
 
-def test_non_finite_values_are_an_error_naming_the_tensor(llama, tmp_path):
+RECIPES_OVER_BROKEN = {
+    # The C loops' finite checks where built (linear's one pass, SLERP's cast into the output), torch's otherwise.
+    "linear": "merge_method: linear\n    models:\n"
+    "      - model: {base}\n        parameters: {{weight: 0.5}}\n"
+    "      - model: broken\n        parameters: {{weight: 0.5}}\n",
+    "slerp": "merge_method: slerp\n    base_model: {base}\n    parameters: {{t: 0.5}}\n"
+    "    models: [{{model: {base}}}, {{model: broken}}]\n",
+}
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES_OVER_BROKEN))
+def test_non_finite_values_are_an_error_naming_the_tensor(llama, tmp_path, method):
     from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "broken"
@@ -185,11 +196,7 @@ def test_non_finite_values_are_an_error_naming_the_tensor(llama, tmp_path):
     tensors["model.layers.2.mlp.up_proj.weight"][0, 0] = float("inf")
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     path = tmp_path / "Mergefile"
-    path.write_text(
-        f"targets:\n  mix:\n    merge_method: linear\n    models:\n"
-        f"      - model: {llama['base']}\n        parameters: {{weight: 0.5}}\n"
-        f"      - model: broken\n        parameters: {{weight: 0.5}}\n"
-    )
+    path.write_text("targets:\n  mix:\n    " + RECIPES_OVER_BROKEN[method].format(base=llama["base"]))
     result = subprocess.run([sys.executable, "-m", "mbuild.cli", "-f", str(path)], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.returncode == 2
