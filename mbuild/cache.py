@@ -362,6 +362,8 @@ class TensorCache:
 
     def _make_room(self, size: int) -> bool:
         """Evict least recently used blobs until ``size`` more bytes fit the bound; whether they do."""
+        if size > self.size_limit:
+            return False  # would not fit even alone: evict nothing for it
         while True:
             rows = self._query("SELECT id, size, writer FROM blobs ORDER BY used")
             if sum(row[1] for row in rows) + size <= self.size_limit:

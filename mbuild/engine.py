@@ -341,11 +341,7 @@ class Builder:
         # Shards shared with the cache as they are written: a computed tensor's bytes
         # then exist once on disk, and caching one costs a row, not a second write.
         blobs: dict[str, str] = {}
-        if self.cache is not None and any(t.key and t.method != "concat" for t in target_plan.tasks):
-            for file in writer.shards:
-                blob = self.cache.link(folder / file)
-                if blob is not None:
-                    blobs[file] = blob
+        shares = self.cache is not None and any(t.key and t.method != "concat" for t in target_plan.tasks)
 
         def keep(task: TensorTask, digest: str, data=None) -> None:
             """Cache a task's bytes: their place in a linked shard, else (when given) a copy."""
@@ -427,6 +423,10 @@ class Builder:
             return "computed"
 
         try:
+            for file in writer.shards if shares else ():
+                blob = self.cache.link(folder / file)
+                if blob is not None:
+                    blobs[file] = blob
             jobs = max(1, self.options.jobs)
             # Workers already run side by side: give each its share of the cores for
             # torch's own threads rather than oversubscribing them (~6% faster on TIES).

@@ -366,8 +366,9 @@ def test_blobs_are_bounded_least_recently_used_first(tmp_path):
     assert c is not None and cache.volume() - cache.store.volume() == 2000
     assert not cache.contains("in-b") and cache.contains("in-a")
     assert sorted(p.name for p in cache.blob_folder.iterdir()) == sorted([a, c])
-    # A blob larger than the whole bound is never linked.
+    # A blob larger than the whole bound is never linked, and evicts nothing.
     assert cache.link(shard_file(tmp_path, "huge", 3000)) is None
+    assert sorted(p.name for p in cache.blob_folder.iterdir()) == sorted([a, c]) and cache.contains("in-a")
     cache.close()
 
 
