@@ -69,6 +69,8 @@ def merge_slerp(
         if scratch is None:
             return piece(row, chunk, work_dtype)
         part = row[:, chunk]
+        if part.dtype == work_dtype:
+            return part  # already float32: as `piece` would, no copy
         return scratch[:, : part.shape[1]].copy_(part)
 
     norm_a = _row_norm(a, chunks, converted)
