@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mbuild import io, lock, methods
-from mbuild.methods import NonFiniteResult
 from mbuild.cache import State, TensorCache
 from mbuild.errors import BuildError, Location, MbuildError
+from mbuild.methods import NonFiniteResult
 from mbuild.plan import node_of as plan_node
 from mbuild.plan import Decision, Plan, TargetPlan, TensorTask, decide, recipe_method, source_fingerprint
 

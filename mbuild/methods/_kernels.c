@@ -27,7 +27,18 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#ifndef _WIN32
 #include <pthread.h>
+#define HAVE_THREADS 1
+#endif
+/* linear's loop needs the CPU's fused multiply-add; it is compiled for it (and the CPU asked)
+ * on x86 with GCC or Clang only. Elsewhere mbuild_has_fma says 0 and torch's steps run. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FMA_TARGET __attribute__((target("avx2,fma")))
+#define HAVE_FMA_CHECK 1
+#else
+#define FMA_TARGET
+#endif
 
 /* libstdc++'s _S_threshold: ranges this small are left to the final insertion sort. */
 #define INSERTION_THRESHOLD 16
@@ -293,7 +304,9 @@ static int in_parts(part_function work, const void *arguments, int64_t size, int
 {
     enum { MOST_THREADS = 64 };
     struct part parts[MOST_THREADS];
+#ifdef HAVE_THREADS
     pthread_t handles[MOST_THREADS];
+#endif
     int started[MOST_THREADS];
     int64_t blocks = (size + COLUMNS - 1) / COLUMNS;
     if (threads > MOST_THREADS)
@@ -306,15 +319,21 @@ static int in_parts(part_function work, const void *arguments, int64_t size, int
     for (int t = 0; t < threads; t++) {
         struct part part = {work, arguments, t * per < size ? t * per : size, (t + 1) * per < size ? (t + 1) * per : size, 0};
         parts[t] = part;
+#ifdef HAVE_THREADS
         started[t] = t > 0 && pthread_create(&handles[t], NULL, run_part, &parts[t]) == 0;
+#else
+        started[t] = 0;
+#endif
     }
     for (int t = 0; t < threads; t++)
         if (!started[t])
             run_part(&parts[t]);
     int status = 0;
     for (int t = 0; t < threads; t++) {
+#ifdef HAVE_THREADS
         if (started[t])
             pthread_join(handles[t], NULL);
+#endif
         status |= parts[t].status;
     }
     return status;
@@ -357,7 +376,7 @@ struct linear_arguments {
     int out_bf16;
 };
 
-__attribute__((target("avx2,fma"))) static int linear_part(const void *arguments, int64_t begin, int64_t end)
+FMA_TARGET static int linear_part(const void *arguments, int64_t begin, int64_t end)
 {
     const struct linear_arguments *job = (const struct linear_arguments *)arguments;
     float total[COLUMNS];
@@ -394,8 +413,12 @@ __attribute__((target("avx2,fma"))) static int linear_part(const void *arguments
 
 EXPORT int mbuild_has_fma(void)
 {
+#ifdef HAVE_FMA_CHECK
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
 }
 
 /* inputs: `rows` arrays of `size` elements (inputs_bf16[i]: bfloat16, else float32);
