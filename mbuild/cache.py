@@ -291,14 +291,8 @@ class TensorCache:
             return None
         try:
             data = bytearray(length)
-            view = memoryview(data)
-            done = 0
-            while done < length:
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got == 0:
-                    return None  # the blob is shorter than the place says
-                done += got
-            return data
+            # A blob shorter than the place says is as bad as a wrong digest.
+            return data if io.read_into(fd, memoryview(data), offset) == length else None
         finally:
             os.close(fd)
 
@@ -351,7 +345,7 @@ class TensorCache:
         rows = self._query(
             "SELECT id, writer FROM blobs WHERE NOT EXISTS (SELECT 1 FROM places WHERE places.blob = blobs.id)"
         )
-        doomed = [blob for blob, writer in rows if writer is None or not io.process_alive(writer)]
+        doomed = [blob for blob, writer in rows if _unwritten(writer)]
         for blob in doomed:
             self._remove_blob(blob)
         known = {row[0] for row in self._query("SELECT id FROM blobs")}
@@ -368,7 +362,7 @@ class TensorCache:
             rows = self._query("SELECT id, size, writer FROM blobs ORDER BY used")
             if sum(row[1] for row in rows) + size <= self.size_limit:
                 return True
-            evictable = [blob for blob, _, writer in rows if writer is None or not io.process_alive(writer)]
+            evictable = [blob for blob, _, writer in rows if _unwritten(writer)]
             if not evictable:
                 return False
             self._remove_blob(evictable[0])
@@ -383,6 +377,11 @@ class TensorCache:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _unwritten(writer: int | None) -> bool:
+    """Whether a blob is no longer being written: its writer finished (None) or died."""
+    return writer is None or not io.process_alive(writer)
 
 
 class _Pieces:

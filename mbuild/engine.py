@@ -547,13 +547,12 @@ def compute_task(
         generator = torch.Generator("cpu").manual_seed(tensor_seed(task.seed, task.name))
     if method.casts_output:
         options["out_dtype"] = io.torch_dtype(task.dtype)
-        try:
-            result = method.kernel(inputs, generator=generator, **options)  # checked finite as it went
-        except NonFiniteResult:
-            raise _non_finite(task, target) from None
-    else:
+    try:
         result = method.kernel(inputs, generator=generator, **options)
-        _require_finite(result, task, target)
+        if not method.casts_output:  # one that casts checked its values as it went
+            methods.require_finite(result)
+    except NonFiniteResult:
+        raise _non_finite(task, target) from None
     del inputs
     return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
 
@@ -574,32 +573,26 @@ def _compute_in_slices(task: TensorTask, method, tensors, compute_dtype, options
     import torch
 
     output = torch.empty(tensors[0].shape, dtype=io.torch_dtype(task.dtype))
-    if method.one_pass is not None:
-        try:
-            inputs = [t.contiguous() for t in tensors]
-            if method.one_pass(inputs, output, compute_dtype=compute_dtype, threads=torch.get_num_threads(), **options):
-                return output
-        except NonFiniteResult:
-            raise _non_finite(task, target) from None
-    flat_output = output.view(-1)
-    flat_inputs = [t.reshape(-1) for t in tensors]
-    for start in range(0, flat_output.numel(), ELEMENTWISE_SLICE):
-        stop = start + ELEMENTWISE_SLICE
-        result = method.kernel([t[start:stop].to(compute_dtype) for t in flat_inputs], generator=None, **options)
-        _require_finite(result, task, target)
-        flat_output[start:stop] = result
+    try:
+        threads = torch.get_num_threads()
+        if method.one_pass is not None and method.one_pass(
+            [t.contiguous() for t in tensors], output, compute_dtype=compute_dtype, threads=threads, **options
+        ):
+            return output
+        flat_output = output.view(-1)
+        flat_inputs = [t.reshape(-1) for t in tensors]
+        for start in range(0, flat_output.numel(), ELEMENTWISE_SLICE):
+            stop = start + ELEMENTWISE_SLICE
+            result = method.kernel([t[start:stop].to(compute_dtype) for t in flat_inputs], generator=None, **options)
+            methods.require_finite(result)
+            flat_output[start:stop] = result
+    except NonFiniteResult:
+        raise _non_finite(task, target) from None
     return output
 
 
-def _require_finite(result, task: TensorTask, target) -> None:
-    """A clear error for NaN or inf in a method's result (they would poison every later merge)."""
-    try:
-        methods.require_finite(result)
-    except NonFiniteResult:
-        raise _non_finite(task, target) from None
-
-
 def _non_finite(task: TensorTask, target) -> BuildError:
+    """A clear error for NaN or inf in a method's result (they would poison every later merge)."""
     return BuildError(f"tensor '{task.name}' has non-finite values (NaN or inf) after {task.method}", target.location())
 
 

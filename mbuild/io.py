@@ -234,15 +234,10 @@ def _hash_share(tensors: list[TensorInfo], progress=None) -> dict[str, str]:
             if fd is None:
                 fd = handles[info.file] = os.open(info.file, os.O_RDONLY)
             digest = hashlib.sha256()
-            position = info.start
-            while position < info.end:
-                got = os.preadv(fd, [buffer[: min(len(buffer), info.end - position)]], position)
-                if not got:
-                    raise ModelError(f"{info.file} is truncated (tensor {info.name})")
-                digest.update(buffer[:got])
-                position += got
+            for chunk in _pieces(fd, info, buffer, ModelError):
+                digest.update(chunk)
                 if progress is not None:
-                    progress(got)
+                    progress(len(chunk))
             digests[info.name] = digest.hexdigest()
     finally:
         for fd in handles.values():
@@ -250,15 +245,29 @@ def _hash_share(tensors: list[TensorInfo], progress=None) -> dict[str, str]:
     return digests
 
 
-def _pieces(fd: int, info: TensorInfo, size: int, error: type[Exception]):
-    """A tensor's bytes read from ``fd`` in pieces; a short file raises ``error``."""
+def read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``fd`` at ``offset``; returns the bytes read (fewer only at end of file)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def _pieces(fd: int, info: TensorInfo, buffer: memoryview, error: type[Exception]):
+    """A tensor's bytes read from ``fd`` into ``buffer`` piece by piece; a short file raises ``error``.
+
+    Each piece is a view of ``buffer``, valid until the next one is read.
+    """
     position = info.start
     while position < info.end:
-        chunk = os.pread(fd, min(size, info.end - position), position)
-        if not chunk:
+        got = os.preadv(fd, [buffer[: min(len(buffer), info.end - position)]], position)
+        if not got:
             raise error(f"{info.file} is truncated (tensor {info.name})")
-        yield chunk
-        position += len(chunk)
+        yield buffer[:got]
+        position += got
 
 
 def hash_file(path: str | Path) -> str:
@@ -296,18 +305,14 @@ class TensorReader:
             raise BuildError(f"tensor {info.name} has no file to read from")
         buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
         view = memoryview(buffer.numpy()).cast("B")
-        fd = self._fd(info.file)
-        done = 0
-        while done < len(view):
-            count = os.preadv(fd, [view[done:]], info.start + done)
-            if count == 0:
-                raise BuildError(f"{info.file} is truncated (tensor {info.name})")
-            done += count
+        if read_into(self._fd(info.file), view, info.start) < len(view):
+            raise BuildError(f"{info.file} is truncated (tensor {info.name})")
         return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def chunks(self, info: TensorInfo, size: int = READ_CHUNK):
-        """A tensor's raw bytes in pieces of at most ``size``."""
-        yield from _pieces(self._fd(info.file), info, size, BuildError)
+        """A tensor's raw bytes in pieces of at most ``size``, each valid until the next is read."""
+        buffer = memoryview(bytearray(min(size, info.end - info.start)))
+        yield from _pieces(self._fd(info.file), info, buffer, BuildError)
 
     def close(self) -> None:
         """Close every file opened for reading."""

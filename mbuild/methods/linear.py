@@ -56,17 +56,13 @@ def merge_linear_in_one_pass(
 
     from mbuild.methods import NonFiniteResult, native
 
-    stored = (torch.float32, torch.bfloat16)
+    library = native.library_for(output, *tensors, contiguous=True)
     if (
-        compute_dtype != torch.float32
-        or output.dtype not in stored
-        or any(t.dtype not in stored or not t.is_contiguous() or t.device.type != "cpu" for t in tensors)
-        or not output.is_contiguous()
+        library is None
+        or compute_dtype != torch.float32
         or _cpu_capability() not in ("AVX2", "AVX512")
+        or not library.mbuild_has_fma()
     ):
-        return False
-    library = native.library()
-    if library is None or not library.mbuild_has_fma():
         return False
     import ctypes
 

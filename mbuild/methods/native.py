@@ -42,6 +42,18 @@ _SIGNATURES = {
 }
 
 
+def library_for(*tensors, contiguous: bool = False):
+    """The C loops, where every tensor is float32 or bfloat16 on the CPU (and contiguous, if
+    asked) and the extension was built; else None."""
+    import torch
+
+    usable = all(
+        t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu" and (t.is_contiguous() or not contiguous)
+        for t in tensors
+    )
+    return library() if usable else None
+
+
 @functools.cache
 def library():
     """The loaded C loops (a ctypes library), or None where the extension was not built."""

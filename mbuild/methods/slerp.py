@@ -36,7 +36,7 @@ def merge_slerp(
     """
     import torch
 
-    from mbuild.methods import require_finite
+    from mbuild.methods import native, require_finite
 
     if base_index is None or len(tensors) != 2:
         raise ValueError("slerp needs exactly two inputs, one of them the base model")
@@ -62,7 +62,7 @@ def merge_slerp(
     # float32 math from float32 or bfloat16 rows on the CPU: chunks are converted into one
     # reused scratch row, and the dot's element-wise half runs in the C loop. Either way torch
     # reduces the same float32 values, so the bytes do not change.
-    native_rows = dtype == torch.float32 and _native_rows(a, b)
+    native_rows = dtype == torch.float32 and native.library_for(a, b, contiguous=True) is not None
     scratch = torch.empty((1, min(width, CHUNK_ELEMENTS)), dtype=work_dtype) if native_rows else None
 
     def converted(row: torch.Tensor, chunk: slice) -> torch.Tensor:
@@ -125,11 +125,8 @@ def _combine_natively(a, b, weight_a, weight_b, result) -> bool:
 
     from mbuild.methods import NonFiniteResult, native
 
-    stored = (torch.float32, torch.bfloat16)
-    library = native.library()
-    if library is None or any(
-        t.dtype not in stored or t.device.type != "cpu" or not t.is_contiguous() for t in (a, b, result)
-    ):
+    library = native.library_for(a, b, result, contiguous=True)
+    if library is None:
         return False
     status = library.mbuild_slerp_combine(
         a.data_ptr(), a.dtype == torch.bfloat16, b.data_ptr(), b.dtype == torch.bfloat16, a.numel(),
@@ -147,17 +144,6 @@ def _row_norm(row: torch.Tensor, chunks: list[slice], converted) -> torch.Tensor
 
     parts = [torch.linalg.vector_norm(converted(row, chunk), dim=1, keepdim=True) for chunk in chunks]
     return torch.linalg.vector_norm(torch.stack(parts), dim=0)
-
-
-def _native_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the C loops can read these rows: float32 or bfloat16, contiguous, on the CPU, and built."""
-    import torch
-
-    from mbuild.methods import native
-
-    return native.library() is not None and all(
-        t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu" and t.is_contiguous() for t in (a, b)
-    )
 
 
 def _scaled_product(a, b, chunk: slice, norm_a: float, norm_b: float, scratch) -> torch.Tensor:

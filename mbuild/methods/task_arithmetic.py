@@ -256,9 +256,7 @@ def _native_for(out: torch.Tensor, *inputs: torch.Tensor):
 
     from mbuild.methods import native
 
-    usable = out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()
-    usable = usable and all(t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu" for t in inputs)
-    return native.library() if usable else None
+    return native.library_for(out, *inputs) if out.dtype == torch.float32 and out.is_contiguous() else None
 
 
 def _combine_natively(
