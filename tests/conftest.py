@@ -34,6 +34,18 @@ def llama(families):
     return families("llama")
 
 
+@pytest.fixture(params=[True, False], ids=["c", "without-c"])
+def native(request, monkeypatch):
+    """Each test once with the C loops (skipped where they were not built) and once without."""
+    from mbuild.methods import native as c_loops
+
+    if not request.param:
+        monkeypatch.setattr(c_loops, "library", lambda: None)
+    elif c_loops.library() is None:
+        pytest.skip("the C extension was not built (no compiler at install)")
+    return request.param
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """An empty project folder with its own cache; returns a helper to write the Mergefile."""

@@ -605,7 +605,6 @@ ELEMENTWISE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["c", "torch"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("name, values", ELEMENTWISE_CASES)
 def test_elementwise_methods_run_in_slices_match_mergekit(
@@ -618,12 +617,7 @@ def test_elementwise_methods_run_in_slices_match_mergekit(
     from types import SimpleNamespace
 
     from mbuild import engine
-    from mbuild.methods import native as c_loops
 
-    if native and c_loops.library() is None:
-        pytest.skip("the C extension was not built (no compiler at install)")
-    if not native:
-        monkeypatch.setattr(c_loops, "library", lambda: None)
     monkeypatch.setattr(engine, "ELEMENTWISE_SLICE", 7)
     method = methods.get(name)
     assert method.elementwise
@@ -689,18 +683,11 @@ def test_only_per_element_methods_are_declared_elementwise():
     assert not methods.get("slerp").elementwise and not methods.get("ties").elementwise
 
 
-@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
-def test_sum_consensus_edge_cases_match_mergekit(mergekit_methods, monkeypatch, native, base_dtype):
+def test_sum_consensus_edge_cases_match_mergekit(mergekit_methods, native, base_dtype):
     # The C combine (used for float32 TIES on the CPU) and the torch one, on the elements where
     # the order and rounding of the rules show: a sum of exactly 0 (elects +), zero and -0.0
     # deltas (agree with neither sign), weights cancelling to a zero divisor (becomes 1).
-    from mbuild.methods import native as c_loops
-
-    if native and c_loops.library() is None:
-        pytest.skip("the C extension was not built (no compiler at install)")
-    if not native:
-        monkeypatch.setattr(c_loops, "library", lambda: None)
     base = t(0.5, -0.25, 1.0, -0.0, 3.0, 2.0, -1.5, 0.75).to(base_dtype)
     first = t(1.5, -1.25, 1.0, -0.0, 4.0, 2.0, -1.5, 1.0)
     second = t(-0.5, 0.75, 1.0, 1.0, 2.0, 1.0, -2.5, 0.5)
@@ -720,19 +707,10 @@ def test_sum_consensus_edge_cases_match_mergekit(mergekit_methods, monkeypatch, 
         assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), values
 
 
-@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("name, values", [case for case in TASK_CASES if case[0] == "ties"])
-def test_ties_from_stored_bf16_matches_mergekit_with_and_without_the_c_loops(
-    mergekit_methods, monkeypatch, native, name, values
-):
+def test_ties_from_stored_bf16_matches_mergekit_with_and_without_the_c_loops(mergekit_methods, native, name, values):
     # Stored bf16 inputs computed in float32: the configuration the C loops (task vector,
     # selection, thinning, combine) take on; without them, numpy and torch do the same steps.
-    from mbuild.methods import native as c_loops
-
-    if native and c_loops.library() is None:
-        pytest.skip("the C extension was not built (no compiler at install)")
-    if not native:
-        monkeypatch.setattr(c_loops, "library", lambda: None)
     stored = random_models((96, 203), 4, torch.bfloat16, seed=12)
     ours = merge(name, stored, base_index=3, dtype=torch.float32, **values)
     theirs = mergekit_merge(mergekit_methods, name, [x.float() for x in stored], base_index=3, **values)
@@ -841,7 +819,6 @@ def test_linear_one_pass_gives_the_kernels_bytes(threads):
                                         threads=1, **options)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["c", "torch"])
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
 def test_slerp_casting_its_output_gives_the_bytes_of_a_cast_after(monkeypatch, native, compute, stored):
@@ -854,9 +831,7 @@ def test_slerp_casting_its_output_gives_the_bytes_of_a_cast_after(monkeypatch, n
     from mbuild.methods import native as c_loops
     from mbuild.methods.slerp import merge_slerp
 
-    if native and c_loops.library() is None:
-        pytest.skip("the C extension was not built (no compiler at install)")
-    built = c_loops.library
+    built = c_loops.library  # the real loader, or (without C) the fixture's None
     monkeypatch.setattr(slerp, "CHUNK_ELEMENTS", 1000)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)

@@ -14,16 +14,6 @@ def argsort_pick(values: torch.Tensor, count: int) -> torch.Tensor:
     return mask
 
 
-@pytest.fixture(params=["native", "numpy"])
-def walk(request, monkeypatch):
-    """Each test once with the C walk and once with the numpy one."""
-    if request.param == "numpy":
-        monkeypatch.setattr(c_loops, "library", lambda: None)
-    elif c_loops.library() is None:
-        pytest.skip("the C extension was not built (no compiler at install)")
-    return request.param
-
-
 def test_this_torch_sorts_the_way_followed():
     # torch 2.13's CPU sort is libstdc++ introsort; if a torch sorts otherwise, the fast path is off.
     assert ranking.matches_torch_sort()
@@ -31,7 +21,7 @@ def test_this_torch_sorts_the_way_followed():
 
 @pytest.mark.parametrize("size", [1, 2, 16, 17, 40, 129, 1_000, 16_385, 50_000, 200_001])
 @pytest.mark.parametrize("distinct", [1, 2, 7, 1_000, 10**7])
-def test_picks_what_argsort_picks_among_ties(walk, size, distinct):
+def test_picks_what_argsort_picks_among_ties(native, size, distinct):
     generator = torch.Generator().manual_seed(size * 31 + distinct)
     values = torch.randint(0, distinct, (size,), generator=generator).float()
     for fraction in (0.0, 0.01, 0.3, 0.5, 0.77, 0.999):
@@ -42,7 +32,7 @@ def test_picks_what_argsort_picks_among_ties(walk, size, distinct):
         assert torch.equal(picked, argsort_pick(values, count)), (size, distinct, count)
 
 
-def test_bf16_task_vector_with_many_ties_at_the_cut(walk):
+def test_bf16_task_vector_with_many_ties_at_the_cut(native):
     generator = torch.Generator().manual_seed(5)
     # A fine-tune moves each weight by a fraction of it: in bf16 the change is a few ulps, so
     # the same magnitudes recur everywhere.
@@ -70,7 +60,7 @@ def test_declines_where_it_cannot_follow_the_sort(monkeypatch):
     assert ranking.largest_mask(torch.rand(1_000), 100) is None
 
 
-def test_heapsort_fallback_is_declined(walk):
+def test_heapsort_fallback_is_declined(native):
     # A depth limit of zero is where introsort turns to heapsort, which is not followed.
     with pytest.raises(ranking.Unfollowed):
         ranking._select(torch.rand(1_000).numpy(), 500, depth_limit=0)
