@@ -42,8 +42,7 @@ class State:
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.folder / "state.db", timeout=60, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = _connect_wal(self.folder / "state.db")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
                 " inode INTEGER, digests TEXT)"
@@ -199,8 +198,7 @@ class TensorCache:
             path = self.folder / "links.db"
             if self.read_only and not path.exists():
                 return None
-            self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = _connect_wal(path)
             # A lost commit only costs a recomputation; no fsync per tensor.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
@@ -377,6 +375,26 @@ class TensorCache:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _connect_wal(path: Path, wait: float = 60.0) -> sqlite3.Connection:
+    """A connection to an SQLite file in WAL mode, shared safely with other processes.
+
+    Two processes opening a new file at once both ask for WAL; while one switches the file
+    over, SQLite can answer the other "database is locked" at once, without its busy timeout
+    (seen in about 1 of 5 runs of two builds started together). So that step is retried.
+    """
+    db = sqlite3.connect(path, timeout=wait, check_same_thread=False)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return db
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                db.close()
+                raise
+            time.sleep(0.01)
 
 
 def _unwritten(writer: int | None) -> bool:

@@ -399,3 +399,45 @@ def test_a_blob_that_vanished_is_a_miss(tmp_path):
     assert cache.get("in-a") is None
     assert not cache.contains("in-a") and cache.volume() == cache.store.volume()
     cache.close()
+
+
+def test_switching_a_new_state_file_to_wal_waits_out_a_lock(tmp_path, monkeypatch):
+    # Two builds started together both open a new state.db; while one switches it to WAL,
+    # SQLite may tell the other "database is locked" at once, without its busy timeout.
+    import sqlite3
+
+    from mbuild import cache as cache_module
+
+    real_connect = sqlite3.connect
+
+    def contended(message, refusals):
+        class Contended:
+            def __init__(self, *args, **kwargs):
+                self.real, self.refusals = real_connect(*args, **kwargs), refusals
+
+            def execute(self, sql, *args):
+                if sql.startswith("PRAGMA journal_mode") and self.refusals:
+                    self.refusals -= 1
+                    raise sqlite3.OperationalError(message)
+                return self.real.execute(sql, *args)
+
+            def __enter__(self):
+                return self.real.__enter__()
+
+            def __exit__(self, *exc):
+                return self.real.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+        return Contended
+
+    monkeypatch.setattr(cache_module.sqlite3, "connect", contended("database is locked", 3))
+    state = State(tmp_path / "cache")
+    state.remember_outputs({"key": "digest"})
+    assert state.output_digest("key") == "digest"
+    state.close()
+    # Any other error is not waited out.
+    monkeypatch.setattr(cache_module.sqlite3, "connect", contended("disk I/O error", 1))
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        State(tmp_path / "elsewhere").remember_outputs({"key": "digest"})
