@@ -387,19 +387,14 @@ FMA_TARGET static int linear_part(const void *arguments, int64_t begin, int64_t 
             total[j] = 0.0f;
         for (int64_t i = 0; i < job->rows; i++) {
             const float weight = job->weights[i];
-            if (job->inputs_bf16[i]) {
-                const uint16_t *row = (const uint16_t *)job->inputs[i] + start;
-                for (int j = 0; j < n; j++) {
-                    uint32_t bits = (uint32_t)row[j] << 16;
-                    float value;
-                    memcpy(&value, &bits, sizeof value);
-                    total[j] = fmaf(value, weight, total[j]);
-                }
-            } else {
-                const float *row = (const float *)job->inputs[i] + start;
+            const void *row = job->inputs[i];
+            /* One loop per input dtype (a constant flag), so each vectorizes. */
+            if (job->inputs_bf16[i])
                 for (int j = 0; j < n; j++)
-                    total[j] = fmaf(row[j], weight, total[j]);
-            }
+                    total[j] = fmaf(load_value(row, 1, start + j), weight, total[j]);
+            else
+                for (int j = 0; j < n; j++)
+                    total[j] = fmaf(load_value(row, 0, start + j), weight, total[j]);
         }
         if (job->normalize)
             for (int j = 0; j < n; j++)
