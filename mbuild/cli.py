@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -162,6 +163,7 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
         }
     else:
         printer.targets = len(first_plan.order)
+        torch_import.start()
         cache = _tensor_cache(state, args, create=True)
         try:
             with printer:
@@ -195,8 +197,13 @@ class _SideImport:
     hashlib and reads, which release the GIL, so torch (about a second to import) is
     imported meanwhile: a cold linear build of two 379 MB models then starts computing
     about 0.1 s later than one whose hashes are remembered, instead of the 0.4 s the
-    hashing takes. It starts only once some source needs hashing, so a no-op build never
-    pays for it; `join` before returning, so no import is still running at exit.
+    hashing takes. It starts once some source needs hashing, or once a build is sure to
+    compute, so a no-op build never pays for it; `join` before returning, so no import is
+    still running at exit.
+
+    The cyclic garbage collector is off during the import and the objects it made are then
+    frozen (`gc.freeze`): importing torch leaves about 160,000 objects that live until exit,
+    and collecting while they pile up took 10-20% of its import time here.
     """
 
     def __init__(self, name: str):
@@ -209,8 +216,15 @@ class _SideImport:
 
             # An import that fails here fails again, with its message, where it is needed.
             def load() -> None:
-                with contextlib.suppress(Exception):
-                    importlib.import_module(self.name)
+                was_enabled = gc.isenabled()
+                gc.disable()
+                try:
+                    with contextlib.suppress(Exception):
+                        importlib.import_module(self.name)
+                finally:
+                    if was_enabled:
+                        gc.enable()
+                    gc.freeze()
 
             self._thread = threading.Thread(target=load, name=f"import {self.name}", daemon=True)
             self._thread.start()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
 
 import pytest
 
-from mbuild import io
+from mbuild import cli, io
 from mbuild.cli import main
 
 FAMILY = """
@@ -159,3 +161,52 @@ def _with_a_nan(model, folder):
     tensors[first].view(-1)[0] = float("nan")
     save_file(tensors, path, metadata={"format": "pt"})
     return folder
+
+
+@pytest.fixture
+def recording_module(tmp_path, monkeypatch):
+    """A module that records, when imported, whether the garbage collector was on."""
+    (tmp_path / "gc_probe.py").write_text(
+        "import gc\nSEEN = gc.isenabled()\nimport os\nif os.environ.get('GC_PROBE_FAIL'):\n    raise RuntimeError('probe')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "gc_probe"
+    sys.modules.pop("gc_probe", None)
+    gc.unfreeze()
+    gc.enable()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["imports", "import-fails"])
+def test_side_import_runs_without_the_collector_then_freezes(recording_module, monkeypatch, fails):
+    if fails:
+        monkeypatch.setenv("GC_PROBE_FAIL", "1")
+    gc.unfreeze()
+    side = cli._SideImport(recording_module)
+    side.start()
+    side.join()
+    assert gc.isenabled(), "the collector must be back on after the import"
+    assert gc.get_freeze_count() > 0
+    if fails:
+        assert recording_module not in sys.modules
+    else:
+        assert sys.modules[recording_module].SEEN is False
+
+
+def test_side_import_leaves_a_disabled_collector_disabled(recording_module):
+    gc.disable()
+    side = cli._SideImport(recording_module)
+    side.start()
+    side.join()
+    assert not gc.isenabled()
+
+
+def test_side_import_starts_for_a_build_not_for_a_noop(project, monkeypatch):
+    assert main(["-f", str(project), "-q", "-j", "1"]) == 0
+    started = []
+    monkeypatch.setattr(cli._SideImport, "start", lambda self: started.append(self.name))
+    # Hashes remembered, nothing stale: no import.
+    assert main(["-f", str(project), "-q"]) == 0
+    assert started == []
+    # Hashes remembered, but a target to build: torch is imported on the side all the same.
+    assert main(["-f", str(project), "-q", "--force", "-j", "1"]) == 0
+    assert started == ["torch"]
