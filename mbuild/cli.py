@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mbuild: interrupted; earlier outputs are intact", file=sys.stderr)
         return 130
+    finally:
+        # After any error message: no import may still be running at exit.
+        _SideImport.join_all()
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -125,11 +128,25 @@ def _build(args) -> int:
         _require_cuda()
     printer = _Printer(quiet=args.quiet or args.json, targets=0)
     torch_import = _SideImport("torch")
+    if _sure_to_compute(args, mergefile):
+        torch_import.start()
     try:
         return _run_build(args, mergefile, state, printer, torch_import)
     finally:
-        torch_import.join()
         state.close()
+
+
+def _sure_to_compute(args, mergefile) -> bool:
+    """Whether this build will write tensors, as far as the command line and the disk tell before planning.
+
+    With --force every selected target is rebuilt, and a requested target whose output is
+    missing is made again (from the cache at least). Torch is needed either way, so it can
+    load while the plan is made instead of after.
+    """
+    if args.force:
+        return True
+    requested = [name for name in args.targets if name != "all"] or list(mergefile.targets)
+    return any(not mergefile.targets[name].output.exists() for name in requested if name in mergefile.targets)
 
 
 def _run_build(args, mergefile, state, printer, torch_import) -> int:
@@ -198,13 +215,16 @@ class _SideImport:
     imported meanwhile: a cold linear build of two 379 MB models then starts computing
     about 0.1 s later than one whose hashes are remembered, instead of the 0.4 s the
     hashing takes. It starts once some source needs hashing, or once a build is sure to
-    compute, so a no-op build never pays for it; `join` before returning, so no import is
-    still running at exit.
+    compute (`_sure_to_compute` before planning, any stale target after), so a no-op build
+    never pays for it. `main` joins it before returning, after any
+    error message, so no import is still running at exit.
 
     The cyclic garbage collector is off during the import and the objects it made are then
     frozen (`gc.freeze`): importing torch leaves about 160,000 objects that live until exit,
     and collecting while they pile up took 10-20% of its import time here.
     """
+
+    started: list[_SideImport] = []
 
     def __init__(self, name: str):
         self.name = name
@@ -228,10 +248,17 @@ class _SideImport:
 
             self._thread = threading.Thread(target=load, name=f"import {self.name}", daemon=True)
             self._thread.start()
+            _SideImport.started.append(self)
 
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
+
+    @classmethod
+    def join_all(cls) -> None:
+        """Wait for every import started so far (`main` does, before it returns)."""
+        while cls.started:
+            cls.started.pop().join()
 
 
 def _hash_source(state, source, printer, before_hashing=lambda: None):
