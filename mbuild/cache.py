@@ -15,7 +15,6 @@ value under a unique file name before committing its row).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -43,11 +42,12 @@ class State:
         if self._db is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._db = _connect_wal(self.folder / "state.db")
+            _forget_old_digests(self._db, ("files", "outputs"))
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
                 " inode INTEGER, digests TEXT)"
             )
-            self._db.execute("CREATE TABLE IF NOT EXISTS outputs (key TEXT PRIMARY KEY, sha256 TEXT, used REAL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS outputs (key TEXT PRIMARY KEY, digest TEXT, used REAL)")
         return self._db
 
     def _exists(self) -> bool:
@@ -102,7 +102,7 @@ class State:
         if not self._exists():
             return None
         with self._lock:
-            row = self._connect().execute("SELECT sha256 FROM outputs WHERE key = ?", (key,)).fetchone()
+            row = self._connect().execute("SELECT digest FROM outputs WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def remember_outputs(self, digests: Mapping[str, str]) -> None:
@@ -146,7 +146,7 @@ class State:
 
 
 class TensorCache:
-    """Computed tensors by task key, each checked against its sha256 before reuse.
+    """Computed tensors by task key, each checked against its digest before reuse.
 
     An entry is one of two kinds:
     - a *place* in a blob: output shards are hard-linked into ``blobs/`` while they are
@@ -201,12 +201,13 @@ class TensorCache:
             self._db = _connect_wal(path)
             # A lost commit only costs a recomputation; no fsync per tensor.
             self._db.execute("PRAGMA synchronous=NORMAL")
+            _forget_old_digests(self._db, ("places",))
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS blobs (id TEXT PRIMARY KEY, size INTEGER, used REAL, writer INTEGER)"
             )
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS places (key TEXT PRIMARY KEY, blob TEXT, offset INTEGER,"
-                " length INTEGER, sha256 TEXT)"
+                " length INTEGER, digest TEXT)"
             )
             self._db.execute("CREATE INDEX IF NOT EXISTS places_by_blob ON places (blob)")
         return self._db
@@ -226,7 +227,7 @@ class TensorCache:
                     db.execute(sql, parameters)
 
     def _place(self, key: str) -> tuple[str, int, int, str] | None:
-        rows = self._query("SELECT blob, offset, length, sha256 FROM places WHERE key = ?", (key,))
+        rows = self._query("SELECT blob, offset, length, digest FROM places WHERE key = ?", (key,))
         return rows[0] if rows else None
 
     def link(self, shard: Path) -> str | None:
@@ -268,7 +269,7 @@ class TensorCache:
         if place is not None:
             blob, offset, length, digest = place
             data = self._read(blob, offset, length)
-            if data is None or hashlib.sha256(data).hexdigest() != digest:
+            if data is None or io.bytes_digest(data) != digest:
                 self._change([("DELETE FROM places WHERE key = ?", (key,))])
                 return None
             self._change([("UPDATE blobs SET used = ? WHERE id = ?", (time.time(), blob))])
@@ -276,7 +277,7 @@ class TensorCache:
         value, digest = self.store.get(key, default=None, tag=True, retry=True)
         if value is None:
             return None
-        if hashlib.sha256(value).hexdigest() != digest:
+        if io.bytes_digest(value) != digest:
             self.store.delete(key, retry=True)
             return None
         return value, digest
@@ -375,6 +376,32 @@ class TensorCache:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+# What the digests in state.db and links.db are: 2 is BLAKE3 (`io.bytes_hasher`), 1 was sha256.
+DIGESTS = 2
+
+
+def _forget_old_digests(db: sqlite3.Connection, tables: tuple[str, ...]) -> None:
+    """Drop ``tables`` if their digests are of an older kind (recreated empty by the caller).
+
+    They only remember what can be computed again: file hashes, task outputs, cache places
+    (whose blobs `prune` then deletes). Task keys changed with the digests (`keys.KEY_SCHEMA`),
+    so no old entry could be found anyway. Checked again inside the write lock, so two
+    processes opening an old file at once drop the tables once.
+    """
+    if db.execute("PRAGMA user_version").fetchone()[0] >= DIGESTS:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("PRAGMA user_version").fetchone()[0] < DIGESTS:
+            for table in tables:
+                db.execute(f"DROP TABLE IF EXISTS {table}")
+            db.execute(f"PRAGMA user_version = {DIGESTS}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _connect_wal(path: Path, wait: float = 60.0) -> sqlite3.Connection:

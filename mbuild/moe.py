@@ -246,13 +246,11 @@ def _prompt_vectors(mode, prompts, task, models, reader, layers, base_folder, de
 
 def stream_concat(task, models: Mapping[str, io.ModelInfo], reader: io.TensorReader, writer: io.ShardedWriter) -> str:
     """Write a stacked tensor input by input (one expert at a time); returns its digest."""
-    import hashlib
-
     import torch
 
     from mbuild.engine import _raw_bytes
 
-    digest = hashlib.sha256()
+    digest = io.bytes_hasher()
     offset = 0
     scales = dict(task.params)["scales"]
     out_dtype = io.torch_dtype(task.dtype)

@@ -842,6 +842,8 @@ def decide(
         return Decision(False, (), "fresh")
     # Stale: explain by comparing with what was recorded at the last build.
     if lock_entry:
+        if lock_entry.get("earlier"):
+            reasons.append(lock_entry["earlier"])
         reasons.extend(recipe_diff(lock_entry.get("recipe", {}), plain_recipe(target.recipe)))
         method_name, version, _ = recipe_method(target)
         if lock_entry.get("method_version") not in (None, version):
@@ -855,6 +857,8 @@ def decide(
             if label in stale_upstream:
                 reasons.append(f"input {label}: rebuilt")
             continue
+        if lock_entry and lock_entry.get("earlier"):
+            continue  # fingerprints of another digest, and none remembered yet: nothing to compare
         now = source_fingerprints.get(node)
         before = recorded_inputs.get(node)
         if now is None:

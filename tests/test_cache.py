@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, build_json, load_tensors
+from mbuild import io
 from mbuild.cache import State, TensorCache
 from mbuild.cli import main
 
@@ -349,7 +350,7 @@ def shard_file(folder: Path, name: str, size: int = 1000) -> Path:
 
 
 def place(cache: TensorCache, key: str, shard: Path, blob: str) -> None:
-    cache.put_at(key, blob, 100, 50, hashlib.sha256(shard.read_bytes()[100:150]).hexdigest())
+    cache.put_at(key, blob, 100, 50, io.bytes_digest(shard.read_bytes()[100:150]))
 
 
 def test_blobs_are_bounded_least_recently_used_first(tmp_path):
@@ -404,7 +405,6 @@ def test_a_blob_that_vanished_is_a_miss(tmp_path):
 def test_switching_a_new_state_file_to_wal_waits_out_a_lock(tmp_path, monkeypatch):
     # Two builds started together both open a new state.db; while one switches it to WAL,
     # SQLite may tell the other "database is locked" at once, without its busy timeout.
-    import sqlite3
 
     from mbuild import cache as cache_module
 
@@ -441,3 +441,87 @@ def test_switching_a_new_state_file_to_wal_waits_out_a_lock(tmp_path, monkeypatc
     monkeypatch.setattr(cache_module.sqlite3, "connect", contended("disk I/O error", 1))
     with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
         State(tmp_path / "elsewhere").remember_outputs({"key": "digest"})
+
+
+def test_digests_remembered_by_an_earlier_version_are_forgotten(llama, tmp_path):
+    """state.db from before BLAKE3: its sha256 file digests must never pass for today's."""
+
+    model = io.read_model(llama["base"])
+    (file,) = model.weight_files
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    old = sqlite3.connect(folder / "state.db")
+    old.execute("CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, digests TEXT)")
+    old.execute("CREATE TABLE outputs (key TEXT PRIMARY KEY, sha256 TEXT, used REAL)")
+    stale = {name: "0" * 64 for name in model.tensors}
+    old.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", (str(file), *io.file_identity(file), json.dumps(stale)))
+    old.execute("INSERT INTO outputs VALUES ('task', 'old', 0)")
+    old.commit()
+    old.close()
+    state = State(folder)
+    assert state.digests(model, compute=False) is None
+    assert state.output_digest("task") is None
+    computed = state.digests(model, compute=True)
+    assert computed != stale and computed == {n: io.bytes_digest(raw) for n, raw in _tensor_bytes(model).items()}
+    state.close()
+    # Opened again, today's digests stay.
+    again = State(folder)
+    assert again.digests(model, compute=False) == computed
+    again.close()
+
+
+def _tensor_bytes(model) -> dict[str, bytes]:
+    raw = Path(next(iter(model.weight_files))).read_bytes()
+    return {name: raw[t.start : t.end] for name, t in model.tensors.items()}
+
+
+def test_cache_places_of_an_earlier_version_are_dropped_and_their_blobs_pruned(tmp_path):
+
+    folder = tmp_path / "cache"
+    (folder / "blobs").mkdir(parents=True)
+    shard = shard_file(folder / "blobs", "oldblob")
+    old = sqlite3.connect(folder / "links.db")
+    old.execute("CREATE TABLE blobs (id TEXT PRIMARY KEY, size INTEGER, used REAL, writer INTEGER)")
+    old.execute(
+        "CREATE TABLE places (key TEXT PRIMARY KEY, blob TEXT, offset INTEGER, length INTEGER, sha256 TEXT)"
+    )
+    old.execute("INSERT INTO blobs VALUES ('oldblob', 1000, 0, NULL)")
+    data = shard.read_bytes()[100:150]
+    old.execute("INSERT INTO places VALUES ('key', 'oldblob', 100, 50, ?)", (io.bytes_digest(data),))
+    old.commit()
+    old.close()
+    cache = TensorCache(folder, size_limit=10_000)
+    assert cache.get("key") is None and not cache.contains("key")
+    cache.prune()
+    assert not shard.exists()
+    cache.close()
+
+
+def test_a_lock_from_before_blake3_explains_the_one_rebuild(project):
+    from mbuild import lock
+
+    run(project)
+    lock_file = project.with_name("Mergefile.lock")
+    data = json.loads(lock_file.read_text())
+    assert data["version"] == 2
+    manifest_path = project.parent / "build" / "franken" / io.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["key"] = "made-with-sha256-keys"  # as an earlier version's output is
+    manifest_path.write_text(json.dumps(manifest))
+    for entry in data["targets"].values():  # and its fingerprints, of sha256 digests
+        entry["inputs"] = {node: "0" * 64 for node in entry["inputs"]}
+    lock_file.write_text(json.dumps(data))
+    assert any("content changed" in reason for reason in dry_run(project)["franken"]["reasons"])
+    data["version"] = 1
+    lock_file.write_text(json.dumps(data))
+    assert dry_run(project)["franken"]["reasons"] == [lock.EARLIER_DIGESTS]
+    # The remembered sha256 file digests are forgotten too: still the one reason, not "changed on disk".
+    state = sqlite3.connect(project.parent / "cache" / "state.db")
+    state.execute("PRAGMA user_version = 1")
+    state.commit()
+    state.close()
+    assert dry_run(project)["franken"]["reasons"] == [lock.EARLIER_DIGESTS]
+    built = run(project)
+    assert built["franken"]["status"] == "built"
+    assert json.loads(lock_file.read_text())["version"] == 2
+    assert dry_run(project)["franken"]["stale"] is False
