@@ -202,8 +202,8 @@ class _SideImport:
     hashing takes. It starts once some source needs hashing, or once planning finds a stale
     target, so a no-op build never pays for it. (Starting it before planning was tried: the
     import and planning then share the GIL, so hashing starts later; a cold linear build of
-    two 0.76 GB models took 0.1 s longer, a warm --force one 0.1 s less.) `main` joins it before returning, after any
-    error message, so no import is still running at exit.
+    two 0.76 GB models took 0.1 s longer, a warm --force one 0.1 s less.) `main` joins it
+    before returning, after any error message, so no import is still running at exit.
 
     The cyclic garbage collector is off during the import and the objects it made are then
     frozen (`gc.freeze`): importing torch leaves about 160,000 objects that live until exit,

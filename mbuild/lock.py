@@ -32,7 +32,8 @@ def read(path: Path) -> dict[str, Any]:
     data.setdefault("sources", {})
     data.setdefault("targets", {})
     if data.get("version", 1) < 2:
-        # Its fingerprints cannot be compared with today's: say why instead of "content changed".
+        # Version 1 fingerprints are of sha256 digests and cannot be compared with today's:
+        # say why the targets rebuild instead of "content changed".
         for entry in data["targets"].values():
             entry.pop("inputs", None)
             entry["earlier"] = EARLIER_DIGESTS
