@@ -404,9 +404,10 @@ class Builder:
                     return "reused"
             if previous_model is not None and old and task.key and old.get("key") == task.key:
                 data = _raw_bytes(reader.read(previous_model.tensors[task.name]))
-                if io.bytes_digest(data) == old.get("digest"):
-                    made[task.key] = writer.write(task.name, data)
-                    keep(task, made[task.key])
+                digest = io.bytes_digest(data)
+                if digest == old.get("digest"):
+                    made[task.key] = writer.write(task.name, data, digest)  # verified: not hashed again
+                    keep(task, digest)
                     return "reused"
             if task.method == "moe_gate":
                 from mbuild import moe
