@@ -157,7 +157,8 @@ def run_benchmark(work: Path, size: str, recipes: list[str], repeat: int, keep: 
             " mbuild warm: same cache dir again (hashes remembered), output removed, --force;"
             " mbuild noop: then the same command without --force (nothing to do);"
             " mbuild cached: output deleted, same command (tensors come from mbuild's tensor cache);"
-            " bit-identical: both the computed (warm) output and the one rebuilt from the cache equal mergekit's",
+            " bit-identical: both the computed (warm) output and the one rebuilt from the cache equal mergekit's"
+            " run single-threaded (OMP_NUM_THREADS=1, untimed; the timed mergekit runs keep its default threads)",
             "floor (per recipe): read every tensor of each of the recipe's input models (pread), add them"
             " (one fused add per extra model) in their dtype, write one safetensors file: the same bytes"
             " the merge reads and writes; x floor: wall / that recipe's floor wall",
@@ -211,20 +212,31 @@ def run_recipe(name: str, family: dict[str, Path], folder: Path, repeat: int, ke
         shutil.rmtree(mergekit_out, ignore_errors=True)
         merge = [str(MERGEKIT_YAML), str(config), str(mergekit_out), "--quiet"]
         samples["mergekit"].append(timed(merge, folder, folder / f"mergekit-{attempt}.log", env))
+    # The reference bytes: mergekit single-threaded (its own bytes follow its thread count).
+    # Not timed: the timed runs above keep mergekit's default threads.
+    reference_out = folder / "mergekit-1-thread-out"
+    shutil.rmtree(reference_out, ignore_errors=True)
+    reference = timed(
+        [str(MERGEKIT_YAML), str(config), str(reference_out), "--quiet"], folder, folder / "mergekit-1-thread.log",
+        {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    )
     result = {key: summarize(value) for key, value in samples.items()}
     failed = [key for key, value in samples.items() if any(s["rc"] != 0 for s in value)]
+    failed += ["mergekit (1 thread)"] if reference["rc"] != 0 else []
     if failed:
         result["identical"] = False
         result["comparison"] = {"error": f"{', '.join(failed)} failed; see the logs in {folder}"}
     else:
-        result["comparison"] = compare_outputs(computed_out, mergekit_out)
-        result["comparison_from_cache"] = compare_outputs(mbuild_out, mergekit_out)
+        result["comparison"] = compare_outputs(computed_out, reference_out)
+        result["comparison_from_cache"] = compare_outputs(mbuild_out, reference_out)
         result["identical"] = result["comparison"]["identical"] and result["comparison_from_cache"]["identical"]
+        # For the record: whether mergekit at its default thread count gave the same bytes.
+        result["mergekit_default_threads_identical"] = compare_outputs(mergekit_out, reference_out)["identical"]
     verdict = "bit-identical" if result["identical"] else "DIFFERENT"
     walls = {key: f"{value['wall_s']:.2f} s" for key, value in result.items() if key in samples}
     log(f"{name}: {', '.join(f'{key} {wall}' for key, wall in walls.items())}; outputs {verdict}")
     if not keep and result["identical"]:
-        for path in (mbuild_out, computed_out, mergekit_out):
+        for path in (mbuild_out, computed_out, mergekit_out, reference_out):
             shutil.rmtree(path, ignore_errors=True)
     return result
 

@@ -75,8 +75,13 @@ def make_model(
     vocab_size: int | None = None,
     overrides: dict | None = None,
     added_tokens: list[str] | None = None,
+    embedding_rows: int | None = None,
 ) -> Path:
-    """Save one checkpoint; with ``base`` it is that model plus seeded noise (a mock fine-tune)."""
+    """Save one checkpoint; with ``base`` it is that model plus seeded noise (a mock fine-tune).
+
+    ``embedding_rows``: pad the vocabulary of the embedding and head to this many rows (a
+    model's vocabulary is often padded past its tokenizer's), for tensors of a chosen size.
+    """
     import torch
     import transformers
 
@@ -112,7 +117,7 @@ def make_model(
         options.update(overrides or {})
         tied = architecture == "qwen2" if tie_embeddings is None else tie_embeddings
         config = config_class(
-            vocab_size=len(tokenizer),
+            vocab_size=max(len(tokenizer), embedding_rows or 0),
             max_position_embeddings=256,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

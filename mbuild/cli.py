@@ -108,7 +108,18 @@ def _read_only_plan(args, mergefile, state):
         getattr(args, "shard_size", plan.DEFAULT_SHARD_BYTES),
         engine.output_digests(state, mergefile),
         state.folder,
+        platform=_platform(args),
     )
+
+
+def _platform(args) -> str:
+    """Where this command's tasks compute: the key of every computed tensor names it."""
+    from mbuild import compute_platform
+
+    device = getattr(args, "device", "cpu")
+    if device.startswith("cuda"):
+        _require_cuda()
+    return compute_platform.identify(device)
 
 
 def _build(args) -> int:
@@ -138,6 +149,7 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
     from mbuild import engine, plan
 
     current: dict = {}
+    platform = _platform(args)
 
     def replan(changed=None):
         current["plan"] = plan.make_plan(
@@ -150,6 +162,7 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
             state.folder,
             previous=current.get("plan") if changed is not None else None,
             changed=changed,
+            platform=platform,
         )
         return current["plan"]
 
@@ -624,16 +637,39 @@ def _methods(args) -> int:
         for p in method.parameters:
             default = "required" if p.default is methods.REQUIRED else repr(p.default)
             params.append({"name": p.name, "per_model": p.per_model, "default": default, "doc": p.doc})
-        rows.append({"name": method.name, "paper": method.paper, "summary": method.summary, "parameters": params})
+        rows.append(
+            {
+                "name": method.name,
+                "paper": method.paper,
+                "summary": method.summary,
+                "bytes": METHOD_BYTES_RANDOM if method.random else METHOD_BYTES_DETERMINISTIC,
+                "parameters": params,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
         print(f"{row['name']}: {row['summary']} ({row['paper']})")
+        print(f"    bytes: {row['bytes']}")
         for p in row["parameters"]:
             scope = "per model" if p["per_model"] else "per tensor"
             print(f"    {p['name']} ({scope}, default {p['default']}) {p['doc']}")
+    print()
+    print(METHOD_BYTES_RULE)
     return 0
+
+
+METHOD_BYTES_DETERMINISTIC = "mergekit's run single-threaded (OMP_NUM_THREADS=1), to the bit, for the same dtype"
+METHOD_BYTES_RANDOM = (
+    "reproducible from 'seed' (drawn per tensor on the CPU); not mergekit's, which draws from its global RNG"
+)
+METHOD_BYTES_RULE = (
+    "A tensor's bytes depend only on its key: not on -j, the core count, OMP_NUM_THREADS or task order.\n"
+    "mergekit's own bytes change with its thread count; its single-threaded output is the reference.\n"
+    "A key names its compute platform (CPU vector class, torch release, or GPU model and CUDA\n"
+    "version): bytes computed on one platform are never reused on another."
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

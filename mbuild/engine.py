@@ -10,6 +10,7 @@ key matches the previous output's is copied from it instead of recomputed.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import threading
@@ -224,6 +225,23 @@ class Builder:
     def run(self) -> dict[str, TargetReport]:
         """Bring every planned target up to date; returns a report per target."""
         _tune_allocator()
+        self._confirm_platform()
+        with torch_single_threaded():
+            return self._run()
+
+    def _confirm_platform(self) -> None:
+        """Refuse to compute if torch's kernels are not those the plan's keys name."""
+        from mbuild import compute_platform
+
+        actual = compute_platform.as_torch_sees_it(self.options.device)
+        if self.plan.platform and actual != self.plan.platform:
+            raise BuildError(
+                f"torch computes on {actual} here, but the plan keyed its tensors for {self.plan.platform}; "
+                "bytes made here would be stored under the wrong key. Set ATEN_CPU_CAPABILITY to the "
+                "class torch uses, and report this mismatch"
+            )
+
+    def _run(self) -> dict[str, TargetReport]:
         reports: dict[str, TargetReport] = {}
         failed: set[str] = set()
         stale: set[str] = set()
@@ -362,6 +380,9 @@ class Builder:
             base_folder = models[base_node].folder
             gates = moe.GateContext(device)
 
+        # Workers run side by side, each task splitting its own work between its share of
+        # the cores where the split cannot change a byte (see torch_single_threaded).
+        threads_per_task = max(1, usable_cores() // max(1, self.options.jobs))
         inflight: dict[str, threading.Event] = {}
         inflight_lock = threading.Lock()
 
@@ -414,7 +435,9 @@ class Builder:
 
                 result = moe.compute_gate(task, models, reader, gates, base_folder).to(io.torch_dtype(task.dtype))
             else:
-                result = compute_task(task, models, reader, device, target_plan.target, target_plan.vocabulary)
+                result = compute_task(
+                    task, models, reader, device, target_plan.target, target_plan.vocabulary, threads_per_task
+                )
             data = _raw_bytes(result)
             digest = writer.write(task.name, data)
             if task.key:
@@ -429,9 +452,6 @@ class Builder:
                 if blob is not None:
                     blobs[file] = blob
             jobs = max(1, self.options.jobs)
-            # Workers already run side by side: give each its share of the cores for
-            # torch's own threads rather than oversubscribing them (~6% faster on TIES).
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
             with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
                 pending: set[concurrent.futures.Future] = set()
                 for task in target_plan.tasks:
@@ -499,6 +519,7 @@ class Builder:
             "method": method_name,
             "method_version": method_version,
             "recipe": plain_recipe(target.recipe),
+            "platform": self.plan.platform,
             "inputs": inputs,
             "output": {
                 "path": relative,
@@ -512,9 +533,19 @@ class Builder:
 
 
 def compute_task(
-    task: TensorTask, models: Mapping[str, io.ModelInfo], reader: io.TensorReader, device, target, vocabulary=None
+    task: TensorTask,
+    models: Mapping[str, io.ModelInfo],
+    reader: io.TensorReader,
+    device,
+    target,
+    vocabulary=None,
+    threads: int = 1,
 ):
-    """Read a task's inputs, run its method in the compute dtype, and cast to the output dtype."""
+    """Read a task's inputs, run its method in the compute dtype, and cast to the output dtype.
+
+    ``threads``: how many threads the task may split its work between where the split does
+    not change the bytes (slices of an element-wise method, a threaded kernel's own parts).
+    """
     import torch
 
     tensors = []
@@ -534,7 +565,9 @@ def compute_task(
     }
     same_shape = all(t.shape == tensors[0].shape for t in tensors)
     if method.elementwise and same_shape and not task.vocabulary and torch.device(device).type == "cpu":
-        return _compute_in_slices(task, method, tensors, compute_dtype, options, target)
+        return _compute_in_slices(task, method, tensors, compute_dtype, options, target, threads)
+    if method.threaded:
+        options["threads"] = threads if torch.device(device).type == "cpu" else 1
     if method.stored_inputs:
         options["dtype"] = compute_dtype
     # Aligning vocabularies works on whole tensors in the compute dtype.
@@ -566,30 +599,32 @@ def compute_task(
 ELEMENTWISE_SLICE = 1 << 18
 
 
-def _compute_in_slices(task: TensorTask, method, tensors, compute_dtype, options, target):
+def _compute_in_slices(task: TensorTask, method, tensors, compute_dtype, options, target, threads: int = 1):
     """An element-wise method run a slice at a time, each written into the output as it is done.
 
     Only a slice of each input is ever converted to the compute dtype, so memory is the
     inputs as stored plus the output; per element the operations, and so the bytes, are
-    those of the whole-tensor run. A method's compiled one-pass form, where it applies,
-    does the same in one pass.
+    those of the whole-tensor run, whichever of ``threads`` threads runs a slice. A method's
+    compiled one-pass form, where it applies, does the same in one pass.
     """
     import torch
 
     output = torch.empty(tensors[0].shape, dtype=io.torch_dtype(task.dtype))
     try:
-        threads = torch.get_num_threads()
         if method.one_pass is not None and method.one_pass(
             [t.contiguous() for t in tensors], output, compute_dtype=compute_dtype, threads=threads, **options
         ):
             return output
         flat_output = output.view(-1)
         flat_inputs = [t.reshape(-1) for t in tensors]
-        for start in range(0, flat_output.numel(), ELEMENTWISE_SLICE):
+
+        def run_slice(start: int) -> None:
             stop = start + ELEMENTWISE_SLICE
             result = method.kernel([t[start:stop].to(compute_dtype) for t in flat_inputs], generator=None, **options)
             methods.require_finite(result)
             flat_output[start:stop] = result
+
+        methods.map_in_threads(run_slice, range(0, flat_output.numel(), ELEMENTWISE_SLICE), threads)
     except NonFiniteResult:
         raise _non_finite(task, target) from None
     return output
@@ -598,6 +633,37 @@ def _compute_in_slices(task: TensorTask, method, tensors, compute_dtype, options
 def _non_finite(task: TensorTask, target) -> BuildError:
     """A clear error for NaN or inf in a method's result (they would poison every later merge)."""
     return BuildError(f"tensor '{task.name}' has non-finite values (NaN or inf) after {task.method}", target.location())
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: `taskset` counts), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_single_threaded():
+    """Torch's own intra-op threads set to one for the block, then restored.
+
+    Torch splits a reduction (a norm, a dot product) and some vectorised loops between its
+    threads once a tensor passes its grain (32768 elements), and the rounding follows the
+    split: the bytes would change with the thread count, the core count and the environment
+    (OMP_NUM_THREADS). With one thread they are those of mergekit run single-threaded on any
+    machine. Parallelism comes from tasks run side by side (-j) and, inside a task, from
+    splits that cannot change a byte (element-wise slices, the C loops' parts, SLERP's
+    fixed chunks). Worker threads started inside the block take the setting when they
+    first run torch.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _tune_allocator() -> None:

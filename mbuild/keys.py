@@ -13,7 +13,9 @@ from typing import Any, Mapping, Sequence
 
 # Bump when the meaning of a key changes, so old outputs are never taken as fresh.
 # 2: source and computed bytes known by BLAKE3 digests (1: sha256).
-KEY_SCHEMA = 2
+# 3: computed bytes no longer depend on torch's thread count, and a task that computes names
+#    its compute platform (see compute_platform); keys of schema 2 named thread-dependent bytes.
+KEY_SCHEMA = 3
 
 
 def canonical(data: Any) -> str:
@@ -66,8 +68,13 @@ def task_key(
     shape: Sequence[int],
     seed: int | None,
     input_keys: Sequence[str],
+    platform: str | None,
 ) -> str:
-    """The key of one output tensor's computation."""
+    """The key of one output tensor's computation.
+
+    ``platform``: where the bytes are computed (`compute_platform.identify`), or None for a
+    task that only moves bytes (a copy, a concatenation), whose result is the same anywhere.
+    """
     return digest(
         {
             "schema": KEY_SCHEMA,
@@ -81,6 +88,7 @@ def task_key(
             "shape": list(shape),
             "seed": seed,
             "inputs": list(input_keys),
+            "platform": platform,
         }
     )
 

@@ -14,8 +14,14 @@ from typing import Any
 from mbuild import io
 
 # 2: fingerprints made of BLAKE3 tensor digests (1: of sha256 ones).
-LOCK_VERSION = 2
+# 3: each target records the compute platform its bytes were made on; keys of version 2
+#    named bytes that depended on torch's thread count.
+LOCK_VERSION = 3
 EARLIER_DIGESTS = "recorded by an earlier mbuild, with sha256 digests (now BLAKE3): rebuilt once"
+EARLIER_THREADS = (
+    "recorded by an earlier mbuild, whose bytes depended on torch's thread count "
+    "(now the same on any machine): rebuilt once"
+)
 
 
 def lock_path(mergefile_path: Path) -> Path:
@@ -37,6 +43,9 @@ def read(path: Path) -> dict[str, Any]:
         for entry in data["targets"].values():
             entry.pop("inputs", None)
             entry["earlier"] = EARLIER_DIGESTS
+    elif data.get("version", 1) < 3:
+        for entry in data["targets"].values():
+            entry["earlier"] = EARLIER_THREADS
     return data
 
 

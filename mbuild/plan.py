@@ -139,6 +139,7 @@ class Plan:
     sources: dict[str, Source]
     graph: Any = field(repr=False)
     unhashed: frozenset[str] = frozenset()  # source nodes whose bytes are not yet hashed
+    platform: str = ""  # where tasks compute: part of every computing task's key
 
 
 def node_of(ref: ModelRef) -> str:
@@ -206,6 +207,7 @@ def make_plan(
     store: Path | None = None,
     previous: Plan | None = None,
     changed: Sequence[str] | None = None,
+    platform: str | None = None,
 ) -> Plan:
     """Resolve sources, expand the selected targets into tensor tasks and compute keys.
 
@@ -214,8 +216,14 @@ def make_plan(
     downstream key names upstream bytes rather than upstream recipes where it can.
     With ``previous`` and ``changed`` (targets just built), only the targets downstream
     of those are expanded again; the rest, and the sources, are taken as they were.
+    ``platform``: where tasks compute (`compute_platform.identify`; default: this CPU).
     """
     import networkx as nx
+
+    from mbuild import compute_platform
+
+    if platform is None:
+        platform = previous.platform if previous is not None else compute_platform.identify("cpu")
 
     graph = previous.graph if previous is not None else build_graph(mergefile)
     order = previous.order if previous is not None else select(mergefile, graph, requested)
@@ -252,8 +260,8 @@ def make_plan(
                 if found is None:
                     unhashed.add(node)
             infos[node] = sources[node].info
-        plans[name] = expand(target, infos, plans, source_digests, shard_bytes, output_digest, store)
-    return Plan(mergefile, order, plans, sources, graph, frozenset(unhashed))
+        plans[name] = expand(target, infos, plans, source_digests, shard_bytes, output_digest, store, platform)
+    return Plan(mergefile, order, plans, sources, graph, frozenset(unhashed), platform)
 
 
 def _pinned_revisions(mergefile: Mergefile) -> dict[str, str]:
@@ -356,12 +364,16 @@ def expand(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     output_digest: OutputLookup = lambda key: None,
     store: Path | None = None,
+    platform: str | None = None,
 ) -> TargetPlan:
-    """Expand one target into its tensor tasks, checking layer ranges and shapes."""
+    """Expand one target into its tensor tasks, checking layer ranges and shapes.
+
+    ``platform``: where its tasks compute, recorded in the key of each that does.
+    """
     if target.moe is not None:
         from mbuild import moe
 
-        return moe.expand(target, infos, plans, source_digests, shard_bytes, output_digest)
+        return moe.expand(target, infos, plans, source_digests, shard_bytes, output_digest, platform)
     method = methods.get(target.method)
     groups = _groups(target)
     layer_tables = {node: layer_table(info) for node, info in infos.items()}
@@ -468,6 +480,7 @@ def expand(
                 shape=shape,
                 seed=seed,
                 input_keys=[i.key for i in inputs],
+                platform=None if op == "copy" else platform,
             )
         tasks.append(
             TensorTask(
@@ -848,6 +861,8 @@ def decide(
         method_name, version, _ = recipe_method(target)
         if lock_entry.get("method_version") not in (None, version):
             reasons.append(f"method {method_name}: version {lock_entry['method_version']} → {version}")
+        if lock_entry.get("platform") not in (None, plan.platform):
+            reasons.append(f"compute platform: {lock_entry['platform']} → {plan.platform}")
         recorded_inputs = lock_entry.get("inputs", {})
     else:
         recorded_inputs = {}

@@ -122,7 +122,7 @@ def test_cheap_embed_router_equals_mergekit_moe(llama, tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", "import sys; from mergekit.scripts.moe import main; sys.exit(main())",
          str(tmp_path / "moe.json"), str(reference)],
-        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     ours, theirs = load_tensors(tmp_path / "build" / "moe"), load_tensors(reference)

@@ -346,9 +346,12 @@ def run_mergekit(body: dict, out: Path) -> dict:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    from mbuild.engine import torch_single_threaded
+
     config = MergeConfiguration.model_validate(body)
     try:
-        run_merge(config, str(out), MergeOptions(quiet=True))
+        with torch_single_threaded():  # the reference bytes: mergekit's follow its thread count
+            run_merge(config, str(out), MergeOptions(quiet=True))
     except StrictDataclassClassValidationError as error:
         # mergekit 0.1.5 sets num_hidden_layers but leaves Qwen2's per-layer `layer_types` at
         # the input's length, which transformers 5 refuses to save. The tensors are written by

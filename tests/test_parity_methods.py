@@ -305,12 +305,19 @@ def builds(families, request, tmp_path_factory):
 
 
 def run_mergekit(body: dict, out: Path) -> None:
-    """Run mergekit in-process on a recipe body."""
+    """Run mergekit in-process on a recipe body, single-threaded: the reference bytes.
+
+    mergekit's bytes follow torch's thread count (reductions, and MKL's dot products even on
+    small tensors), so only its single-threaded output is a reference every machine gives.
+    """
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    run_merge(MergeConfiguration.model_validate(body), str(out), MergeOptions(quiet=True))
+    from mbuild.engine import torch_single_threaded
+
+    with torch_single_threaded():
+        run_merge(MergeConfiguration.model_validate(body), str(out), MergeOptions(quiet=True))
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,11 @@ def mergekit_build(tmp_path: Path, body: dict) -> Path:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    from mbuild.engine import torch_single_threaded
+
     out = tmp_path / "mergekit"
-    run_merge(MergeConfiguration.model_validate(body), str(out), MergeOptions())
+    with torch_single_threaded():  # the reference bytes: mergekit's follow its thread count
+        run_merge(MergeConfiguration.model_validate(body), str(out), MergeOptions())
     return out
 
 

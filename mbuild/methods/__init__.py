@@ -102,6 +102,21 @@ class Parameter:
             raise ValueError(f"expected a value {allowed}, got {value:g}")
 
 
+def map_in_threads(function: Callable[[Any], Any], items, threads: int) -> list:
+    """``[function(item) for item in items]``, run on up to ``threads`` threads, in order.
+
+    For work split into fixed pieces whose results do not depend on which thread runs
+    them: the bytes are the same for any ``threads``. The first exception is raised.
+    """
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(function, items))
+
+
 class NonFiniteResult(ValueError):
     """A kernel's result holds NaN or inf."""
 
@@ -146,6 +161,9 @@ class Method:
     # checked finite in the compute dtype first (NonFiniteResult): no compute-dtype copy of
     # the whole result is made, and no second pass converts it.
     casts_output: bool = False
+    # True when the kernel takes `threads=`: how many threads it may split work between,
+    # where the split cannot change a byte (torch itself runs single-threaded in tasks).
+    threaded: bool = False
 
     def __post_init__(self) -> None:
         if self.base not in _BASE_POLICIES:

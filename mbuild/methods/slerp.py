@@ -27,16 +27,19 @@ def merge_slerp(
     generator: torch.Generator | None,
     dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    threads: int = 1,
 ) -> torch.Tensor:
     """Interpolate along the great circle from the base (t=0) to the other input (t=1).
 
     `dtype`: the compute dtype, when `tensors` are given as stored (each chunk is converted
     to it as it is read); None when they already are in it. `out_dtype`: the dtype to return
     the result in, each chunk checked finite first (NonFiniteResult); None: the compute dtype.
+    `threads`: how many chunks are reduced at once (each by torch on one thread, combined in
+    a fixed order, so the bytes are the same for any count).
     """
     import torch
 
-    from mbuild.methods import native, require_finite
+    from mbuild.methods import map_in_threads, native, require_finite
 
     if base_index is None or len(tensors) != 2:
         raise ValueError("slerp needs exactly two inputs, one of them the base model")
@@ -59,13 +62,15 @@ def merge_slerp(
         """A chunk of an input in the compute dtype, then in `to` (as mergekit's two casts)."""
         return row[:, chunk].to(dtype).to(to)
 
-    # float32 math from float32 or bfloat16 rows on the CPU: chunks are converted into one
-    # reused scratch row, and the dot's element-wise half runs in the C loop. Either way torch
+    # float32 math from float32 or bfloat16 rows on the CPU: chunks are converted into a
+    # scratch row, and the dot's element-wise half runs in the C loop. Either way torch
     # reduces the same float32 values, so the bytes do not change.
     native_rows = dtype == torch.float32 and native.library_for(a, b, contiguous=True) is not None
-    scratch = torch.empty((1, min(width, CHUNK_ELEMENTS)), dtype=work_dtype) if native_rows else None
 
-    def converted(row: torch.Tensor, chunk: slice) -> torch.Tensor:
+    def scratch_row() -> torch.Tensor | None:
+        return torch.empty((1, min(width, CHUNK_ELEMENTS)), dtype=work_dtype) if native_rows else None
+
+    def converted(row: torch.Tensor, chunk: slice, scratch: torch.Tensor | None) -> torch.Tensor:
         if scratch is None:
             return piece(row, chunk, work_dtype)
         part = row[:, chunk]
@@ -73,22 +78,28 @@ def merge_slerp(
             return part  # already float32: as `piece` would, no copy
         return scratch[:, : part.shape[1]].copy_(part)
 
-    norm_a = _row_norm(a, chunks, converted)
-    norm_b = _row_norm(b, chunks, converted)
+    def chunk_norms(chunk: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        scratch = scratch_row()
+        return tuple(torch.linalg.vector_norm(converted(row, chunk, scratch), dim=1, keepdim=True) for row in (a, b))
+
+    # Each chunk's norm and dot part on one thread; the parts combined in chunk order.
+    norm_parts = map_in_threads(chunk_norms, chunks, threads)
+    norm_a = torch.linalg.vector_norm(torch.stack([part[0] for part in norm_parts]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([part[1] for part in norm_parts]), dim=0)
     norm_a = torch.where(norm_a > NORM_EPS, norm_a, 1)
     norm_b = torch.where(norm_b > NORM_EPS, norm_b, 1)
-    # Dividing by the norms before multiplying keeps large weights from overflowing the dot.
-    # (In-place steps on fresh scratch: the same roundings as the plain expression, fewer buffers.)
-    dot_parts = []
-    for chunk in chunks:
+
+    def dot_part(chunk: slice) -> torch.Tensor:
+        # Dividing by the norms before multiplying keeps large weights from overflowing the dot.
+        # (In-place steps on fresh scratch: the same roundings as the plain expression, fewer buffers.)
         if native_rows:
-            scaled = _scaled_product(a, b, chunk, float(norm_a), float(norm_b), scratch)
+            scaled = _scaled_product(a, b, chunk, float(norm_a), float(norm_b), scratch_row())
         else:
             scaled = piece(a, chunk, work_dtype) / norm_a
             scaled.mul_(piece(b, chunk, work_dtype) / norm_b)
-        dot_parts.append(scaled.sum(dim=1, keepdim=True))
-        del scaled
-    dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
+        return scaled.sum(dim=1, keepdim=True)
+
+    dot = torch.stack(map_in_threads(dot_part, chunks, threads)).sum(dim=0).clamp(-1, 1)
 
     parallel = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(parallel, 0, dot))
@@ -97,10 +108,11 @@ def merge_slerp(
     weight_b = torch.where(parallel, t, torch.sin(t * theta) / sin_theta)
 
     result = torch.empty(a.shape, dtype=final, device=a.device)
-    if out_dtype is not None and dtype == torch.float32 and _combine_natively(a, b, weight_a, weight_b, result):
+    if out_dtype is not None and dtype == torch.float32 and _combine_natively(a, b, weight_a, weight_b, result, threads):
         return result.reshape(start.shape)
+
     # In the compute dtype, as mergekit's: rounded once per chunk.
-    for chunk in chunks:
+    def combine(chunk: slice) -> None:
         part = result[:, chunk]
         if dtype == work_dtype:
             # weight_a * a + weight_b * b, each product rounded, then the sum (in place when
@@ -114,10 +126,12 @@ def merge_slerp(
             require_finite(value)
         if value is not part:
             part.copy_(value)
+
+    map_in_threads(combine, chunks, threads)
     return result.reshape(start.shape)
 
 
-def _combine_natively(a, b, weight_a, weight_b, result) -> bool:
+def _combine_natively(a, b, weight_a, weight_b, result, threads: int) -> bool:
     """The last pass in the C loop (float32 math) straight into `result`; False where it does not apply."""
     import ctypes
 
@@ -130,20 +144,11 @@ def _combine_natively(a, b, weight_a, weight_b, result) -> bool:
         return False
     status = library.mbuild_slerp_combine(
         a.data_ptr(), a.dtype == torch.bfloat16, b.data_ptr(), b.dtype == torch.bfloat16, a.numel(),
-        float(weight_a), float(weight_b), result.data_ptr(), result.dtype == torch.bfloat16,
-        torch.get_num_threads(),
+        float(weight_a), float(weight_b), result.data_ptr(), result.dtype == torch.bfloat16, threads,
     )
     if status:
         raise NonFiniteResult("non-finite result")
     return True
-
-
-def _row_norm(row: torch.Tensor, chunks: list[slice], converted) -> torch.Tensor:
-    """Return the L2 norm of a (1, n) row as a (1, 1) tensor: the norm of its chunks' norms."""
-    import torch
-
-    parts = [torch.linalg.vector_norm(converted(row, chunk), dim=1, keepdim=True) for chunk in chunks]
-    return torch.linalg.vector_norm(torch.stack(parts), dim=0)
 
 
 def _scaled_product(a, b, chunk: slice, norm_a: float, norm_b: float, scratch) -> torch.Tensor:
@@ -183,5 +188,6 @@ register(
         summary="spherical interpolation between the base model and one other",
         stored_inputs=True,
         casts_output=True,
+        threaded=True,
     )
 )
