@@ -467,13 +467,22 @@ def _status(args) -> int:
     mergefile, state = _load(args)
     the_plan = _read_only_plan(args, mergefile, state)
     decisions = engine.decide_all(the_plan, state)
+    from mbuild import io
+
+    leftovers = {n: [str(p) for p in io.leftovers(mergefile.targets[n].output)] for n in decisions}
     if args.json:
-        print(json.dumps({"targets": {n: {"stale": d.stale, "reasons": list(d.reasons)} for n, d in decisions.items()}}, indent=2))
+        report = {
+            n: {"stale": d.stale, "reasons": list(d.reasons), "crashed_temporaries": leftovers[n]}
+            for n, d in decisions.items()
+        }
+        print(json.dumps({"targets": report}, indent=2))
         return 0
     for name, decision in decisions.items():
         state_word = "stale" if decision.stale else "fresh"
         why = f"  ({'; '.join(decision.reasons)})" if decision.reasons else ""
         print(f"{name:24} {state_word}{why}")
+        for path in leftovers[name]:
+            print(f"{'':24} left by a crashed build: {path} (mbuild gc removes it)")
     return 0
 
 
@@ -543,10 +552,17 @@ def _gc(args) -> int:
         cache.prune()  # shards shared with outputs, once no entry points into them
         cache.close()
     forgotten = state.forget_outputs(keep, older_than)
+    # What crashed builds left beside the outputs (full-size temporaries): their owner is dead.
+    from mbuild import io
+
+    removed = [str(path) for target in mergefile.targets.values() for path in io.recover(target.output)]
     if args.json:
-        print(json.dumps({"dropped": dropped, "forgotten_digests": forgotten}))
+        print(json.dumps({"dropped": dropped, "forgotten_digests": forgotten, "removed_temporaries": removed}))
     else:
-        print(f"mbuild gc: dropped {dropped} cached tensor(s), forgot {forgotten} digest(s)")
+        print(
+            f"mbuild gc: dropped {dropped} cached tensor(s), forgot {forgotten} digest(s), "
+            f"removed {len(removed)} temporary folder(s) of crashed builds"
+        )
     return 0
 
 
@@ -554,7 +570,7 @@ def _clean(args) -> int:
     """Remove the outputs of the named targets (all by default); never a folder mbuild did not make."""
     import shutil
 
-    from mbuild import io
+    from mbuild import engine
 
     mergefile, _ = _load(args)
     names = args.targets or list(mergefile.targets)
@@ -565,8 +581,11 @@ def _clean(args) -> int:
         output = mergefile.targets[name].output
         if not output.exists():
             continue
-        if io.read_manifest(output) is None:
-            raise MbuildError(f"{output} was not made by mbuild; not removing it")
+        if output.is_symlink() or not output.is_dir():
+            raise MbuildError(f"{output} is not a folder mbuild made; not removing it")
+        existing = engine.inspect_output(output)
+        if existing.manifest is None or existing.foreign:
+            raise MbuildError(f"{existing.refusal(output)}; not removing it")
         shutil.rmtree(output)
         removed.append(name)
     if args.json:

@@ -89,7 +89,15 @@ class OutputState:
 
     manifest: Mapping[str, Any] | None
     changes: list[str] = field(default_factory=list)
-    foreign: bool = False  # a non-empty folder mbuild did not make
+    foreign: bool = False  # a non-empty folder mbuild did not make, or holding what it did not write
+    unlisted: list[str] = field(default_factory=list)  # entries its manifest does not list
+
+    def refusal(self, folder: Path) -> str:
+        """Why this output may not be replaced, for an error message."""
+        if self.manifest is None:
+            return f"output folder {folder} exists and was not made by mbuild"
+        shown = ", ".join(self.unlisted[:5]) + (f" and {len(self.unlisted) - 5} more" if len(self.unlisted) > 5 else "")
+        return f"output folder {folder} holds what mbuild did not write there ({shown})"
 
 
 def inspect_output(folder: Path) -> OutputState:
@@ -98,6 +106,9 @@ def inspect_output(folder: Path) -> OutputState:
     if manifest is None:
         foreign = folder.is_dir() and any(folder.iterdir())
         return OutputState(None, [], foreign)
+    unlisted = io.unlisted_entries(folder, manifest)
+    if unlisted:
+        return OutputState(manifest, [], True, unlisted)
     changes = []
     for name, recorded in manifest.get("files", {}).items():
         try:
@@ -107,9 +118,6 @@ def inspect_output(folder: Path) -> OutputState:
             continue
         if stat.st_size != recorded.get("size") or stat.st_mtime_ns != recorded.get("mtime_ns"):
             changes.append(f"{name} changed")
-    for path in folder.glob("*.safetensors"):
-        if path.name not in manifest.get("files", {}):
-            changes.append(f"{path.name} not written by mbuild")
     return OutputState(manifest, changes)
 
 
@@ -138,9 +146,7 @@ def decide_target(plan, name, lock_data, fingerprints, stale, force, has_tensor)
     if force:
         return Decision(True, ("--force",), "rebuild")
     if output.foreign:
-        return Decision(
-            True, (f"output folder {target_plan.target.output} exists but was not made by mbuild",), "rebuild"
-        )
+        return Decision(True, (output.refusal(target_plan.target.output) + ": refused",), "rebuild")
     return decide(
         plan,
         name,
@@ -294,11 +300,15 @@ class Builder:
         output = target.output
         output.parent.mkdir(parents=True, exist_ok=True)
         io.recover(output)
+        if output.is_symlink() or (output.exists() and not output.is_dir()):
+            raise BuildError(
+                f"output {output} is not a folder: mbuild never replaces it; choose another 'output:'",
+                target.location("output"),
+            )
         existing = inspect_output(output)
         if existing.foreign:
             raise BuildError(
-                f"output folder {output} exists and was not made by mbuild; move it away or choose another 'output:'",
-                target.location("output"),
+                existing.refusal(output) + "; move it away or choose another 'output:'", target.location("output")
             )
         temporary = io.fresh_temporary(output)
         self.reporter.target_started(target.name, len(target_plan.tasks), decision.reasons)

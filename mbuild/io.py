@@ -497,11 +497,38 @@ def _reserve(fd: int, size: int) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """An output folder's mbuild manifest, or None if absent or unreadable."""
+    """An output folder's mbuild manifest, or None if absent, unreadable or not mbuild's.
+
+    Only a manifest of the shape mbuild writes counts (its version, key, tensors and files):
+    any `mbuild.json` of the user's own (`{"theme": "dark"}`) does not make a folder mbuild's.
+    """
+    path = Path(folder) / MANIFEST_NAME
     try:
-        return json.loads((Path(folder) / MANIFEST_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > MANIFEST_LIMIT:
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
+    shape = {"mbuild": str, "target": str, "key": (str, type(None)), "tensors": dict, "files": dict}
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), kinds) for k, kinds in shape.items()):
+        return None
+    if not all(isinstance(entry, dict) for entry in (*data["tensors"].values(), *data["files"].values())):
+        return None
+    return data
+
+
+# A manifest lists every tensor of a model: 64 MiB holds hundreds of thousands of entries.
+MANIFEST_LIMIT = 64 * 1024 * 1024
+
+
+def unlisted_entries(folder: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """What is in an output folder that its manifest does not list: what mbuild did not write there."""
+    listed = set(manifest.get("files", {})) | {MANIFEST_NAME}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [name for name in names if name not in listed or not os.path.isfile(os.path.join(folder, name))]
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -528,8 +555,20 @@ class FileLock:
         import fcntl
         import socket
 
+        import stat
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Never through a link: the holder's line is written into the file, and a link planted
+        # here would have it truncate whatever it points at.
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as error:
+            raise BuildError(f"cannot use the lock file {self.path}: {error.strerror}; remove it if it is not mbuild's") from None
+        details = os.fstat(self.fd)
+        if not stat.S_ISREG(details.st_mode) or details.st_nlink > 1:
+            os.close(self.fd)
+            self.fd = None
+            raise BuildError(f"the lock file {self.path} is not a plain file of mbuild's (a link?); remove it")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -615,18 +654,29 @@ def publish(temporary: Path, output: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def recover(output: Path) -> None:
-    """Undo a publish interrupted between its two renames, and drop dead temporaries."""
-    for leftover in output.parent.glob(f".{output.name}.mbuild-*"):
+def leftovers(output: Path) -> list[Path]:
+    """Temporaries and retired outputs beside ``output`` whose process is gone (a crashed build's)."""
+    found = []
+    for leftover in sorted(output.parent.glob(f".{output.name}.mbuild-*")):
         pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and process_alive(int(pid)) and int(pid) != os.getpid():
+        if leftover.name.endswith("-lock") or not pid.isdigit():
             continue
-        if leftover.name.endswith("-lock"):
+        if process_alive(int(pid)) and int(pid) != os.getpid():
             continue
+        found.append(leftover)
+    return found
+
+
+def recover(output: Path) -> list[Path]:
+    """Undo a publish interrupted between its two renames, and drop dead temporaries; returns those dropped."""
+    dropped = []
+    for leftover in leftovers(output):
         if ".mbuild-old-" in leftover.name and not output.exists() and read_manifest(leftover):
             os.rename(leftover, output)
         else:
             shutil.rmtree(leftover, ignore_errors=True)
+            dropped.append(leftover)
+    return dropped
 
 
 def process_alive(pid: int) -> bool:

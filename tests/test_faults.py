@@ -1,0 +1,213 @@
+"""Hostile inputs and faults: nothing of the user's is ever replaced or deleted, every fault is one message.
+
+Each test sets up what a careless or malicious user could (an output naming their file, a folder
+with an `mbuild.json` of their own, outputs that alias or nest, a planted link, a crashed build's
+leftovers) and checks both the message and that every byte of theirs is still there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import load_tensors
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; its exit code, stdout and stderr."""
+    from mbuild.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def mergefile(folder: Path, family: dict[str, Path], outputs: dict[str, str | None], weight: float = 0.5) -> Path:
+    """A Mergefile of linear targets over the family, one per name, each with the given `output:`."""
+    lines = ["targets:"]
+    for name, output in outputs.items():
+        lines += [
+            f"  {name}:",
+            "    merge_method: linear",
+            "    models:",
+            f"      - model: {family['math']}",
+            f"        parameters: {{weight: {weight}}}",
+            f"      - model: {family['code']}",
+            "        parameters: {weight: 0.5}",
+        ]
+        if output is not None:
+            lines.append(f"    output: {output}")
+    path = folder / "Mergefile"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs that would replace what is not theirs
+
+
+@pytest.mark.parametrize("output", ["notes.txt", "Mergefile", "MODEL_CONFIG"])
+def test_an_output_naming_an_existing_file_is_refused_and_the_file_kept(llama, tmp_path, output):
+    (tmp_path / "notes.txt").write_text("my notes")
+    if output == "MODEL_CONFIG":
+        output = str(llama["base"] / "config.json")
+    path = mergefile(tmp_path, llama, {"merged": output})
+    before_config = (llama["base"] / "config.json").read_bytes()
+    before_notes = (tmp_path / "notes.txt").read_bytes()
+    code, _, err = run_cli("-f", str(path), "-q")
+    assert code == 2
+    assert "is not a folder" in err or "would hold the Mergefile" in err or "overlaps the source model" in err, err
+    assert f"{path}:" in err and "target 'merged'" in err
+    assert (tmp_path / "notes.txt").read_bytes() == before_notes
+    assert (llama["base"] / "config.json").read_bytes() == before_config
+    assert "merged" in path.read_text()  # the Mergefile itself is untouched
+    assert not list(tmp_path.glob(".*mbuild-old*"))
+
+
+def test_an_output_that_is_a_link_is_refused(llama, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "mine.txt").write_text("keep")
+    (tmp_path / "linked").symlink_to(real)
+    path = mergefile(tmp_path, llama, {"merged": "linked"})
+    code, _, err = run_cli("-f", str(path), "-q")
+    assert code == 2 and "symbolic link" in err
+    assert (real / "mine.txt").read_text() == "keep" and (tmp_path / "linked").is_symlink()
+
+
+@pytest.mark.parametrize(
+    ("outputs", "expected"),
+    [
+        ({"x": "out/x", "y": "out/y/../x"}, "is also target 'x''s"),
+        ({"x": "out/x", "y": "out/x/inner"}, "lies inside the output of target 'x'"),
+        ({"x": "out/x/inner", "y": "out/x"}, "lies inside the output of target 'y'"),
+        ({"x": "."}, "would hold the Mergefile"),
+        ({"x": "/"}, "would hold the Mergefile"),
+        ({"x": ".."}, "would hold the Mergefile"),
+    ],
+)
+def test_outputs_that_alias_nest_or_hold_the_mergefile_are_refused_before_any_write(llama, tmp_path, outputs, expected):
+    (tmp_path / "out" / "y").mkdir(parents=True)
+    path = mergefile(tmp_path, llama, outputs)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli("-f", str(path), "-q")
+    assert code == 2 and expected in err, err
+    assert f"{path}:" in err
+    assert snapshot(tmp_path) == before  # no lock file, no cache, nothing
+    assert not Path("/.mbuild-lock").exists() and not list(Path("/").glob(".*.mbuild-lock"))
+
+
+def test_an_output_inside_or_around_a_source_model_is_refused(llama, tmp_path):
+    inside = mergefile(tmp_path, llama, {"merged": str(llama["code"] / "merged")})
+    code, _, err = run_cli("-f", str(inside), "-q")
+    assert code == 2 and "overlaps the source model" in err
+    assert not (llama["code"] / "merged").exists()
+    around = mergefile(tmp_path, llama, {"merged": str(llama["code"].parent)})
+    code, _, err = run_cli("-f", str(around), "-q", "--dry-run")
+    assert code == 2 and "overlaps the source model" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Ownership of output folders
+
+
+def test_a_folder_with_a_users_mbuild_json_is_never_taken_for_mbuilds(llama, tmp_path):
+    folder = tmp_path / "build" / "merged"
+    folder.mkdir(parents=True)
+    (folder / "mbuild.json").write_text(json.dumps({"theme": "dark"}))
+    (folder / "mine.txt").write_text("keep")
+    path = mergefile(tmp_path, llama, {"merged": None})
+    before = snapshot(folder)
+    code, _, err = run_cli("-f", str(path), "-q")
+    assert code == 2 and "was not made by mbuild" in err
+    code, _, err = run_cli("clean", "-f", str(path))
+    assert code == 2 and "not removing it" in err
+    assert snapshot(folder) == before
+
+
+def test_a_users_file_dropped_into_a_built_output_stops_rebuild_and_clean(llama, tmp_path):
+    path = mergefile(tmp_path, llama, {"merged": None})
+    assert run_cli("-f", str(path), "-q")[0] == 0
+    folder = tmp_path / "build" / "merged"
+    (folder / "notes.txt").write_text("my notes on this merge")
+    (folder / "extra.safetensors").write_bytes(b"not mbuild's")
+    mergefile(tmp_path, llama, {"merged": None}, weight=0.7)  # a change: the target is stale
+    code, _, err = run_cli("-f", str(path), "-q")
+    assert code == 2 and "holds what mbuild did not write there (extra.safetensors, notes.txt)" in err
+    code, _, err = run_cli("clean", "-f", str(path))
+    assert code == 2
+    assert (folder / "notes.txt").read_text() == "my notes on this merge"
+    assert (folder / "extra.safetensors").read_bytes() == b"not mbuild's"
+    # Once the user moves their files away, the build goes on.
+    (folder / "notes.txt").unlink()
+    (folder / "extra.safetensors").unlink()
+    assert run_cli("-f", str(path), "-q")[0] == 0
+    assert load_tensors(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock files and crashed builds
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_untouched(llama, tmp_path):
+    path = mergefile(tmp_path, llama, {"merged": None})
+    (tmp_path / "build").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "build" / ".merged.mbuild-lock").symlink_to(victim)
+    code, _, err = run_cli("-f", str(path), "-q")
+    assert code == 2 and "lock file" in err, err
+    assert victim.read_text() == "precious"
+    # A hard link to a user's file is refused too.
+    (tmp_path / "build" / ".merged.mbuild-lock").unlink()
+    os.link(victim, tmp_path / "build" / ".merged.mbuild-lock")
+    code, _, err = run_cli("-f", str(path), "-q")
+    assert code == 2 and "not a plain file of mbuild's" in err
+    assert victim.read_text() == "precious"
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_status_shows_and_gc_removes_a_crashed_builds_temporary(llama, tmp_path):
+    path = mergefile(tmp_path, llama, {"merged": None, "other": None})
+    assert run_cli("-f", str(path), "-q")[0] == 0
+    crashed = tmp_path / "build" / f".merged.mbuild-tmp-{dead_pid()}"
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"\0" * 4096)
+    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = tmp_path / "build" / f".other.mbuild-tmp-{builder.pid}"  # a live builder's: never touched
+    alive.mkdir()
+    try:
+        check_status_and_gc(path, crashed, alive)
+    finally:
+        builder.kill()
+        builder.wait()
+    assert load_tensors(tmp_path / "build" / "merged")
+
+
+def check_status_and_gc(path: Path, crashed: Path, alive: Path) -> None:
+    code, out, _ = run_cli("status", "-f", str(path), "--json")
+    report = json.loads(out)["targets"]
+    assert report["merged"]["crashed_temporaries"] == [str(crashed)]
+    assert report["other"]["crashed_temporaries"] == []
+    code, out, _ = run_cli("gc", "-f", str(path), "--json")
+    assert code == 0 and json.loads(out)["removed_temporaries"] == [str(crashed)]
+    assert not crashed.exists() and alive.exists()
