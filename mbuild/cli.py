@@ -462,13 +462,11 @@ def _subcommand(argv: list[str]) -> int:
 
 
 def _status(args) -> int:
-    from mbuild import engine
+    from mbuild import engine, io
 
     mergefile, state = _load(args)
     the_plan = _read_only_plan(args, mergefile, state)
     decisions = engine.decide_all(the_plan, state)
-    from mbuild import io
-
     leftovers = {n: [str(p) for p in io.leftovers(mergefile.targets[n].output)] for n in decisions}
     if args.json:
         report = {
@@ -536,6 +534,8 @@ def _gc(args) -> int:
     """Drop cached tensors no target of the Mergefile needs (or unused for --older-than days)."""
     import time
 
+    from mbuild import io
+
     mergefile, state = _load(args)
     the_plan = _read_only_plan(args, mergefile, state)
     keep = {task.key for target_plan in the_plan.targets.values() for task in target_plan.tasks if task.key}
@@ -553,8 +553,6 @@ def _gc(args) -> int:
         cache.close()
     forgotten = state.forget_outputs(keep, older_than)
     # What crashed builds left beside the outputs (full-size temporaries): their owner is dead.
-    from mbuild import io
-
     removed = [str(path) for target in mergefile.targets.values() for path in io.recover(target.output)]
     if args.json:
         print(json.dumps({"dropped": dropped, "forgotten_digests": forgotten, "removed_temporaries": removed}))

@@ -554,7 +554,6 @@ class FileLock:
     def __enter__(self) -> "FileLock":
         import fcntl
         import socket
-
         import stat
 
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,9 @@ from typing import Any, Mapping, Sequence
 #    its compute platform (see compute_platform); keys of schema 2 named thread-dependent bytes.
 KEY_SCHEMA = 3
 
+# Operations that only move bytes: their result is the same on every compute platform.
+BYTE_MOVES = frozenset({"copy", "concat"})
+
 
 def canonical(data: Any) -> str:
     """A stable JSON text for data: sorted keys, no spaces, floats as repr."""
@@ -68,12 +71,12 @@ def task_key(
     shape: Sequence[int],
     seed: int | None,
     input_keys: Sequence[str],
-    platform: str | None,
+    platform: str,
 ) -> str:
     """The key of one output tensor's computation.
 
-    ``platform``: where the bytes are computed (`compute_platform.identify`), or None for a
-    task that only moves bytes (a copy, a concatenation), whose result is the same anywhere.
+    ``platform``: where the bytes are computed (`compute_platform.identify`); left out of the
+    key of a task that only moves bytes (`BYTE_MOVES`), whose result is the same anywhere.
     """
     return digest(
         {
@@ -88,7 +91,7 @@ def task_key(
             "shape": list(shape),
             "seed": seed,
             "inputs": list(input_keys),
-            "platform": platform,
+            "platform": None if method in BYTE_MOVES else platform,
         }
     )
 

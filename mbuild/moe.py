@@ -33,7 +33,8 @@ def expand(
     source_digests,
     shard_bytes: int,
     output_digest,
-    platform: str | None = None,
+    *,
+    platform: str,
 ) -> "plan.TargetPlan":
     """Expand an MoE target into tensor tasks, checking every expert against the base."""
     spec = target.moe
@@ -80,7 +81,7 @@ def expand(
             key = keys.task_key(
                 method=method, version=MOE_VERSION, params=dict(params), model_params=[dict(p) for p in model_params],
                 base_index=None, compute_dtype="float32", out_dtype=out_dtype, shape=shape, seed=seed, input_keys=input_keys,
-                platform=None if method == "concat" else platform,
+                platform=platform,
             )
         tasks.append(plan.TensorTask(name, tuple(shape), out_dtype, "float32", method, tuple(params),
                                      tuple(model_params), None, seed, tuple(inputs), key))

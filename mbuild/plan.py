@@ -260,7 +260,9 @@ def make_plan(
                 if found is None:
                     unhashed.add(node)
             infos[node] = sources[node].info
-        plans[name] = expand(target, infos, plans, source_digests, shard_bytes, output_digest, store, platform)
+        plans[name] = expand(
+            target, infos, plans, source_digests, shard_bytes, output_digest, store, platform=platform
+        )
     return Plan(mergefile, order, plans, sources, graph, frozenset(unhashed), platform)
 
 
@@ -364,7 +366,8 @@ def expand(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     output_digest: OutputLookup = lambda key: None,
     store: Path | None = None,
-    platform: str | None = None,
+    *,
+    platform: str,
 ) -> TargetPlan:
     """Expand one target into its tensor tasks, checking layer ranges and shapes.
 
@@ -373,7 +376,7 @@ def expand(
     if target.moe is not None:
         from mbuild import moe
 
-        return moe.expand(target, infos, plans, source_digests, shard_bytes, output_digest, platform)
+        return moe.expand(target, infos, plans, source_digests, shard_bytes, output_digest, platform=platform)
     method = methods.get(target.method)
     groups = _groups(target)
     layer_tables = {node: layer_table(info) for node, info in infos.items()}
@@ -480,7 +483,7 @@ def expand(
                 shape=shape,
                 seed=seed,
                 input_keys=[i.key for i in inputs],
-                platform=None if op == "copy" else platform,
+                platform=platform,
             )
         tasks.append(
             TensorTask(

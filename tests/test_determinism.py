@@ -291,7 +291,9 @@ def test_a_byte_copy_is_keyed_alike_on_every_platform():
         version=1, params={}, model_params=[], base_index=None, compute_dtype="int64", out_dtype="int64",
         shape=[4], seed=None, input_keys=["bytes:int64:4:abc"],
     )
-    assert keys.task_key(method="copy", platform=None, **common) == keys.task_key(method="copy", platform=None, **common)
+    assert keys.task_key(method="copy", platform="cpu:a", **common) == keys.task_key(
+        method="copy", platform="cuda:b", **common
+    )
     assert keys.task_key(method="linear", platform="cpu:a", **common) != keys.task_key(
         method="linear", platform="cpu:b", **common
     )
