@@ -151,11 +151,13 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
     current: dict = {}
     platform = _platform(args)
 
-    def replan(changed=None):
+    def replan(changed=None, hashing=True):
+        remembered = lambda source: state.digests(source.info, compute=False)  # noqa: E731
+        hashed = lambda source: _hash_source(state, source, printer, torch_import.start)  # noqa: E731
         current["plan"] = plan.make_plan(
             mergefile,
             args.targets,
-            lambda source: _hash_source(state, source, printer, torch_import.start),
+            hashed if hashing else remembered,
             args.allow_pickle,
             args.shard_size,
             engine.output_digests(state, mergefile),
@@ -166,9 +168,16 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
         )
         return current["plan"]
 
-    first_plan = replan()
-    # Decide everything before the first tensor: a no-op never opens the tensor cache.
+    # Every mistake headers can show (ranges, shapes, parameters, outputs that are not
+    # mbuild's) is found by a plan over remembered digests, before any source is hashed.
+    first_plan = replan(hashing=False)
     decisions = engine.decide_all(first_plan, state)
+    if not args.keep_going:
+        engine.refuse_foreign_outputs(first_plan, decisions)
+    if first_plan.unhashed:
+        first_plan = replan()
+        decisions = engine.decide_all(first_plan, state)
+    # Decide everything before the first tensor: a no-op never opens the tensor cache.
     options = engine.BuildOptions(force=args.force, jobs=args.jobs, device=args.device, keep_going=args.keep_going)
     if not args.force and not any(d.stale for d in decisions.values()):
         # Nothing to do: answer like make, without locks or the tensor cache.

@@ -159,6 +159,19 @@ def decide_target(plan, name, lock_data, fingerprints, stale, force, has_tensor)
     )
 
 
+def refuse_foreign_outputs(plan: Plan, decisions: Mapping[str, Decision]) -> None:
+    """Raise, before any source is read, for the first stale target whose output mbuild may not replace."""
+    for name in plan.order:
+        output = plan.targets[name].target.output
+        if decisions[name].stale:
+            existing = inspect_output(output)
+            if existing.foreign:
+                raise BuildError(
+                    existing.refusal(output) + "; move it away or choose another 'output:'",
+                    plan.targets[name].target.location("output"),
+                )
+
+
 def reusable_in(output: OutputState, has_tensor: Callable[[str], bool]) -> Callable[[TensorTask], bool]:
     """Whether a task's bytes are already at hand: in the untouched previous output, or cached."""
     previous = {}

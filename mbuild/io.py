@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 MANIFEST_NAME = "mbuild.json"
 READ_CHUNK = 64 * 1024 * 1024
+# What mbuild reads whole from a model folder (config.json, an index, tokenizer_config.json)
+# is a few MB at most: the index of a 400B model is about 2 MB.
+SMALL_FILE_LIMIT = 64 * 1024 * 1024
+# A safetensors header is about 150 bytes a tensor: 100 MiB is far beyond any model's.
+HEADER_LIMIT = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -90,63 +96,172 @@ def layer_count(config: Mapping[str, Any]) -> int | None:
 def config_int(config: Mapping[str, Any], keys: Sequence[str]) -> int | None:
     """The first integer a config holds under one of ``keys``, at top level or in text_config."""
     for holder in (config, config.get("text_config") or {}):
+        if not isinstance(holder, Mapping):
+            continue  # a malformed text_config declares nothing
         for key in keys:
             if isinstance(holder.get(key), int):
                 return holder[key]
     return None
 
 
-def read_header(path: str | Path) -> dict[str, Any]:
-    """Parse a safetensors file's JSON header."""
+def open_regular(path: str | Path, error: type[Exception] = ModelError) -> tuple[int, int]:
+    """Open a file for reading; returns its descriptor and size, or raises ``error`` if it is not a regular file.
+
+    Links are followed (a hub snapshot's files are links to blobs). The open does not block,
+    so a FIFO with no writer is refused here instead of waited on forever, and a device such
+    as /dev/zero is never read without end. OSError (a missing file) passes through.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    details = os.fstat(fd)
+    if not stat.S_ISREG(details.st_mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(details.st_mode) else "not a regular file (a FIFO, socket or device)"
+        raise error(f"{path} is {kind}, where mbuild expects a file")
+    return fd, details.st_size
+
+
+def read_small_file(path: str | Path, limit: int = SMALL_FILE_LIMIT, error: type[Exception] = ModelError) -> bytes:
+    """The bytes of a file mbuild reads whole (a config, an index), refused past ``limit`` bytes.
+
+    FileNotFoundError passes through, for callers that have their own words for a missing file.
+    """
+    try:
+        fd, _ = open_regular(path, error)
+    except FileNotFoundError:
+        raise
+    except OSError as problem:
+        raise error(f"cannot read {path}: {problem.strerror}") from None
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)
+    except OSError as problem:
+        raise error(f"cannot read {path}: {problem.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise error(f"{path} is larger than {limit // (1024 * 1024)} MiB: too large for a file mbuild reads whole")
+    return data
+
+
+def read_small_json(path: str | Path, limit: int = SMALL_FILE_LIMIT, error: type[Exception] = ModelError) -> dict:
+    """A JSON object read as ``read_small_file`` reads (every such file mbuild reads holds an object)."""
+    data = read_small_file(path, limit, error)
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as problem:
+        raise error(f"{path} is not valid JSON: {problem}") from None
+    except RecursionError:
+        raise error(f"{path} is not valid JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def read_header(path: str | Path) -> tuple[dict[str, Any], int, int]:
+    """A safetensors file's JSON header, the offset its data starts at, and the file's size."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
+        fd, size = open_regular(path)
+        try:
+            prefix = os.pread(fd, 8, 0)
             if len(prefix) != 8:
                 raise ModelError(f"{path} is not a safetensors file (too short)")
             (length,) = struct.unpack("<Q", prefix)
-            if length > 100 * 1024 * 1024:
+            if length > HEADER_LIMIT:
                 raise ModelError(f"{path} is not a safetensors file (header length {length})")
-            header = json.loads(handle.read(length))
+            raw = bytearray(length)
+            if read_into(fd, memoryview(raw), 8) < length:
+                raise ModelError(f"{path} is truncated (its header runs past the end of the file)")
+        finally:
+            os.close(fd)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=lambda pairs: _unique_keys(path, pairs))
     except OSError as error:
         raise ModelError(f"cannot read {path}: {error.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ModelError(f"{path} is not a safetensors file (bad header)") from None
-    header["__data_start__"] = 8 + length
-    return header
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} is not a safetensors file (its header is a JSON {type(header).__name__}, not an object)")
+    return header, 8 + length, size
+
+
+def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object of a header, refused if a key repeats (JSON would keep the last silently)."""
+    mapping = dict(pairs)
+    if len(mapping) < len(pairs):
+        seen: set[str] = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ModelError(f"{path}: the header names {repeated!r} twice")
+    return mapping
+
+
+def read_tensors(path: str | Path) -> list[TensorInfo]:
+    """The tensors of one safetensors file, each entry checked against the file: a header can lie."""
+    header, data_start, size = read_header(path)
+    header.pop("__metadata__", None)
+    tensors = [_tensor_info(Path(path), name, entry, data_start) for name, entry in header.items()]
+    _check_layout(Path(path), tensors, size)
+    return tensors
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
+    """One header entry, refused unless its dtype, shape and byte range agree with each other."""
+    if not isinstance(entry, dict):
+        raise ModelError(f"{path}: tensor {name}'s header entry is not a mapping")
+    code = entry.get("dtype")
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        raise ModelError(f"{path}: tensor {name} has unsupported dtype {code}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(size) for size in shape):
+        raise ModelError(f"{path}: tensor {name} has shape {shape!r}: a list of non-negative integers expected")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets)) and offsets[0] <= offsets[1]):
+        raise ModelError(f"{path}: tensor {name} has data_offsets {offsets!r}: [begin, end] with 0 <= begin <= end expected")
+    begin, end = offsets
+    info = TensorInfo(name, SAFETENSORS_DTYPES[code][0], tuple(shape), str(path), data_start + begin, data_start + end)
+    if info.nbytes != end - begin:
+        raise ModelError(
+            f"{path}: tensor {name} ({code} {shape}) has {info.nbytes} bytes of data, but its data_offsets span {end - begin}"
+        )
+    return info
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_layout(path: Path, tensors: Sequence[TensorInfo], size: int) -> None:
+    """Refuse tensors past the end of the file, or sharing bytes (a write to one would change the other)."""
+    furthest: TensorInfo | None = None
+    for info in sorted(tensors, key=lambda t: (t.start, t.end)):
+        if info.end > size:
+            raise ModelError(f"{path} is truncated: tensor {info.name} ends at byte {info.end}, the file has {size}")
+        if info.start == info.end:
+            continue  # no bytes to share
+        if furthest is not None and info.start < furthest.end:
+            raise ModelError(f"{path}: tensors {furthest.name} and {info.name} overlap in the file")
+        if furthest is None or info.end > furthest.end:
+            furthest = info
 
 
 def read_model(folder: str | Path, allow_pickle: bool = False) -> ModelInfo:
     """Read config.json and every safetensors header of a model folder."""
     folder = Path(folder)
-    config_path = folder / "config.json"
     if not folder.is_dir():
         raise ModelError(f"model folder not found: {folder}")
     try:
-        config = json.loads(config_path.read_text())
+        config = read_small_json(folder / "config.json")
     except FileNotFoundError:
         raise ModelError(f"{folder} has no config.json: not a Hugging Face model folder") from None
-    except json.JSONDecodeError as error:
-        raise ModelError(f"{config_path} is not valid JSON: {error}") from None
     files = weight_files(folder, allow_pickle)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        header = read_header(file)
-        data_start = header.pop("__data_start__")
-        header.pop("__metadata__", None)
-        for name, entry in header.items():
-            code = entry.get("dtype")
-            if code not in SAFETENSORS_DTYPES:
-                raise ModelError(f"{file}: tensor {name} has unsupported dtype {code}")
-            begin, end = entry["data_offsets"]
-            tensors[name] = TensorInfo(
-                name=name,
-                dtype=SAFETENSORS_DTYPES[code][0],
-                shape=tuple(entry["shape"]),
-                file=str(file),
-                start=data_start + begin,
-                end=data_start + end,
-            )
+        for info in read_tensors(file):
+            if info.name in tensors:
+                first = Path(tensors[info.name].file).name
+                raise ModelError(f"{folder}: tensor {info.name} is in two files, {first} and {file.name}")
+            tensors[info.name] = info
     return ModelInfo(folder=folder, config=config, tensors=tensors, weight_files=tuple(str(f) for f in files))
 
 
@@ -154,11 +269,7 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     """The safetensors files of a model (via its index when sharded); refuse pickles unless allowed."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise ModelError(f"{index} is not a valid safetensors index") from None
-        files = sorted({folder / name for name in weight_map.values()})
+        files = sorted({folder / name for name in index_shards(index)})
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise ModelError(f"{folder}: the index lists missing shard(s): {', '.join(missing)}")
@@ -645,12 +756,54 @@ def fsync_folder(folder: Path) -> None:
 
 
 def publish(temporary: Path, output: Path) -> None:
-    """Move a finished folder into place; the old output survives until the new one is there."""
+    """Move a finished folder into place; the old output survives until the new one is there.
+
+    Where the kernel can swap two paths in one step (Linux renameat2 RENAME_EXCHANGE), the
+    output path is never missing; elsewhere it is missing between two renames, and a crash
+    there is undone by `recover` on the next run.
+    """
+    if output.exists() and _exchange(temporary, output):
+        shutil.rmtree(temporary, ignore_errors=True)  # now the old output
+        return
     retired = output.parent / f".{output.name}.mbuild-old-{os.getpid()}"
     if output.exists():
         os.rename(output, retired)
     os.rename(temporary, output)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically; False where the platform or filesystem cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), exchange) == 0:
+        return True
+    import ctypes
+
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not here; fall back to two renames
+        return False
+    raise OSError(errno, os.strerror(errno), str(second))
+
+
+def _renameat2():
+    """libc's renameat2 (glibc 2.28 and later), or None."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 def leftovers(output: Path) -> list[Path]:

@@ -211,3 +211,79 @@ def check_status_and_gc(path: Path, crashed: Path, alive: Path) -> None:
     code, out, _ = run_cli("gc", "-f", str(path), "--json")
     assert code == 0 and json.loads(out)["removed_temporaries"] == [str(crashed)]
     assert not crashed.exists() and alive.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes that headers show are found before any source is read or anything is written
+
+
+@pytest.mark.parametrize(
+    ("second", "expected"),
+    [
+        ("    merge_method: passthrough\n    slices:\n      - sources:\n          - {model: MATH, layer_range: [0, 9]}\n",
+         "is out of range"),
+        ("    merge_method: slerp\n    base_model: MATH\n    models:\n      - model: MATH\n      - model: CODE\n", "'t'"),
+        ("    merge_method: linear\n    parameters: {weight: 1}\n    models:\n      - model: MATH\n      - model: half\n",
+         "different layer counts"),
+        ("    merge_method: linear\n    parameters: {weight: 1}\n    models:\n      - model: MATH\n      - model: CODE\n"
+         "    output: theirs\n", "not made by mbuild"),
+    ],
+    ids=["layer-range", "missing-t", "shapes", "foreign-output"],
+)
+def test_plan_mistakes_are_reported_before_hashing_or_writing(families, tmp_path, second, expected):
+    llama = families("llama")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "mine.txt").write_text("keep")
+    text = (
+        "targets:\n  first:\n    merge_method: linear\n    models:\n"
+        f"      - model: {llama['math']}\n        parameters: {{weight: 0.5}}\n"
+        f"      - model: {llama['code']}\n        parameters: {{weight: 0.5}}\n"
+        "  half:\n    merge_method: passthrough\n    slices:\n"
+        f"      - sources:\n          - {{model: {llama['code']}, layer_range: [0, 1]}}\n"
+        "  second:\n" + second.replace("MATH", str(llama["math"])).replace("CODE", str(llama["code"]))
+    )
+    path = tmp_path / "Mergefile"
+    path.write_text(text)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli("-f", str(path), "--cache-dir", str(tmp_path / "cache"))
+    assert code == 2 and expected in err, err
+    assert f"{path}:" in err and "target 'second'" in err
+    assert "hashing" not in err  # no source byte was read
+    assert snapshot(tmp_path) == before and not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+
+
+class Crash(BaseException):
+    """A process dying at a chosen point."""
+
+
+def test_a_crash_while_publishing_never_leaves_the_output_path_missing(llama, tmp_path, monkeypatch):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("no renameat2 here: the two-rename fallback and its recovery are tested in test_engine")
+    path = mergefile(tmp_path, llama, {"merged": None})
+    assert run_cli("-f", str(path), "-q")[0] == 0
+    output = tmp_path / "build" / "merged"
+    before = load_tensors(output)
+    mergefile(tmp_path, llama, {"merged": None}, weight=0.7)
+    renames = []
+
+    def rename_then_die(source, destination):
+        renames.append(source)
+        if len(renames) == 2:  # between moving the old output away and the new one in
+            raise Crash()
+        os.replace(source, destination)
+
+    monkeypatch.setattr(os, "rename", rename_then_die)
+    with contextlib.suppress(Crash):
+        run_cli("-f", str(path), "-q")
+    assert (output / "mbuild.json").is_file()  # the path held a whole output at every moment
+    after = load_tensors(output)
+    assert after.keys() == before.keys() and any(not after[n].equal(before[n]) for n in after)
+    monkeypatch.undo()
+    assert run_cli("-f", str(path), "-q")[0] == 0
+    assert not list(output.parent.glob(".merged.mbuild-*")) or all(
+        p.name.endswith("-lock") for p in output.parent.glob(".merged.mbuild-*")
+    )

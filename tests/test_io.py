@@ -146,3 +146,21 @@ def test_bytes_digest_is_blake3():
     hasher = io.bytes_hasher(b"ab")
     hasher.update(memoryview(b"c"))
     assert hasher.hexdigest() == io.bytes_digest(b"abc") != io.bytes_digest(b"abd")
+
+
+def test_publish_swaps_in_one_step_or_falls_back_to_two_renames(tmp_path, monkeypatch):
+    from mbuild import io
+
+    for swap in (True, False):
+        if not swap:
+            monkeypatch.setattr(io, "_renameat2", lambda: None)
+        output, new = tmp_path / f"out-{swap}", tmp_path / f".new-{swap}"
+        output.mkdir()
+        (output / "old.txt").write_text("old")
+        new.mkdir()
+        (new / "new.txt").write_text("new")
+        io.publish(new, output)
+        assert sorted(p.name for p in output.iterdir()) == ["new.txt"]
+        assert not new.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            p.name for p in tmp_path.iterdir() if p.name.startswith("out-")
+        )
