@@ -15,6 +15,8 @@ value under a unique file name before committing its row).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -23,26 +25,41 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mbuild import io
 
-GIB = 1024**3
-
 
 class State:
-    """Remembered digests: of source files' tensors, and of computed tensor tasks."""
+    """Remembered digests: of source files' tensors, and of computed tensor tasks.
 
-    def __init__(self, folder: Path):
+    Everything here can be computed again, so a fault in ``state.db`` costs only memory: a
+    damaged file is deleted and started afresh, and one that cannot be written (a read-only
+    or full disk) gives way to an empty database in memory for the rest of the run. Either
+    way ``warn`` is told, once.
+    """
+
+    def __init__(self, folder: Path, warn: Callable[[str], None] = lambda text: None):
         self.folder = folder
+        self.warn = warn
         self._db: sqlite3.Connection | None = None
+        self._in_memory = False
+        self._started_afresh = False
         self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self.folder / "state.db"
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._db = _connect_wal(self.folder / "state.db")
-            _forget_old_digests(self._db, ("files", "outputs"))
+            if self._in_memory:
+                self._db = sqlite3.connect(":memory:", check_same_thread=False)
+            else:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._db = _connect_wal(self.path)
+                _forget_old_digests(self._db, ("files", "outputs"))
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
                 " inode INTEGER, digests TEXT)"
@@ -50,8 +67,30 @@ class State:
             self._db.execute("CREATE TABLE IF NOT EXISTS outputs (key TEXT PRIMARY KEY, digest TEXT, used REAL)")
         return self._db
 
+    def _run(self, operation: Callable[[sqlite3.Connection], Any]) -> Any:
+        """``operation(connection)``'s result; a fault in the file is survived (see the class)."""
+        with self._lock:
+            while True:
+                try:
+                    return operation(self._connect())
+                except (sqlite3.DatabaseError, OSError) as error:
+                    if self._in_memory:
+                        raise
+                    self._survive(error)
+
+    def _survive(self, error: Exception) -> None:
+        """Start afresh from a damaged file (once), else carry on in memory."""
+        self.close()
+        if _damaged(error) and not self._started_afresh:
+            self._started_afresh = True
+            if _delete_database(self.path):
+                self.warn(f"{self.path} was damaged ({error}); deleted it and started afresh")
+                return
+        self._in_memory = True
+        self.warn(f"cannot use {self.path} ({_reason(error)}): hashes and digests are kept in memory this run")
+
     def _exists(self) -> bool:
-        return self._db is not None or (self.folder / "state.db").exists()
+        return self._db is not None or self.path.exists()
 
     def lookup(self, path: str) -> dict[str, str] | None:
         """The remembered digests of a file, if it has not changed since."""
@@ -61,23 +100,19 @@ class State:
             identity = io.file_identity(path)
         except OSError:
             return None
-        with self._lock:
-            row = self._connect().execute(
+        row = self._run(
+            lambda db: db.execute(
                 "SELECT size, mtime_ns, inode, digests FROM files WHERE path = ?", (str(path),)
             ).fetchone()
+        )
         if row is None or tuple(row[:3]) != identity:
             return None
         return json.loads(row[3])
 
     def remember(self, path: str, identity: tuple[int, int, int], digests: Mapping[str, str]) -> None:
         """Store a file's digests under the identity it had when it was read."""
-        with self._lock:
-            db = self._connect()
-            with db:
-                db.execute(
-                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
-                    (str(path), *identity, json.dumps(dict(digests))),
-                )
+        row = (str(path), *identity, json.dumps(dict(digests)))
+        self._run(lambda db: _commit(db, "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", [row]))
 
     def digests(self, model: io.ModelInfo, compute: bool, progress=None) -> dict[str, str] | None:
         """Per-tensor digests of a model; hashes changed files only when ``compute``.
@@ -101,8 +136,7 @@ class State:
         """The digest of the bytes task ``key`` produced, if it was ever computed."""
         if not self._exists():
             return None
-        with self._lock:
-            row = self._connect().execute("SELECT digest FROM outputs WHERE key = ?", (key,)).fetchone()
+        row = self._run(lambda db: db.execute("SELECT digest FROM outputs WHERE key = ?", (key,)).fetchone())
         return row[0] if row else None
 
     def remember_outputs(self, digests: Mapping[str, str]) -> None:
@@ -110,19 +144,14 @@ class State:
         if not digests:
             return
         now = time.time()
-        with self._lock:
-            db = self._connect()
-            with db:
-                db.executemany(
-                    "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?)", [(k, v, now) for k, v in digests.items()]
-                )
+        rows = [(k, v, now) for k, v in digests.items()]
+        self._run(lambda db: _commit(db, "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?)", rows))
 
     def last_used(self, key: str) -> float | None:
         """When task ``key``'s bytes were last produced or reused."""
         if not self._exists():
             return None
-        with self._lock:
-            row = self._connect().execute("SELECT used FROM outputs WHERE key = ?", (key,)).fetchone()
+        row = self._run(lambda db: db.execute("SELECT used FROM outputs WHERE key = ?", (key,)).fetchone())
         return row[0] if row else None
 
     def forget_outputs(self, keep: Iterable[str], older_than: float | None) -> int:
@@ -130,19 +159,44 @@ class State:
         if not self._exists():
             return 0
         keep = set(keep)
-        with self._lock:
-            db = self._connect()
+
+        def forget(db: sqlite3.Connection) -> int:
             rows = db.execute("SELECT key, used FROM outputs").fetchall()
-            doomed = [k for k, used in rows if k not in keep or (older_than is not None and used < older_than)]
-            with db:
-                db.executemany("DELETE FROM outputs WHERE key = ?", [(k,) for k in doomed])
-        return len(doomed)
+            doomed = [(k,) for k, used in rows if k not in keep or (older_than is not None and used < older_than)]
+            _commit(db, "DELETE FROM outputs WHERE key = ?", doomed)
+            return len(doomed)
+
+        return self._run(forget)
 
     def close(self) -> None:
         """Close the database connection."""
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _guarded(fallback):
+    """A TensorCache method that a fault in the cache's files cannot fail: caching stops instead.
+
+    Damaged indexes are caught when the cache opens; whatever goes wrong later (a full or
+    read-only disk, an I/O error) costs only caching: the method answers ``fallback``, the
+    cache answers nothing from then on, and ``warn`` is told once. The build goes on.
+    """
+
+    def decorate(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kwargs):
+            if self.stopped:
+                return fallback
+            try:
+                return method(self, *args, **kwargs)
+            except (sqlite3.DatabaseError, OSError) as error:
+                self._stop(error)
+                return fallback
+
+        return guarded
+
+    return decorate
 
 
 class TensorCache:
@@ -162,31 +216,58 @@ class TensorCache:
     A blob no entry points into any more is deleted once no build is writing it.
     """
 
-    def __init__(self, folder: Path, size_limit: int | None = None, read_only: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        size_limit: int | None = None,
+        read_only: bool = False,
+        warn: Callable[[str], None] = lambda text: None,
+    ):
         import diskcache
 
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.blob_folder = folder / "blobs"
         self.read_only = read_only
+        self.warn = warn
+        self.stopped = False  # a fault in the cache's files ended caching for this run
         self._linkable = not read_only
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._delete_damaged_indexes()
         if read_only:
             # Looking only: keep the settings the last build stored, compute nothing.
             self.store = diskcache.Cache(str(folder))
             return
-        if size_limit is None:
-            size_limit = default_size_limit(folder)
         # diskcache's own default silently caps at 1 GiB and evicts by store time;
         # set both explicitly. Values from 32 KiB up live as files, not in SQLite.
         self.store = diskcache.Cache(
             str(folder),
-            size_limit=size_limit,
+            size_limit=default_size_limit(folder) if size_limit is None else size_limit,
             eviction_policy="least-recently-used",
             disk_min_file_size=32 * 1024,
             sqlite_mmap_size=0,
         )
+        self._evict_to_bound()
+
+    def _delete_damaged_indexes(self) -> None:
+        """Delete an index SQLite finds damaged (diskcache's with the copies it indexed), to start afresh.
+
+        Checked when the cache opens, before either is used: a damaged page can hide deep in a
+        file that opens fine. A fault found later only ends caching for the run (`_guarded`).
+        """
+        for name, delete in (("links.db", _delete_database), ("cache.db", _delete_copies)):
+            path = self.folder / name
+            problem = _damage(path)
+            if problem and delete(path):
+                self.warn(f"{path} was damaged ({problem}); deleted it and started afresh")
+
+    def _stop(self, error: Exception) -> None:
+        """End caching for this run, telling ``warn`` once (several workers may meet one fault)."""
+        with self._lock:
+            told, self.stopped = self.stopped, True
+        if not told:
+            self.warn(f"caching skipped for the rest of this run: cannot use {self.folder} ({_reason(error)})")
 
     @property
     def size_limit(self) -> int:
@@ -230,6 +311,7 @@ class TensorCache:
         rows = self._query("SELECT blob, offset, length, digest FROM places WHERE key = ?", (key,))
         return rows[0] if rows else None
 
+    @_guarded(None)
     def link(self, shard: Path) -> str | None:
         """Share a shard this process is writing: hard-link it in; the blob's id, or None.
 
@@ -253,16 +335,19 @@ class TensorCache:
             return None
         return blob
 
+    @_guarded(None)
     def put_at(self, key: str, blob: str, offset: int, length: int, digest: str) -> None:
         """Record where task ``key``'s bytes lie in a linked shard (committed at once)."""
         self._change([("INSERT OR REPLACE INTO places VALUES (?, ?, ?, ?, ?)", (key, blob, offset, length, digest))])
         if key in self.store:
             self.store.delete(key, retry=True)
 
+    @_guarded(None)
     def done_with(self, blobs: Iterable[str]) -> None:
         """Mark blobs as no longer being written by this process."""
         self._change([("UPDATE blobs SET writer = NULL WHERE id = ?", (blob,)) for blob in blobs])
 
+    @_guarded(None)
     def get(self, key: str) -> tuple[bytes, str] | None:
         """A computed tensor's bytes and digest, or None; a corrupt entry is dropped, never returned."""
         place = self._place(key)
@@ -295,17 +380,23 @@ class TensorCache:
         finally:
             os.close(fd)
 
+    @_guarded(None)
     def put(self, key: str, data: bytes | memoryview, digest: str) -> None:
         """Commit a copy of one computed tensor (atomically: a reader sees all of it or nothing).
 
-        Streamed from the buffer in pieces, so the tensor is never copied whole.
+        Streamed from the buffer in pieces, so the tensor is never copied whole. One larger
+        than the bound is not written only to be evicted.
         """
+        if len(data) > self.size_limit:
+            return
         self.store.set(key, _Pieces(memoryview(data).cast("B")), read=True, tag=digest, retry=True)
 
+    @_guarded(False)
     def contains(self, key: str) -> bool:
         """Whether an entry exists (not verified: reading it does that)."""
         return self._place(key) is not None or key in self.store
 
+    @_guarded(0)
     def size_of(self, key: str) -> int:
         """Bytes an entry holds (0 if absent)."""
         place = self._place(key)
@@ -323,22 +414,26 @@ class TensorCache:
             if hasattr(handle, "close"):
                 handle.close()
 
-    def keys(self) -> list[str]:
+    @_guarded(())
+    def keys(self) -> Sequence[str]:
         """Every task key held."""
         placed = [row[0] for row in self._query("SELECT key FROM places")]
         known = set(placed)
         return placed + [key for key in self.store.iterkeys() if key not in known]
 
+    @_guarded(None)
     def delete(self, key: str) -> None:
         """Drop one entry (its blob goes with ``prune`` once nothing points into it)."""
         self._change([("DELETE FROM places WHERE key = ?", (key,))])
         self.store.delete(key, retry=True)
 
+    @_guarded(0)
     def volume(self) -> int:
         """Bytes the cache holds on disk (a blob counted whole, even while an output shares it)."""
         blobs = self._query("SELECT COALESCE(SUM(size), 0) FROM blobs")
         return self.store.volume() + (blobs[0][0] if blobs else 0)
 
+    @_guarded(0)
     def prune(self) -> int:
         """Delete blobs nothing points into and no live build writes, and stray files; returns the count."""
         rows = self._query(
@@ -352,6 +447,12 @@ class TensorCache:
         for path in strays:
             path.unlink(missing_ok=True)
         return len(doomed) + len(strays)
+
+    @_guarded(None)
+    def _evict_to_bound(self) -> None:
+        """Bring what the cache holds within its bound now, before a build needs the space."""
+        self._make_room(0)
+        self.store.cull(retry=True)
 
     def _make_room(self, size: int) -> bool:
         """Evict least recently used blobs until ``size`` more bytes fit the bound; whether they do."""
@@ -376,6 +477,21 @@ class TensorCache:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def open_tensor_cache(
+    folder: Path,
+    size_limit: int | None = None,
+    read_only: bool = False,
+    warn: Callable[[str], None] = lambda text: None,
+) -> TensorCache | None:
+    """The tensor cache in ``folder``; None, with a warning, where the folder cannot hold one
+    (a read-only or full disk): a build then goes on without caching."""
+    try:
+        return TensorCache(folder, size_limit, read_only, warn)
+    except (sqlite3.DatabaseError, OSError) as error:
+        warn(f"caching skipped: cannot use the tensor cache {folder} ({_reason(error)})")
+        return None
 
 
 # What the digests in state.db and links.db are: 2 is BLAKE3 (`io.bytes_hasher`), 1 was sha256.
@@ -424,6 +540,55 @@ def _connect_wal(path: Path, wait: float = 60.0) -> sqlite3.Connection:
             time.sleep(0.01)
 
 
+def _commit(db: sqlite3.Connection, sql: str, rows: list[tuple]) -> None:
+    """Run one statement for each row, in one transaction."""
+    with db:
+        db.executemany(sql, rows)
+
+
+def _damaged(error: Exception) -> bool:
+    """Whether an error says a file is not a sound SQLite database (rather than one that cannot be written)."""
+    return isinstance(error, sqlite3.DatabaseError) and any(
+        words in str(error) for words in ("malformed", "not a database")
+    )
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with an SQLite file, if SQLite's quick check finds it damaged (60 ms for 60 MB)."""
+    if not path.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            found = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as error:
+        return str(error) if _damaged(error) else None  # unreadable here: opening it will say why
+    return None if found == "ok" else "its quick check failed"
+
+
+def _delete_database(path: Path) -> bool:
+    """Delete an SQLite file with its journals; whether that could be done."""
+    try:
+        for name in (path.name, path.name + "-wal", path.name + "-shm"):
+            path.with_name(name).unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
+
+
+def _delete_copies(index: Path) -> bool:
+    """Delete diskcache's index and the copies it indexed (files under two-hex-digit folders)."""
+    if not _delete_database(index):
+        return False
+    for folder in index.parent.glob("[0-9a-f][0-9a-f]"):
+        shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+def _reason(error: Exception) -> str:
+    """An error in a few words: the system's message without its number, or SQLite's."""
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+
+
 def _unwritten(writer: int | None) -> bool:
     """Whether a blob is no longer being written: its writer finished (None) or died."""
     return writer is None or not io.process_alive(writer)
@@ -444,15 +609,13 @@ class _Pieces:
 
 
 def default_size_limit(folder: Path) -> int:
-    """Half of the disk still free where the cache lives, plus what it already holds; at least 1 GiB."""
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return 8 * GIB
-    held = sum(p.stat().st_size for p in folder.rglob("*.val")) if folder.exists() else 0
-    if (folder / "blobs").exists():
-        held += sum(p.stat().st_size for p in (folder / "blobs").iterdir())
-    return max(GIB, held + free // 2)
+    """Half the disk space free where the cache lives, now (the cache opens at a build's start).
+
+    No floor: on a small disk a floor would let the cache take space a build needs. What the
+    cache holds is not added back: the bound then shrinks as the cache grows, so the cache
+    never leaves less free than it holds.
+    """
+    return shutil.disk_usage(folder).free // 2
 
 
 def default_cache_dir(mergefile_folder: Path) -> Path:

@@ -79,21 +79,31 @@ def _byte_count(text: str) -> int:
 
 
 def _load(args):
+    from mbuild import lock
     from mbuild.cache import State, default_cache_dir
 
     mergefile = mergefile_module.load(args.file)
+    damage = lock.damage(lock.lock_path(mergefile.path))
+    if damage:
+        _warn(f"{damage}: ignored, and rewritten by the next build")
     cache_dir = Path(args.cache_dir).absolute() if args.cache_dir else default_cache_dir(mergefile.folder)
-    return mergefile, State(cache_dir)
+    return mergefile, State(cache_dir, warn=_warn)
+
+
+def _warn(text: str) -> None:
+    """One line on stderr, even with --quiet, for a fault in mbuild's own state that it works around."""
+    print(f"mbuild: warning: {text}", file=sys.stderr, flush=True)
 
 
 def _tensor_cache(state, args, create: bool):
-    """The tensor cache under the cache folder; None in read-only uses when it does not exist yet."""
-    from mbuild.cache import TensorCache
+    """The tensor cache under the cache folder; None in read-only uses when it does not exist yet,
+    and (with a warning) where the cache folder cannot hold one."""
+    from mbuild.cache import open_tensor_cache
 
     folder = state.folder / "tensors"
     if not create and not folder.exists():
         return None
-    return TensorCache(folder, getattr(args, "cache_size", None), read_only=not create)
+    return open_tensor_cache(folder, getattr(args, "cache_size", None), read_only=not create, warn=_warn)
 
 
 def _read_only_plan(args, mergefile, state):
@@ -104,12 +114,19 @@ def _read_only_plan(args, mergefile, state):
         mergefile,
         args.targets,
         lambda source: state.digests(source.info, compute=False),
-        args.allow_pickle,
+        _conversions(args, state, write=False),
         getattr(args, "shard_size", plan.DEFAULT_SHARD_BYTES),
         engine.output_digests(state, mergefile),
         state.folder,
         platform=_platform(args),
     )
+
+
+def _conversions(args, state, write: bool):
+    """Where pickled sources are read from (with --allow-pickle): their conversions in the cache."""
+    from mbuild.pickles import Conversions
+
+    return Conversions(state.folder / "converted", state, write) if args.allow_pickle else None
 
 
 def _platform(args) -> str:
@@ -158,7 +175,7 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
             mergefile,
             args.targets,
             hashed if hashing else remembered,
-            args.allow_pickle,
+            _conversions(args, state, write=hashing),
             args.shard_size,
             engine.output_digests(state, mergefile),
             state.folder,
@@ -177,6 +194,8 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
     if first_plan.unhashed:
         first_plan = replan()
         decisions = engine.decide_all(first_plan, state)
+    for name in first_plan.order:
+        _warn_dropped(first_plan.targets[name], _warn)
     # Decide everything before the first tensor: a no-op never opens the tensor cache.
     options = engine.BuildOptions(force=args.force, jobs=args.jobs, device=args.device, keep_going=args.keep_going)
     if not args.force and not any(d.stale for d in decisions.values()):
@@ -185,6 +204,7 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
             name: engine.TargetReport(name, "fresh", (), 0, len(p.tasks), 0.0, str(p.target.output))
             for name, p in first_plan.targets.items()
         }
+        engine.repair_lock(first_plan, state, list(first_plan.order), printer.note)
     else:
         printer.targets = len(first_plan.order)
         torch_import.start()
@@ -193,7 +213,8 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
             with printer:
                 reports = engine.Builder(first_plan, state, options, printer, cache, replan).run()
         finally:
-            cache.close()
+            if cache is not None:
+                cache.close()
     if args.json:
         print(json.dumps({"targets": {name: r.as_json() for name, r in reports.items()}}, indent=2))
     elif not args.quiet:
@@ -205,6 +226,14 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
         elif report.status == "skipped":
             print(f"mbuild: skipped {report.name}: {'; '.join(report.reasons)}", file=sys.stderr)
     return 1 if any(r.status in ("failed", "skipped") for r in reports.values()) else 0
+
+
+def _warn_dropped(target_plan, note) -> None:
+    """Name the input tensors a target with 'allow_mixed_architectures' leaves out of its output."""
+    dropped = target_plan.dropped
+    if dropped:
+        shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        note(f"target '{target_plan.name}' takes no output tensor from {len(dropped)} input tensor(s): {shown}")
 
 
 def _require_cuda() -> None:
@@ -315,6 +344,7 @@ def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
             "bytes_to_read": estimates["bytes_to_read"] if decision.stale else 0,
             "peak_memory": estimates["peak_memory"] if decision.stale else 0,
             "key": target_plan.key,
+            "dropped_inputs": list(target_plan.dropped),
         }
     return data
 
@@ -345,6 +375,8 @@ def _print_dry_run(the_plan, decisions, args, has_tensor) -> None:
         )
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
+    for name in the_plan.order:
+        _warn_dropped(the_plan.targets[name], lambda text: console.print(f"warning: {text}"))
     stale = [n for n, r in data.items() if r["stale"]]
     console.print(f"{len(stale)} of {len(data)} target(s) would be built" + (f": {', '.join(stale)}" if stale else ""))
 
@@ -543,7 +575,7 @@ def _gc(args) -> int:
     """Drop cached tensors no target of the Mergefile needs (or unused for --older-than days)."""
     import time
 
-    from mbuild import io
+    from mbuild import io, pickles
 
     mergefile, state = _load(args)
     the_plan = _read_only_plan(args, mergefile, state)
@@ -563,12 +595,14 @@ def _gc(args) -> int:
     forgotten = state.forget_outputs(keep, older_than)
     # What crashed builds left beside the outputs (full-size temporaries): their owner is dead.
     removed = [str(path) for target in mergefile.targets.values() for path in io.recover(target.output)]
+    conversions = pickles.remove_unused(state.folder / "converted", [s.info for s in the_plan.sources.values()])
     if args.json:
-        print(json.dumps({"dropped": dropped, "forgotten_digests": forgotten, "removed_temporaries": removed}))
+        print(json.dumps({"dropped": dropped, "forgotten_digests": forgotten, "removed_temporaries": removed,
+                          "removed_conversions": conversions}))
     else:
         print(
             f"mbuild gc: dropped {dropped} cached tensor(s), forgot {forgotten} digest(s), "
-            f"removed {len(removed)} temporary folder(s) of crashed builds"
+            f"removed {len(removed)} temporary folder(s) of crashed builds and {conversions} unused pickle conversion(s)"
         )
     return 0
 
@@ -604,7 +638,7 @@ def _clean(args) -> int:
 
 def _import(args) -> int:
     """Write a Mergefile made from a mergekit config; never over an existing file unless --force."""
-    from mbuild import importer
+    from mbuild import importer, io
 
     output = Path(os.path.normpath(Path(args.output).absolute()))
     if output.exists() and not args.force:
@@ -619,9 +653,7 @@ def _import(args) -> int:
         for folder in reversed(created):
             folder.rmdir()
         raise
-    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    temporary.write_text(imported.text)
-    os.replace(temporary, output)
+    io.replace_text(output, imported.text)
     if args.json:
         print(json.dumps({"mergefile": str(output), "targets": list(imported.targets)}, indent=2))
     else:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -81,6 +83,9 @@ class Reporter:
 
     def waiting(self, message: str) -> None:
         """The build waits on another process (a target lock)."""
+
+    def note(self, text: str) -> None:
+        """Something the user should know that does not stop the build (a warning)."""
 
 
 @dataclass
@@ -290,6 +295,7 @@ class Builder:
                     reports[name] = TargetReport(
                         name, "fresh", (), 0, len(target_plan.tasks), 0.0, str(target_plan.target.output)
                     )
+                    repair_lock(self.plan, self.state, [name], self.reporter.note)
                     self.reporter.target_finished(reports[name])
                     continue
                 stale.add(name)
@@ -308,6 +314,12 @@ class Builder:
 
     def build_target(self, target_plan: TargetPlan, decision: Decision) -> TargetReport:
         """Build one target into a temporary folder and move it into place."""
+        try:
+            return self._build_target(target_plan, decision)
+        except OSError as error:  # a full or read-only disk: one message, not a traceback
+            raise _disk_fault(error, target_plan.target.output) from None
+
+    def _build_target(self, target_plan: TargetPlan, decision: Decision) -> TargetReport:
         started = time.perf_counter()
         target = target_plan.target
         output = target.output
@@ -509,50 +521,116 @@ class Builder:
 
     def _record(self, target_plan: TargetPlan, output: Path) -> None:
         """Update Mergefile.lock with what this target was built from."""
-        lock_of_lock = self.state.folder / "locks" / (hashlib.sha256(str(self.lock_path).encode()).hexdigest()[:16] + ".lock")
-        with io.FileLock(lock_of_lock):
-            self._record_locked(target_plan, output)
+        record_in_lock(self.plan, self.state, [target_plan.name])
 
-    def _record_locked(self, target_plan: TargetPlan, output: Path) -> None:
-        from mbuild.plan import plain_recipe
 
-        data = lock.read(self.lock_path)
-        inputs = {}
-        for node in target_plan.input_nodes:
-            if node.startswith("target:"):
-                inputs[node] = self.plan.targets[node.split(":", 1)[1]].key
-            else:
-                source = self.plan.sources[node]
-                fingerprint = source_fingerprint(source, self.state.digests(source.info, compute=False))
-                inputs[node] = fingerprint
-                data["sources"][node] = {
-                    "model": source.ref.text,
-                    "revision": source.revision,
-                    "fingerprint": fingerprint,
-                }
-        manifest = io.read_manifest(output) or {}
-        target = target_plan.target
-        method_name, method_version, _ = recipe_method(target)
-        try:
-            relative = str(output.relative_to(self.plan.mergefile.folder))
-        except ValueError:
-            relative = str(output)
-        data["targets"][target.name] = {
-            "key": target_plan.key,
-            "method": method_name,
-            "method_version": method_version,
-            "recipe": plain_recipe(target.recipe),
-            "platform": self.plan.platform,
-            "inputs": inputs,
-            "output": {
-                "path": relative,
-                # Shards by their digest (of their tensors' digests), other files by sha256.
-                "files": {
-                    name: entry.get("digest", entry.get("sha256")) for name, entry in manifest.get("files", {}).items()
-                },
-            },
-        }
-        lock.write(self.lock_path, data)
+def record_in_lock(plan: Plan, state: State, names: list[str], only_if_different: bool = False) -> list[str]:
+    """Write what each named target was built from into Mergefile.lock; returns the names written.
+
+    With ``only_if_different``, a target whose lock entry already says what its output's
+    manifest and the plan say is left alone: the lock is repaired from the built outputs
+    (after a kill between publishing and recording, or for a second Mergefile over the same
+    outputs) without a write on every no-op.
+    """
+    path = lock.lock_path(plan.mergefile.path)
+    if only_if_different:
+        data = lock.read(path)
+        names = [n for n in names if _held_entries(data, n, wanted := _lock_entries(plan, state, n)) != wanted]
+        if not names:
+            return []
+    with _lock_of_lock(state, path):
+        data = lock.read(path)
+        for name in names:
+            entries = _lock_entries(plan, state, name)
+            data["targets"][name] = entries.pop("target:" + name)
+            data["sources"].update(entries)
+        lock.write(path, data)
+    return names
+
+
+@contextlib.contextmanager
+def _lock_of_lock(state: State, path: Path):
+    """Hold the lock two builds take to update Mergefile.lock ``path`` one at a time.
+
+    Its file lives in the cache folder; where that cannot hold it (a read-only or full disk:
+    the cache is then skipped, not the build), in the system's temporary folder.
+    """
+    name = hashlib.sha256(str(path).encode()).hexdigest()[:16] + ".lock"
+    try:
+        held = io.FileLock(state.folder / "locks" / name).__enter__()
+    except BuildError:
+        held = io.FileLock(Path(tempfile.gettempdir()) / "mbuild-locks" / name).__enter__()
+    try:
+        yield
+    finally:
+        held.__exit__()
+
+
+def repair_lock(plan: Plan, state: State, names: list[str], note: Callable[[str], None]) -> None:
+    """Bring the lock's entries of fresh targets in line with their outputs; a lock that
+    cannot be written costs only the record (said in a note), never the build."""
+    try:
+        repaired = record_in_lock(plan, state, names, only_if_different=True)
+    except (MbuildError, OSError) as error:
+        note(f"warning: Mergefile.lock not repaired: {error}")
+        return
+    if repaired:
+        note(f"Mergefile.lock did not match the built output of {', '.join(repaired)}: repaired")
+
+
+def _held_entries(data: Mapping[str, Any], name: str, wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """What the lock holds now for a target and its sources, in the shape `_lock_entries` gives."""
+    held = {node: data["sources"].get(node) for node in wanted if not node.startswith("target:")}
+    held["target:" + name] = data["targets"].get(name)
+    return held
+
+
+def _lock_entries(plan: Plan, state: State, name: str) -> dict[str, Any]:
+    """The lock entries of a built target (under "target:NAME") and of each source it reads."""
+    from mbuild.plan import plain_recipe
+
+    target_plan = plan.targets[name]
+    entries: dict[str, Any] = {}
+    inputs = {}
+    for node in target_plan.input_nodes:
+        if node.startswith("target:"):
+            inputs[node] = plan.targets[node.split(":", 1)[1]].key
+        else:
+            source = plan.sources[node]
+            fingerprint = source_fingerprint(source, state.digests(source.info, compute=False))
+            inputs[node] = fingerprint
+            entries[node] = {"model": source.ref.text, "revision": source.revision, "fingerprint": fingerprint}
+    target = target_plan.target
+    manifest = io.read_manifest(target.output) or {}
+    method_name, method_version, _ = recipe_method(target)
+    try:
+        relative = str(target.output.relative_to(plan.mergefile.folder))
+    except ValueError:
+        relative = str(target.output)
+    entries["target:" + name] = {
+        "key": target_plan.key,
+        "method": method_name,
+        "method_version": method_version,
+        "recipe": plain_recipe(target.recipe),
+        "platform": plan.platform,
+        "inputs": inputs,
+        "output": {
+            "path": relative,
+            # Shards by their digest (of their tensors' digests), other files by sha256.
+            "files": {file: entry.get("digest", entry.get("sha256")) for file, entry in manifest.get("files", {}).items()},
+        },
+    }
+    return entries
+
+
+def _disk_fault(error: OSError, output: Path) -> BuildError:
+    """An OS error met while building ``output`` as one message; for a full disk, what to do."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BuildError(
+            f"cannot build {output}: {error.strerror}; free some space there and run mbuild again "
+            "(earlier outputs are intact)"
+        )
+    return BuildError(f"cannot build {output}: {error.filename or output}: {error.strerror}")
 
 
 def compute_task(

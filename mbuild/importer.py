@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
+from mbuild import io, plan
 from mbuild import mergefile as mergefile_module
-from mbuild import plan
 from mbuild.errors import Location, MbuildError, MergefileError
 
 # A line that starts or ends a YAML document. YAML forbids these at column 0 inside content,
@@ -88,11 +88,11 @@ def import_config(
     output = Path(output).absolute()
     working_dir = Path(working_dir if working_dir is not None else os.getcwd()).absolute()
     try:
-        text = config.read_text()
+        text = io.read_small_file(config, mergefile_module.MERGEFILE_LIMIT, MergefileError).decode("utf-8")
     except FileNotFoundError:
         raise MergefileError(f"no mergekit config at {config}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise MergefileError(f"cannot read {config}: {getattr(error, 'strerror', None) or error}") from None
+    except UnicodeDecodeError as error:
+        raise MergefileError(f"cannot read {config}: {error}") from None
 
     documents = _split_documents(text, config)
     _name_documents(documents, config, name)
@@ -129,6 +129,7 @@ def _split_documents(text: str, config: Path) -> list[_Document]:
     """Split the config into documents by their markers; parse each with its source lines."""
     # yaml itself first, so a mistake is reported as YAML sees it, over the whole file.
     try:
+        mergefile_module.check_nesting(text, config)
         expected = [data for data in yaml.safe_load_all(text) if data is not None]
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)

@@ -7,12 +7,15 @@ tensor functions import it when first called.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,9 @@ READ_CHUNK = 64 * 1024 * 1024
 SMALL_FILE_LIMIT = 64 * 1024 * 1024
 # A safetensors header is about 150 bytes a tensor: 100 MiB is far beyond any model's.
 HEADER_LIMIT = 100 * 1024 * 1024
+# A hub cache's ref file holds one commit hash; the snapshot folder is named by it.
+HUB_REF_LIMIT = 1024
+HUB_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -188,12 +194,12 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], int, int]:
 
 def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object of a header, refused if a key repeats (JSON would keep the last silently)."""
-    mapping = dict(pairs)
-    if len(mapping) < len(pairs):
-        seen: set[str] = set()
-        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise ModelError(f"{path}: the header names {repeated!r} twice")
-    return mapping
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ModelError(f"{path}: the header names {key!r} twice")
+        seen.add(key)
+    return dict(pairs)
 
 
 def read_tensors(path: str | Path) -> list[TensorInfo]:
@@ -245,8 +251,14 @@ def _check_layout(path: Path, tensors: Sequence[TensorInfo], size: int) -> None:
             furthest = info
 
 
-def read_model(folder: str | Path, allow_pickle: bool = False) -> ModelInfo:
-    """Read config.json and every safetensors header of a model folder."""
+def read_model(folder: str | Path, pickles=None) -> ModelInfo:
+    """Read config.json and every safetensors header of a model folder.
+
+    A folder with only pickled weights is read through ``pickles`` (a `pickles.Conversions`),
+    and refused when there is none (no --allow-pickle).
+    """
+    from mbuild import pickles as pickled
+
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"model folder not found: {folder}")
@@ -254,19 +266,35 @@ def read_model(folder: str | Path, allow_pickle: bool = False) -> ModelInfo:
         config = read_small_json(folder / "config.json")
     except FileNotFoundError:
         raise ModelError(f"{folder} has no config.json: not a Hugging Face model folder") from None
-    files = weight_files(folder, allow_pickle)
+    files = weight_files(folder)
+    if files:
+        return model_from_files(folder, config, files)
+    found = pickled.pickle_files(folder)
+    if not found:
+        raise ModelError(f"{folder} has no weights (*.safetensors)")
+    if pickles is None:
+        raise ModelError(
+            f"{folder} has only pickled weights ({found[0].name}); unpickling can run code, "
+            "so mbuild refuses it. Convert it to safetensors, or pass --allow-pickle to load it "
+            "with torch.load(weights_only=True)"
+        )
+    return pickles.model(folder, config, found)
+
+
+def model_from_files(folder: Path, config: Mapping[str, Any], files: Sequence[Path]) -> ModelInfo:
+    """A model whose tensors are in these safetensors files; a tensor in two of them is refused."""
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         for info in read_tensors(file):
             if info.name in tensors:
                 first = Path(tensors[info.name].file).name
-                raise ModelError(f"{folder}: tensor {info.name} is in two files, {first} and {file.name}")
+                raise ModelError(f"{folder}: tensor {info.name} is in two files, {first} and {Path(file).name}")
             tensors[info.name] = info
     return ModelInfo(folder=folder, config=config, tensors=tensors, weight_files=tuple(str(f) for f in files))
 
 
-def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
-    """The safetensors files of a model (via its index when sharded); refuse pickles unless allowed."""
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model (via its index when sharded); none when it has only pickles."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         files = sorted({folder / name for name in index_shards(index)})
@@ -274,36 +302,19 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
         if missing:
             raise ModelError(f"{folder}: the index lists missing shard(s): {', '.join(missing)}")
         return files
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
-    if pickles:
-        if not allow_pickle:
-            raise ModelError(
-                f"{folder} has only pickled weights ({pickles[0].name}); unpickling can run code, "
-                "so mbuild refuses it. Convert it to safetensors, or pass --allow-pickle to load it "
-                "with torch.load(weights_only=True)"
-            )
-        return _convert_pickles(folder, pickles)
-    raise ModelError(f"{folder} has no weights (*.safetensors)")
+    return sorted(folder.glob("*.safetensors"))
 
 
-def _convert_pickles(folder: Path, pickles: list[Path]) -> list[Path]:
-    """Convert pickled checkpoints once, with weights_only=True, into safetensors beside a hidden folder."""
-    import torch
-    from safetensors.torch import save_file
-
-    converted = folder / ".mbuild-safetensors"
-    done = converted / "done"
-    if not done.exists():
-        converted.mkdir(exist_ok=True)
-        for pickle in pickles:
-            state = torch.load(pickle, map_location="cpu", weights_only=True)
-            state = {name: tensor.contiguous() for name, tensor in state.items()}
-            save_file(state, str(converted / (pickle.stem + ".safetensors")), metadata={"format": "pt"})
-        done.write_text("")
-    return sorted(converted.glob("*.safetensors"))
+def index_shards(index: Path) -> list[str]:
+    """The shard names a safetensors index maps tensors to: plain names of files in the model's own folder."""
+    weight_map = read_small_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise ModelError(f"{index} is not a valid safetensors index: 'weight_map' must map tensor names to file names")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if shard in ("", ".", "..") or any(mark in shard for mark in ("/", "\\", "\0")):
+            raise ModelError(f"{index} names the shard {shard!r}: a shard must be a file in the model's own folder")
+    return shards
 
 
 def file_identity(path: str | Path) -> tuple[int, int, int]:
@@ -644,9 +655,29 @@ def unlisted_entries(folder: Path, manifest: Mapping[str, Any]) -> list[str]:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON with a trailing newline, via a temporary file and rename."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(temporary, path)
+    replace_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Put ``text`` at ``path`` in one step: written to a new file of this process's, then renamed.
+
+    The temporary is created, never opened if it exists, and never through a link: a file or
+    link planted under its name (`Mergefile.lock.tmp` -> a user's file) is not written into.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.islink(temporary) or temporary.is_file():
+            temporary.unlink()  # a dead process's leftover under our name, or a planted link
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
 
 
 class FileLock:
@@ -667,13 +698,14 @@ class FileLock:
         import socket
         import stat
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # Never through a link: the holder's line is written into the file, and a link planted
         # here would have it truncate whatever it points at.
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as error:
-            raise BuildError(f"cannot use the lock file {self.path}: {error.strerror}; remove it if it is not mbuild's") from None
+            advice = "remove it if it is not mbuild's" if os.path.lexists(self.path) else "its folder must be writable"
+            raise BuildError(f"cannot use the lock file {self.path}: {error.strerror}; {advice}") from None
         details = os.fstat(self.fd)
         if not stat.S_ISREG(details.st_mode) or details.st_nlink > 1:
             os.close(self.fd)
@@ -687,8 +719,11 @@ class FileLock:
                 holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
                 self.on_wait(f"waiting for {holder} (lock {self.path.name})")
             fcntl.flock(self.fd, fcntl.LOCK_EX)
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        except OSError:
+            pass  # a full disk: the line only tells a waiting process who holds the lock
         return self
 
     def __exit__(self, *exc) -> None:
@@ -727,19 +762,37 @@ def copy_files(files: Iterable[Path], destination: Path) -> None:
 def resolve_hub_model(repo_id: str, revision: str | None) -> tuple[Path, str]:
     """Find (or fetch, when online) a hub model's snapshot; returns its folder and commit."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.file_download import repo_folder_name
 
+        storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+        ref = storage / "refs" / (revision or "main")
+        _check_hub_ref(ref)
         folder = snapshot_download(
             repo_id,
             revision=revision,
+            cache_dir=storage.parent,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"],
         )
+    except ModelError:
+        raise
     except Exception as error:  # huggingface_hub raises many kinds; all mean "not available"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         where = "in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else "on the hub or in the local cache"
         raise ModelError(f"hub model '{repo_id}' not found {where}: {type(error).__name__}") from None
     folder = Path(folder)
+    # The snapshot folder is named by the commit read from the ref: anything else is a ref gone wrong.
+    if folder.parent != storage / "snapshots" or not HUB_COMMIT.match(folder.name):
+        raise ModelError(f"hub model '{repo_id}': the cache's ref {ref} does not name a commit")
     return folder, folder.name
+
+
+def _check_hub_ref(ref: Path) -> None:
+    """Refuse a ref of the hub cache that huggingface_hub would block on (a FIFO) or read without end."""
+    try:
+        read_small_file(ref, HUB_REF_LIMIT)
+    except FileNotFoundError:
+        pass  # not cached yet: fetched when online
 
 
 def fsync_folder(folder: Path) -> None:
@@ -863,11 +916,25 @@ def write_companions(folder: Path, files, config, card: str) -> None:
 
 
 def store_text(folder: Path, text: str, suffix: str) -> Path:
-    """Keep a text once under ``folder``, named by its digest; returns its path."""
-    path = Path(folder) / (hashlib.sha256(text.encode()).hexdigest()[:32] + suffix)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-        temporary.write_text(text)
-        os.replace(temporary, path)
+    """Keep a text once under ``folder``, named by its digest; returns its path.
+
+    ``folder`` is in the cache: where that cannot be written (a read-only or full disk), the
+    text is kept in the system's temporary folder instead, so a build never fails for it.
+    """
+    name = hashlib.sha256(text.encode()).hexdigest()[:32] + suffix
+    try:
+        return _keep_text(Path(folder) / name, text)
+    except OSError:
+        return _keep_text(Path(tempfile.gettempdir()) / "mbuild-texts" / name, text)
+
+
+def _keep_text(path: Path, text: str) -> Path:
+    """``path``, written with ``text`` unless it holds it already (a damaged copy is written again)."""
+    try:
+        if read_small_file(path, error=OSError) == text.encode():
+            return path
+    except OSError:
+        pass  # absent, or not a file of ours: written below
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_text(path, text)
     return path

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from mbuild import methods
+from mbuild import io, methods
 from mbuild.errors import Location, MergefileError
 
 TOP_LEVEL_KEYS = ("targets", "defaults")
@@ -36,6 +36,7 @@ RECIPE_KEYS = (
     "output",
     "seed",
     "description",
+    "allow_mixed_architectures",
 )
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 TOKEN_KEYS = ("source", "force")
@@ -77,6 +78,14 @@ DTYPE_NAMES = {
 }
 
 TARGET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# Bytes of a target name or an output folder's name: mbuild adds up to about 30 to name its
+# lock and temporaries beside the output, and a filesystem allows 255 in a name.
+NAME_LIMIT = 200
+# A real Mergefile is a few KB with a few hundred YAML nodes, nested a dozen deep: these
+# bounds only stop a hostile or runaway one (YAML aliases of aliases multiply without end).
+MERGEFILE_LIMIT = 1024 * 1024
+YAML_NODE_LIMIT = 100_000
+YAML_DEPTH_LIMIT = 64
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
@@ -185,6 +194,9 @@ class Target:
     mergefile: "Mergefile" = field(repr=False, compare=False)
     moe: MoE | None = None
     tokenizer: TokenizerSpec | None = None
+    # Inputs of other architectures may be merged (their tensors no output takes are then
+    # named in a warning); without it, mbuild refuses, as mergekit does without --allow-crimes.
+    mixed_architectures: bool = False
 
     def references(self) -> list[ModelRef]:
         """Every model reference in the recipe, in order of appearance, repeats removed."""
@@ -248,11 +260,14 @@ def load(path: str | Path) -> Mergefile:
     """Read and validate a Mergefile; raise MergefileError naming file, line and target."""
     path = Path(path).absolute()
     try:
-        text = path.read_text()
+        data = io.read_small_file(path, MERGEFILE_LIMIT, MergefileError)
     except FileNotFoundError:
         raise MergefileError(f"no Mergefile at {path}") from None
-    except OSError as error:
-        raise MergefileError(f"cannot read {path}: {error.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise MergefileError("the Mergefile is not UTF-8 text", Location(path, line)) from None
     return parse(text, path)
 
 
@@ -279,6 +294,8 @@ def parse(text: str, path: Path) -> Mergefile:
                 ("targets", name),
                 f"invalid target name {name!r}: use letters, digits, '_', '-', '.' (and not 'all')",
             )
+        if len(name) > NAME_LIMIT:
+            raise checker.error(("targets", name), f"target name of {len(name)} characters: at most {NAME_LIMIT}")
     for name, body in bodies.items():
         targets[name] = checker.target(name, body, defaults, set(bodies))
     check_outputs(mergefile)
@@ -312,6 +329,12 @@ def check_outputs(mergefile: Mergefile) -> None:
     for name, target in mergefile.targets.items():
         output = target.output
         where = target.location("output")
+        for part in output.parts:
+            if len(os.fsencode(part)) > NAME_LIMIT:
+                raise MergefileError(
+                    f"output {output}: the name {part[:40]}... is {len(os.fsencode(part))} bytes long, at most {NAME_LIMIT}",
+                    where,
+                )
         if output.is_symlink():
             raise MergefileError(f"output {output} is a symbolic link: name the real folder in 'output:'", where)
         if output.exists() and not output.is_dir():
@@ -459,11 +482,15 @@ class _Checker:
             raise self.error(where("output"), "'output' must be a folder path")
         if "output" in defaults and "output" not in body:
             raise self.error(("defaults", "output"), "'output' cannot be a default: each target needs its own folder")
-        output_path = (self.mergefile.folder / str(output)).expanduser().absolute()
+        output_path = (self.mergefile.folder / Path(str(output)).expanduser()).absolute()
 
         seed = recipe.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise self.error(where("seed"), f"'seed' must be a non-negative integer, not {seed!r}")
+
+        mixed = recipe.get("allow_mixed_architectures", False)
+        if not isinstance(mixed, bool):
+            raise self.error(where("allow_mixed_architectures"), "'allow_mixed_architectures' must be true or false")
 
         self._check_method_shape(method, models, slices, base_model, path)
         target = Target(
@@ -482,6 +509,7 @@ class _Checker:
             recipe=recipe,
             mergefile=self.mergefile,
             tokenizer=tokenizer,
+            mixed_architectures=mixed,
         )
         self.target_name = None
         return target
@@ -776,6 +804,9 @@ class _RefResolver:
                 f"model '{text}' not found: no folder {folder.absolute()} and no target of that name{hint}",
             )
         repo, _, revision = text.partition("@")
+        if revision and any(part in ("", ".", "..") for part in revision.split("/")):
+            # huggingface_hub finds a branch's commit in the file refs/<revision> of its cache.
+            raise self.checker.error(path, f"'{text}': a revision is a branch, tag or commit, never a path with '.', '..' or '//'")
         return ModelRef(text, "hub", repo, revision or None, line, f"hub:{repo}@{revision or 'main'}")
 
 
@@ -791,6 +822,7 @@ class _LineLoader(yaml.SafeLoader):
 def _load_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
     """Load YAML and remember the 1-based line of every mapping key and list item."""
     try:
+        check_nesting(text, path)
         node = yaml.compose(text, Loader=_LineLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
@@ -799,43 +831,95 @@ def _load_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
         raise MergefileError(f"invalid YAML: {problem}", Location(path, line)) from None
     if node is None:
         raise MergefileError("the Mergefile is empty", Location(path, 1))
-    lines: dict[tuple, int] = {}
-    constructor = _LineLoader(text)
+    converter = _Converter(text, path)
+    return converter.value(node, (), 0), converter.lines
 
-    def convert(node: yaml.Node, where: tuple) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            result = {}
-            merged: dict = {}
-            for key_node, value_node in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    # `<<: *anchor` (or a list of anchors): keys written here win.
-                    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-                    for source in sources:
-                        value = convert(source, where)
-                        if not isinstance(value, dict):
-                            raise MergefileError("'<<' must merge a mapping", Location(path, key_node.start_mark.line + 1))
-                        for merge_key, merge_value in value.items():
-                            merged.setdefault(merge_key, merge_value)
-                    continue
-                key = constructor.construct_object(key_node, deep=True)
-                if isinstance(key, list):
-                    key = tuple(key)
-                if key in result:
-                    raise MergefileError(f"duplicate key '{key}'", Location(path, key_node.start_mark.line + 1))
-                lines[where + (key,)] = key_node.start_mark.line + 1
-                result[key] = convert(value_node, where + (key,))
-            for merge_key, merge_value in merged.items():
-                result.setdefault(merge_key, merge_value)
-            return result
-        if isinstance(node, yaml.SequenceNode):
-            items = []
-            for index, item in enumerate(node.value):
-                lines[where + (index,)] = item.start_mark.line + 1
-                items.append(convert(item, where + (index,)))
-            return items
+
+def check_nesting(text: str, path: Path) -> None:
+    """Refuse YAML nested deeper than YAML_DEPTH_LIMIT before composing it: PyYAML composes by recursion."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_LineLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > YAML_DEPTH_LIMIT:
+                line = event.start_mark.line + 1
+                raise MergefileError(f"the Mergefile nests deeper than {YAML_DEPTH_LIMIT} levels", Location(path, line))
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+class _Converter:
+    """Turns composed YAML nodes into plain values, remembering the line of each key and item.
+
+    An alias is a second reference to one node, and its value is copied wherever it is used:
+    the copies are counted and their depth bounded, or a few lines of aliases of aliases would
+    expand to billions of values, and an alias used inside itself would recurse without end.
+    """
+
+    def __init__(self, text: str, path: Path):
+        self.path = path
+        self.lines: dict[tuple, int] = {}
+        self.constructor = _LineLoader(text)
+        self.count = 0
+
+    def error(self, node: yaml.Node, message: str) -> MergefileError:
+        return MergefileError(message, Location(self.path, node.start_mark.line + 1))
+
+    def value(self, node: yaml.Node, where: tuple, depth: int) -> Any:
+        self.count += 1
+        if self.count > YAML_NODE_LIMIT:
+            raise self.error(node, f"the Mergefile expands to more than {YAML_NODE_LIMIT} YAML values (aliases of aliases?)")
+        if depth > YAML_DEPTH_LIMIT:
+            raise self.error(node, f"the Mergefile nests deeper than {YAML_DEPTH_LIMIT} levels (an alias used inside itself?)")
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node)
+        if isinstance(node, yaml.MappingNode) and node.tag == _LineLoader.DEFAULT_MAPPING_TAG:
+            return self.mapping(node, where, depth)
+        if isinstance(node, yaml.SequenceNode) and node.tag == _LineLoader.DEFAULT_SEQUENCE_TAG:
+            return self.sequence(node, where, depth)
+        raise self.error(node, f"unsupported YAML tag {node.tag}")
+
+    def mapping(self, node: yaml.MappingNode, where: tuple, depth: int) -> dict:
+        result: dict = {}
+        merged: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self.merge(key_node, value_node, where, depth, merged)
+                continue
+            key = self.key(key_node)
+            if key in result:
+                raise self.error(key_node, f"duplicate key '{key}'")
+            self.lines[where + (key,)] = key_node.start_mark.line + 1
+            result[key] = self.value(value_node, where + (key,), depth + 1)
+        for merge_key, merge_value in merged.items():
+            result.setdefault(merge_key, merge_value)
+        return result
+
+    def merge(self, key_node: yaml.Node, value_node: yaml.Node, where: tuple, depth: int, merged: dict) -> None:
+        """`<<: *anchor` (or a list of anchors): keys written beside it win."""
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for source in sources:
+            value = self.value(source, where, depth + 1)
+            if not isinstance(value, dict):
+                raise self.error(key_node, "'<<' must merge a mapping")
+            for merge_key, merge_value in value.items():
+                merged.setdefault(merge_key, merge_value)
+
+    def sequence(self, node: yaml.SequenceNode, where: tuple, depth: int) -> list:
+        items = []
+        for index, item in enumerate(node.value):
+            self.lines[where + (index,)] = item.start_mark.line + 1
+            items.append(self.value(item, where + (index,), depth + 1))
+        return items
+
+    def key(self, node: yaml.Node) -> Any:
+        """A mapping key: a plain value (a list or mapping as a key is never meant in a Mergefile)."""
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error(node, "a key must be a plain value, not a list or a mapping")
+        return self.scalar(node)
+
+    def scalar(self, node: yaml.ScalarNode) -> Any:
         try:
-            return constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as error:
-            raise MergefileError(f"invalid YAML value: {getattr(error, 'problem', error)}", Location(path, node.start_mark.line + 1)) from None
-
-    return convert(node, ()), lines
+            return self.constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer of too many digits
+            raise self.error(node, f"invalid YAML value: {getattr(error, 'problem', None) or error}") from None

@@ -87,6 +87,7 @@ class TargetPlan:
     num_layers: int | None
     shard_bytes: int = DEFAULT_SHARD_BYTES
     vocabulary: Any = None  # mbuild.vocabulary.Vocabulary when inputs are aligned by token
+    dropped: tuple[str, ...] = ()  # input tensors no output takes ("model: tensor"), allowed by the target
 
     @property
     def name(self) -> str:
@@ -201,7 +202,7 @@ def make_plan(
     mergefile: Mergefile,
     requested: Sequence[str] = (),
     digests: DigestLookup = lambda source: None,
-    allow_pickle: bool = False,
+    pickles: Any = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     output_digest: OutputLookup = lambda key: None,
     store: Path | None = None,
@@ -217,6 +218,7 @@ def make_plan(
     With ``previous`` and ``changed`` (targets just built), only the targets downstream
     of those are expanded again; the rest, and the sources, are taken as they were.
     ``platform``: where tasks compute (`compute_platform.identify`; default: this CPU).
+    ``pickles``: a `pickles.Conversions` through which pickled sources are read (None: refused).
     """
     import networkx as nx
 
@@ -253,7 +255,7 @@ def make_plan(
                 infos[node] = plans[ref.location].model_info()
                 continue
             if node not in sources:
-                sources[node] = _open_source(ref, node, target, allow_pickle, pinned)
+                sources[node] = _open_source(ref, node, target, pickles, pinned)
             if node not in source_digests:
                 found = digests(sources[node])
                 source_digests[node] = found
@@ -268,28 +270,31 @@ def make_plan(
 
 def _pinned_revisions(mergefile: Mergefile) -> dict[str, str]:
     """Hub revisions Mergefile.lock recorded: a hub model without '@revision' resolves to them."""
-    import json
+    from mbuild import lock
 
-    try:
-        recorded = json.loads(mergefile.path.with_name(mergefile.path.name + ".lock").read_text())
-    except (OSError, ValueError):
-        return {}
-    return {
+    path = lock.lock_path(mergefile.path)
+    pinned = {
         node: entry["revision"]
-        for node, entry in recorded.get("sources", {}).items()
+        for node, entry in lock.read(path)["sources"].items()
         if node.startswith("hub:") and entry.get("revision")
     }
+    for node, revision in pinned.items():
+        # mbuild records commits only; anything else would be looked up as a path in the hub cache.
+        if not isinstance(revision, str) or not io.HUB_COMMIT.match(revision):
+            raise MergefileError(f"it pins {node} to {revision!r}, not a commit: correct or delete that entry", Location(path))
+    return pinned
 
 
-def _open_source(ref: ModelRef, node: str, target: Target, allow_pickle: bool, pinned: Mapping[str, str]) -> Source:
+def _open_source(ref: ModelRef, node: str, target: Target, pickles, pinned: Mapping[str, str]) -> Source:
+    """A source's tensor table from its headers; pickled ones through ``pickles`` (None: refused)."""
     location = target.mergefile.location(("targets", target.name), target.name)
     location = Location(location.file, ref.line or location.line, target.name)
     try:
         if ref.kind == "hub":
             # Same Mergefile + lock -> same bytes: an unpinned hub model uses the locked commit.
             folder, revision = io.resolve_hub_model(ref.location, ref.revision or pinned.get(node))
-            return Source(node, ref, io.read_model(folder, allow_pickle), revision)
-        return Source(node, ref, io.read_model(ref.location, allow_pickle))
+            return Source(node, ref, io.read_model(folder, pickles), revision)
+        return Source(node, ref, io.read_model(ref.location, pickles))
     except ModelError as error:
         raise ModelError(f"model '{ref}': {error.message}", location) from None
 
@@ -404,6 +409,7 @@ def expand(
             counts = ", ".join(f"'{r}': {rg[1] - rg[0]}" for r, rg in zip(group.refs, group.ranges))
             raise error(group.path, f"models have different layer counts ({counts}); merge them with slices and layer_range")
 
+    _check_architectures(target, groups, infos)
     config_node = node_of(target.base_model) if target.base_model else node_of(groups[0].refs[0])
     vocab = None
     if target.tokenizer is not None:
@@ -411,6 +417,7 @@ def expand(
 
     tasks: list[TensorTask] = []
     seen_names: set[str] = set()
+    taken: set[tuple[str, str]] = set()  # (node, tensor) of every input some task reads
     out_layer = 0
     layer_origin: list[tuple[str, int]] = []  # output layer -> (source node, source layer)
 
@@ -429,6 +436,7 @@ def expand(
             if found is None:
                 raise error(path + ("model",), f"model '{ref}' has no tensor '{in_name}'")
             tensor_infos.append(found)
+            taken.add((node_of(ref), found.name))
         on_vocabulary = vocab is not None and _is_vocabulary_tensor(out_name, tensor_infos, group, infos)
         shapes = {tuple(ti.shape[1:] if on_vocabulary else ti.shape) for ti in tensor_infos}
         if len(shapes) > 1 and not on_vocabulary and _is_vocabulary_tensor(out_name, tensor_infos, group, infos):
@@ -530,6 +538,7 @@ def expand(
     for name in sorted(n for n in last_others if not PRE_LAYER.search(n)):
         add_task(name, last, [name] * len(last.refs), 0.0)
 
+    dropped = _untaken(target, groups, infos, taken)
     config = _output_config(infos[config_node].config, infos, layer_origin, tasks)
     files = companion_files_for(target, config_node, infos, plans)
     if vocab is not None:
@@ -538,10 +547,74 @@ def expand(
         _set_vocab_size(config, vocab.size)
     if target.chat_template is not None:
         files["chat_template.jinja"] = _chat_template_file(target, files, infos, plans, store)
-    return finish_target_plan(target, tasks, config, files, out_layer, shard_bytes, vocab)
+    return finish_target_plan(target, tasks, config, files, out_layer, shard_bytes, vocab, dropped)
 
 
-def finish_target_plan(target: Target, tasks, config, files, num_layers, shard_bytes, vocabulary=None) -> TargetPlan:
+def _architecture(info: io.ModelInfo) -> str | None:
+    """The architecture class a model's config names (its first), if any."""
+    names = info.config.get("architectures")
+    if isinstance(names, list) and names and isinstance(names[0], str):
+        return names[0]
+    return None
+
+
+def _check_architectures(target: Target, groups: list[_Group], infos: Mapping[str, io.ModelInfo]) -> None:
+    """Refuse inputs of different architectures unless the target allows them (mergekit's rule)."""
+    if target.mixed_architectures:
+        return
+    seen: dict[str, str] = {}
+    for ref in (ref for group in groups for ref in group.refs):
+        architecture = _architecture(infos[node_of(ref)])
+        if architecture is not None:
+            seen.setdefault(architecture, str(ref))
+    if len(seen) > 1:
+        shown = ", ".join(f"'{ref}' is {architecture}" for architecture, ref in seen.items())
+        raise MergefileError(
+            f"the models are of different architectures ({shown}); merging them can drop or misplace "
+            "tensors, so mbuild refuses. Say 'allow_mixed_architectures: true' in the target to merge them "
+            "anyway (the output takes the first model's architecture)",
+            target.location(),
+        )
+
+
+def _untaken(target: Target, groups: list[_Group], infos, taken: set[tuple[str, str]]) -> tuple[str, ...]:
+    """Input tensors the target should read but no task does: refused unless the target allows it.
+
+    A `models:` merge takes every tensor of every model; a slice takes its layers and, in the
+    first and last slices, the tensors before and after the layer stack.
+    """
+    expected: dict[str, set[str]] = {}
+    for position, group in enumerate(groups):
+        for ref, (start, end) in zip(group.refs, group.ranges):
+            wanted = expected.setdefault(node_of(ref), set())
+            for name in infos[node_of(ref)].tensors:
+                match = LAYER_NAME.match(name)
+                if target.models:
+                    wanted.add(name)
+                elif match:
+                    if start <= int(match["index"]) < end:
+                        wanted.add(name)
+                elif (position == 0 and PRE_LAYER.search(name)) or (position == len(groups) - 1 and not PRE_LAYER.search(name)):
+                    wanted.add(name)
+    dropped: list[str] = []
+    for node, names in expected.items():
+        missed = sorted(name for name in names if (node, name) not in taken)
+        if missed and not target.mixed_architectures:
+            label = node.split(":", 1)[1]
+            shown = ", ".join(missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
+            raise MergefileError(
+                f"model '{label}' has {len(missed)} tensor(s) that no output tensor takes ({shown}): mbuild never "
+                "drops an input tensor silently. If the inputs really differ in architecture, say "
+                "'allow_mixed_architectures: true' in the target and they are dropped with a warning",
+                target.location(),
+            )
+        dropped.extend(f"{node.split(':', 1)[1]}: {name}" for name in missed)
+    return tuple(dropped)
+
+
+def finish_target_plan(
+    target: Target, tasks, config, files, num_layers, shard_bytes, vocabulary=None, dropped=()
+) -> TargetPlan:
     """The TargetPlan for expanded tasks: file digests, model card, inputs and the target's key."""
     file_digests = {name: file_digest(path) for name, path in files.items()}
     input_nodes = tuple(node_of(r) for r in target.references())
@@ -561,6 +634,7 @@ def finish_target_plan(target: Target, tasks, config, files, num_layers, shard_b
         num_layers=num_layers,
         shard_bytes=shard_bytes,
         vocabulary=vocabulary,
+        dropped=tuple(dropped),
     )
 
 
@@ -580,7 +654,13 @@ def _vocabulary(target: Target, groups, base_node: str, infos, plans, store: Pat
             raise ModelError(f"'{node.split(':', 1)[1]}' has no tokenizer files", target.location("tokenizer_source"))
     sizes = {node: _vocab_size(infos[node].config) for node in files}
     names = {node: node.split(":", 1)[1] for node in files}
-    return vocabulary.resolve(spec, base_node, nodes, files, sizes, names, Path(store) / "vocabularies")
+    try:
+        return vocabulary.resolve(spec, base_node, nodes, files, sizes, names, Path(store) / "vocabularies")
+    except OSError:  # a read-only or full cache: kept in the system's temporary folder instead
+        import tempfile
+
+        elsewhere = Path(tempfile.gettempdir()) / "mbuild-vocabularies"
+        return vocabulary.resolve(spec, base_node, nodes, files, sizes, names, elsewhere)
 
 
 def _vocab_size(config: Mapping[str, Any]) -> int | None:
@@ -588,7 +668,8 @@ def _vocab_size(config: Mapping[str, Any]) -> int | None:
 
 
 def _set_vocab_size(config: dict, size: int) -> None:
-    holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+    nested = "vocab_size" not in config and isinstance(config.get("text_config"), dict)
+    holder = config["text_config"] if nested else config
     holder["vocab_size"] = size
 
 
@@ -611,7 +692,10 @@ def _chat_template_file(target: Target, files, infos, plans, store: Path) -> str
     if asked == "auto":
         counts: dict[str, int] = {}
         for ref in target.references():
-            text = _chat_template_of(node_of(ref), infos, plans)
+            try:
+                text = _chat_template_of(node_of(ref), infos, plans)
+            except ModelError as error:
+                raise ModelError(f"model '{ref}': {error.message}", target.location("chat_template")) from None
             if text:
                 counts[text.strip()] = counts.get(text.strip(), 0) + 1
         if not counts:
@@ -625,13 +709,15 @@ def _chat_template_file(target: Target, files, infos, plans, store: Path) -> str
 
 
 def _chat_template_of(node: str, infos, plans) -> str | None:
-    import json
-
     companions = companions_of(node, infos, plans)
     if "chat_template.jinja" in companions:
-        return Path(companions["chat_template.jinja"]).read_text()
+        path = companions["chat_template.jinja"]
+        try:
+            return io.read_small_file(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelError(f"{path} is not UTF-8 text") from None
     if "tokenizer_config.json" in companions:
-        template = json.loads(Path(companions["tokenizer_config.json"]).read_text()).get("chat_template")
+        template = io.read_small_json(companions["tokenizer_config.json"]).get("chat_template")
         if isinstance(template, dict):
             template = template.get("default")
         return template if isinstance(template, str) else None

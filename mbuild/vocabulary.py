@@ -19,6 +19,7 @@ is stored under the cache by a digest of its inputs, so later plans read JSON on
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +83,12 @@ def resolve(
     digest = keys.digest(material)
     folder = store / digest
     saved = folder / "vocabulary.json"
-    if saved.exists():
-        data = json.loads(saved.read_text())
-    else:
+    data = _stored(saved)
+    if data is None:
         data = _build(spec, source, base, nodes, tokenizer_files, vocab_sizes, node_names, rules, folder)
-        saved.write_text(json.dumps(data))
+        temporary = saved.with_name(f"{saved.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(data))
+        os.replace(temporary, saved)  # whole or absent, even if mbuild is killed while writing
     return Vocabulary(
         digest=digest,
         tokens=data["tokens"],
@@ -96,6 +98,17 @@ def resolve(
         rules=data["rules"],
         folder=str(folder / "tokenizer"),
     )
+
+
+def _stored(path: Path) -> dict | None:
+    """A vocabulary stored earlier, or None when absent or unreadable (then it is built again)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not {"tokens", "size", "maps", "rules"} <= data.keys():
+        return None
+    return data
 
 
 def _materialise(files: Mapping[str, str], folder: Path) -> Path:

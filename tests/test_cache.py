@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -264,6 +265,8 @@ def test_each_target_is_expanded_once_per_change_not_once_per_target(llama, tmp_
         f"      - {{model: {llama['math']}, parameters: {{weight: 1}}}}\n"
         for i, name in enumerate(names)
     ))
+    run(path)  # sources hashed: the plan over remembered digests is then the build's plan
+    path.write_text(path.read_text().replace("weight: 1}}", "weight: 0.5}}"))
     calls = []
     real = plan.expand
     monkeypatch.setattr(plan, "expand", lambda target, *a, **k: calls.append(target.name) or real(target, *a, **k))
@@ -326,8 +329,10 @@ def test_cache_bound_is_explicit_and_enforced(project, tmp_path):
     assert cache.store.size_limit == 300_000
     assert cache.volume() < 300_000 + 200_000  # bounded (diskcache culls to the limit lazily)
     cache.close()
+    free = shutil.disk_usage(tmp_path).free
     default = TensorCache(tmp_path / "fresh")
-    assert default.store.size_limit > 1024**3 or default.store.size_limit == 1024**3
+    # Half the free disk (the README's words); other processes write meanwhile.
+    assert abs(default.store.size_limit - free // 2) < 64 * 1024**2
     assert default.store.eviction_policy == "least-recently-used"
     default.close()
 
@@ -437,10 +442,15 @@ def test_switching_a_new_state_file_to_wal_waits_out_a_lock(tmp_path, monkeypatc
     state.remember_outputs({"key": "digest"})
     assert state.output_digest("key") == "digest"
     state.close()
-    # Any other error is not waited out.
+    # Any other error is not waited out: the state carries on in memory, with a warning.
     monkeypatch.setattr(cache_module.sqlite3, "connect", contended("disk I/O error", 1))
-    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
-        State(tmp_path / "elsewhere").remember_outputs({"key": "digest"})
+    told = []
+    started = time.monotonic()
+    elsewhere = State(tmp_path / "elsewhere", warn=told.append)
+    elsewhere.remember_outputs({"key": "digest"})
+    assert time.monotonic() - started < 5
+    assert len(told) == 1 and "disk I/O error" in told[0]
+    assert elsewhere.output_digest("key") == "digest"
 
 
 def test_digests_remembered_by_an_earlier_version_are_forgotten(llama, tmp_path):

@@ -213,9 +213,15 @@ def test_side_import_starts_for_a_build_not_for_a_noop(project, monkeypatch):
 
 
 def test_an_error_is_printed_before_waiting_for_the_side_import(project, monkeypatch, capsys):
-    project.write_text(project.read_text().replace("layer_range: [2, 8]", "layer_range: [2, 80]", 1))
+    from mbuild import engine
+    from mbuild.errors import BuildError
+
+    def fail(self):
+        raise BuildError("no space left on the output disk")
+
     seen_at_join = []
+    monkeypatch.setattr(engine.Builder, "run", fail)  # a failure once the build, and the import, started
     monkeypatch.setattr(cli._SideImport, "start", lambda self: cli._SideImport.started.append(self))
     monkeypatch.setattr(cli._SideImport, "join", lambda self: seen_at_join.append(capsys.readouterr().err))
     assert main(["-f", str(project), "-q"]) == 2
-    assert seen_at_join and "[2, 80] is out of range" in seen_at_join[0], seen_at_join
+    assert seen_at_join and "no space left on the output disk" in seen_at_join[0], seen_at_join

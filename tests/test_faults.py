@@ -287,3 +287,166 @@ def test_a_crash_while_publishing_never_leaves_the_output_path_missing(llama, tm
     assert not list(output.parent.glob(".merged.mbuild-*")) or all(
         p.name.endswith("-lock") for p in output.parent.glob(".merged.mbuild-*")
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Mergefile.lock follows the built outputs
+
+
+def locked_target(path: Path, name: str) -> dict:
+    return json.loads(path.with_name(path.name + ".lock").read_text())["targets"][name]
+
+
+def test_a_lock_left_behind_by_a_kill_after_publishing_is_repaired(llama, tmp_path):
+    path = mergefile(tmp_path, llama, {"merged": None})
+    assert run_cli("-f", str(path), "-q")[0] == 0
+    lock_path = path.with_name("Mergefile.lock")
+    old_lock = lock_path.read_text()
+    mergefile(tmp_path, llama, {"merged": None}, weight=0.7)
+    assert run_cli("-f", str(path), "-q")[0] == 0
+    lock_path.write_text(old_lock)  # as if killed between publishing the output and recording it
+    code, out, err = run_cli("-f", str(path))
+    assert code == 0 and "nothing to do" in out and "repaired" in err
+    manifest = json.loads((tmp_path / "build" / "merged" / "mbuild.json").read_text())
+    entry = locked_target(path, "merged")
+    assert entry["key"] == manifest["key"] and entry["recipe"]["models"][0]["parameters"]["weight"] == 0.7
+    before = lock_path.read_bytes()
+    assert run_cli("-f", str(path), "-q")[0] == 0 and lock_path.read_bytes() == before  # no rewrite when it agrees
+
+
+def test_a_second_mergefile_over_fresh_outputs_writes_its_own_lock(llama, tmp_path):
+    path = mergefile(tmp_path, llama, {"merged": None})
+    assert run_cli("-f", str(path), "-q")[0] == 0
+    second = tmp_path / "Mergefile.copy"
+    second.write_text(path.read_text())
+    code, out, _ = run_cli("-f", str(second))
+    assert code == 0 and "nothing to do" in out
+    assert locked_target(second, "merged") == locked_target(path, "merged")
+    assert json.loads(second.with_name("Mergefile.copy.lock").read_text())["sources"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs of another architecture, and input tensors no output takes
+
+
+def linear_text(first: Path, second: Path, extra: str = "") -> str:
+    return (
+        "targets:\n  merged:\n    merge_method: linear\n    parameters: {weight: 0.5}\n"
+        f"    models:\n      - model: {first}\n      - model: {second}\n" + extra
+    )
+
+
+def test_two_architectures_are_refused_unless_the_target_says_so(families, tmp_path):
+    llama, qwen = families("llama"), families("qwen2")
+    path = tmp_path / "Mergefile"
+    path.write_text(linear_text(llama["math"], qwen["math"]))
+    code, _, err = run_cli("-f", str(path), "-q")
+    assert code == 2 and "different architectures" in err and "LlamaForCausalLM" in err and "Qwen2ForCausalLM" in err
+    assert f"{path}:2: target 'merged'" in err
+    assert not (tmp_path / "build").exists()
+    # Allowed: it builds, and every Qwen tensor the Llama layout has no place for is named.
+    path.write_text(linear_text(llama["math"], qwen["math"], "    allow_mixed_architectures: true\n"))
+    code, _, err = run_cli("-f", str(path))
+    assert code == 0, err
+    assert "warning: target 'merged' takes no output tensor from" in err and "self_attn.q_proj.bias" in err
+    code, out, _ = run_cli("-f", str(path), "--dry-run", "--json")
+    dropped = json.loads(out)["targets"]["merged"]["dropped_inputs"]
+    qwen_names = set(load_tensors(qwen["math"]))
+    built = set(load_tensors(tmp_path / "build" / "merged"))
+    assert {d.split(": ", 1)[1] for d in dropped} == qwen_names - built  # all of them, and only them
+
+
+def test_an_input_tensor_no_output_takes_is_an_error(llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    extra = tmp_path / "extra"
+    shutil.copytree(llama["code"], extra)
+    tensors = load_file(extra / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = tensors["model.norm.weight"][:4].clone()
+    save_file(tensors, extra / "model.safetensors", metadata={"format": "pt"})
+    path = tmp_path / "Mergefile"
+    path.write_text(linear_text(llama["math"], extra))
+    code, _, err = run_cli("-f", str(path), "-q")
+    assert code == 2 and "rotary_emb.inv_freq" in err and "never drops an input tensor silently" in err, err
+    # As the first model, its extra tensor has no partner in the second: also one message.
+    path.write_text(linear_text(extra, llama["math"]))
+    code, _, err = run_cli("-f", str(path), "-q")
+    assert code == 2 and "has no 'self_attn.rotary_emb.inv_freq' in layer 0" in err, err
+
+
+def test_a_link_planted_where_the_lock_is_written_is_not_followed(llama, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    path = mergefile(tmp_path, llama, {"merged": None})
+    (tmp_path / "Mergefile.lock.tmp").symlink_to(victim)
+    assert run_cli("-f", str(path), "-q")[0] == 0
+    assert victim.read_text() == "precious"
+    assert json.loads(path.with_name("Mergefile.lock").read_text())["targets"]["merged"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickled checkpoints: converted in the cache, by digest; never in the user's folder
+
+
+def pickled_model(folder: Path, source: Path) -> Path:
+    """A model folder holding `source`'s config and its weights as pytorch_model.bin."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text((source / "config.json").read_text())
+    torch.save(load_file(source / "model.safetensors"), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_a_replaced_pickle_is_noticed_and_nothing_is_written_beside_it(llama, tmp_path):
+    pickled = pickled_model(tmp_path / "pickled", llama["math"])
+    path = tmp_path / "Mergefile"
+    path.write_text(linear_text(pickled, llama["code"]))
+    before = snapshot(pickled)
+    code, _, err = run_cli("-f", str(path), "--dry-run", "--allow-pickle")
+    assert code == 0, err
+    assert snapshot(pickled) == before and not (tmp_path / "cache").exists()  # a dry run writes nothing
+    assert run_cli("-f", str(path), "-q", "--allow-pickle")[0] == 0
+    first = load_tensors(tmp_path / "build" / "merged")
+    assert snapshot(pickled) == before  # the conversion lives in the cache
+    assert list((tmp_path / "cache" / "converted").iterdir())
+    pickled_model(pickled, llama["base"])  # the user replaces the checkpoint
+    code, out, _ = run_cli("-f", str(path), "--allow-pickle", "--json")
+    assert code == 0 and json.loads(out)["targets"]["merged"]["status"] == "built"
+    second = load_tensors(tmp_path / "build" / "merged")
+    base, code_model = load_tensors(llama["base"]), load_tensors(llama["code"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not second[name].equal(first[name])
+    assert second[name].float().sub(base[name].float() * 0.5 + code_model[name].float() * 0.5).abs().max() < 1e-2
+    code, out, _ = run_cli("gc", "-f", str(path), "--allow-pickle", "--json")
+    assert json.loads(out)["removed_conversions"] == 1  # the first checkpoint's conversion
+
+
+class Exploit:
+    """An object whose unpickling would run a command."""
+
+    def __reduce__(self):
+        return (os.system, ("touch EXPLOITED",))
+
+
+def test_a_malicious_pickle_is_one_error_and_leaves_nothing_behind(llama, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((llama["math"] / "config.json").read_text())
+    torch.save({"model.embed_tokens.weight": Exploit()}, pickled / "pytorch_model.bin")
+    before = snapshot(pickled)
+    path = tmp_path / "Mergefile"
+    path.write_text(linear_text(pickled, llama["code"]))
+    for extra in (["--dry-run"], []):
+        code, _, err = run_cli("-f", str(path), "-q", "--allow-pickle", *extra)
+        assert code == 2 and "weights_only=True" in err and "refused" in err, err
+        assert f"{path}:" in err and "target 'merged'" in err
+    assert not (tmp_path / "EXPLOITED").exists()
+    assert snapshot(pickled) == before
+    assert not (tmp_path / "cache" / "converted").exists() or not list((tmp_path / "cache" / "converted").iterdir())

@@ -163,7 +163,9 @@ def test_pickled_checkpoints_are_refused_unless_allowed(llama, tmp_path):
         plan.make_plan(mergefile.load(path))
     assert "pickled" in caught.value.message and "--allow-pickle" in caught.value.message
     assert caught.value.location.line == 4
-    allowed = plan.make_plan(mergefile.load(path), allow_pickle=True)
+    from mbuild.pickles import Conversions
+
+    allowed = plan.make_plan(mergefile.load(path), pickles=Conversions(tmp_path / "converted", None, write=True))
     assert len(allowed.targets["x"].tasks) == len(state)
 
 
