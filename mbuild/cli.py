@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser)
     parser.add_argument("-n", "--dry-run", action="store_true", help="show the plan and why; read no tensor")
     parser.add_argument("--force", action="store_true", help="rebuild the selected targets even if fresh")
-    parser.add_argument("-j", "--jobs", type=int, default=2, help="tensor tasks run at once (default 2)")
+    parser.add_argument("-j", "--jobs", type=_job_count, default=2, help="tensor tasks run at once (default 2)")
     parser.add_argument("--device", default="cpu", help="where the math runs: cpu (default) or cuda")
     parser.add_argument("-k", "--keep-going", action="store_true", help="build what does not depend on a failed target")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors (and --json output)")
@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-size", type=_byte_count, help="bound of the tensor cache (default: half the free disk where it lives)"
     )
     return parser
+
+
+def _job_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of jobs: {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("-j must be at least 1")
+    return count
 
 
 def _byte_count(text: str) -> int:

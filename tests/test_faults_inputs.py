@@ -457,3 +457,27 @@ def test_a_stored_vocabulary_cut_short_is_built_again(llama, tmp_path):
     code, _, err = run_cli("-f", str(path), "-n", "--cache-dir", str(cache))
     assert code == 0, err
     assert json.loads(stored.read_text())["size"] == 384
+
+
+@pytest.mark.parametrize("jobs", ["0", "-3", "two"])
+def test_a_job_count_below_one_is_refused(llama, tmp_path, jobs, capsys):
+    from mbuild.cli import main
+
+    path = tmp_path / "Mergefile"
+    path.write_text(f"targets:\n  m:\n    merge_method: linear\n    parameters: {{weight: 1}}\n    models: [{llama['math']}]\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["-f", str(path), "-j", jobs])
+    assert exited.value.code == 2 and "-j" in capsys.readouterr().err
+    assert not (tmp_path / "build").exists()
+
+
+def test_an_output_under_the_home_folder_is_expanded(llama, tmp_path, monkeypatch):
+    from mbuild import mergefile
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "Mergefile"
+    path.write_text(
+        f"targets:\n  m:\n    merge_method: linear\n    parameters: {{weight: 1}}\n    models: [{llama['math']}]\n"
+        "    output: ~/merged\n"
+    )
+    assert mergefile.load(path).targets["m"].output == tmp_path / "home" / "merged"
