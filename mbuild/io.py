@@ -257,8 +257,6 @@ def read_model(folder: str | Path, pickles=None) -> ModelInfo:
     A folder with only pickled weights is read through ``pickles`` (a `pickles.Conversions`),
     and refused when there is none (no --allow-pickle).
     """
-    from mbuild import pickles as pickled
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"model folder not found: {folder}")
@@ -269,7 +267,7 @@ def read_model(folder: str | Path, pickles=None) -> ModelInfo:
     files = weight_files(folder)
     if files:
         return model_from_files(folder, config, files)
-    found = pickled.pickle_files(folder)
+    found = pickle_files(folder)
     if not found:
         raise ModelError(f"{folder} has no weights (*.safetensors)")
     if pickles is None:
@@ -303,6 +301,19 @@ def weight_files(folder: Path) -> list[Path]:
             raise ModelError(f"{folder}: the index lists missing shard(s): {', '.join(missing)}")
         return files
     return sorted(folder.glob("*.safetensors"))
+
+
+# Files Hugging Face's Trainer and others leave beside the weights that are not weights.
+NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+
+
+def pickle_files(folder: Path) -> list[Path]:
+    """A folder's pickled weight files: those its index names, else every *.bin and *.pt that is not training state."""
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        return [folder / name for name in index_shards(index)]
+    found = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+    return [path for path in found if path.name not in NOT_WEIGHTS]
 
 
 def index_shards(index: Path) -> list[str]:

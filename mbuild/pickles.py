@@ -22,19 +22,6 @@ from typing import Any, Mapping
 from mbuild import io
 from mbuild.errors import ModelError
 
-# Files Hugging Face's Trainer and others leave beside the weights that are not weights.
-NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
-
-
-def pickle_files(folder: Path) -> list[Path]:
-    """A folder's pickled weight files: those its index names, else every *.bin and *.pt that is not training state."""
-    index = folder / "pytorch_model.bin.index.json"
-    if index.is_file():
-        return [folder / name for name in io.index_shards(index)]
-    found = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
-    return [path for path in found if path.name not in NOT_WEIGHTS]
-
-
 class Conversions:
     """Where pickled models become safetensors: ``folder`` (the cache's ``converted/``).
 
