@@ -118,7 +118,7 @@ def _tensor_cache(state, args, create: bool):
 
 def _read_only_plan(args, mergefile, state):
     """A plan that reads no tensor: unhashed sources leave their keys unknown."""
-    from mbuild import engine, plan
+    from mbuild import engine, lock, plan
 
     return plan.make_plan(
         mergefile,
@@ -129,6 +129,7 @@ def _read_only_plan(args, mergefile, state):
         engine.output_digests(state, mergefile),
         state.folder,
         platform=_platform(args),
+        pinned=lock.pinned_revisions(mergefile.path),
     )
 
 
@@ -150,7 +151,7 @@ def _platform(args) -> str:
 
 
 def _build(args) -> int:
-    from mbuild import engine
+    from mbuild import staleness
 
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise MbuildError(f"unknown --device '{args.device}': use cpu or cuda")
@@ -159,7 +160,7 @@ def _build(args) -> int:
         the_plan = _read_only_plan(args, mergefile, state)
         cache = _tensor_cache(state, args, create=False)
         has_tensor = (lambda key: cache.contains(key)) if cache is not None and not args.force else (lambda key: False)
-        decisions = engine.decide_all(the_plan, state, args.force, has_tensor)
+        decisions = staleness.decide_all(the_plan, state, args.force, has_tensor)
         _print_dry_run(the_plan, decisions, args, has_tensor)
         return 0
     if args.device.startswith("cuda"):
@@ -173,7 +174,7 @@ def _build(args) -> int:
 
 
 def _run_build(args, mergefile, state, printer, torch_import) -> int:
-    from mbuild import engine, plan
+    from mbuild import engine, lock, plan, staleness
 
     current: dict = {}
     platform = _platform(args)
@@ -192,18 +193,19 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
             previous=current.get("plan") if changed is not None else None,
             changed=changed,
             platform=platform,
+            pinned=lock.pinned_revisions(mergefile.path),
         )
         return current["plan"]
 
     # Every mistake headers can show (ranges, shapes, parameters, outputs that are not
     # mbuild's) is found by a plan over remembered digests, before any source is hashed.
     first_plan = replan(hashing=False)
-    decisions = engine.decide_all(first_plan, state)
+    decisions = staleness.decide_all(first_plan, state)
     if not args.keep_going:
-        engine.refuse_foreign_outputs(first_plan, decisions)
+        staleness.refuse_foreign_outputs(first_plan, decisions)
     if first_plan.unhashed:
         first_plan = replan()
-        decisions = engine.decide_all(first_plan, state)
+        decisions = staleness.decide_all(first_plan, state)
     for name in first_plan.order:
         _warn_dropped(first_plan.targets[name], _warn)
     # Decide everything before the first tensor: a no-op never opens the tensor cache.
@@ -214,7 +216,7 @@ def _run_build(args, mergefile, state, printer, torch_import) -> int:
             name: engine.TargetReport(name, "fresh", (), 0, len(p.tasks), 0.0, str(p.target.output))
             for name, p in first_plan.targets.items()
         }
-        engine.repair_lock(first_plan, state, list(first_plan.order), printer.note)
+        lock.repair_lock(first_plan, state, list(first_plan.order), printer.note)
     else:
         printer.targets = len(first_plan.order)
         torch_import.start()
@@ -326,7 +328,7 @@ def _size(count: float) -> str:
 
 
 def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
-    from mbuild import engine, plan
+    from mbuild import staleness
 
     data = {}
     for name in the_plan.order:
@@ -338,8 +340,8 @@ def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
             for size in task.shape:
                 count *= size
             parameters += count
-        reusable = engine.reusable_in(engine.inspect_output(target_plan.target.output), has_tensor)
-        estimates = plan.estimate_work(target_plan, reusable, args.jobs)
+        reusable = staleness.reusable_in(staleness.inspect_output(target_plan.target.output), has_tensor)
+        estimates = staleness.estimate_work(target_plan, reusable, args.jobs)
         data[name] = {
             "stale": decision.stale,
             "action": decision.action,
@@ -513,11 +515,11 @@ def _subcommand(argv: list[str]) -> int:
 
 
 def _status(args) -> int:
-    from mbuild import engine, io
+    from mbuild import io, staleness
 
     mergefile, state = _load(args)
     the_plan = _read_only_plan(args, mergefile, state)
-    decisions = engine.decide_all(the_plan, state)
+    decisions = staleness.decide_all(the_plan, state)
     leftovers = {n: [str(p) for p in io.leftovers(mergefile.targets[n].output)] for n in decisions}
     if args.json:
         report = {
@@ -537,18 +539,18 @@ def _status(args) -> int:
 
 def _explain(args) -> int:
     """The key tree of targets: why each is stale, down to the parameter or input."""
-    from mbuild import engine, io, plan
+    from mbuild import io, staleness
 
     mergefile, state = _load(args)
     if not args.targets:
         raise MbuildError("mbuild explain needs a target name")
     the_plan = _read_only_plan(args, mergefile, state)
-    decisions = engine.decide_all(the_plan, state)
+    decisions = staleness.decide_all(the_plan, state)
     report = {}
     for name in args.targets:
         target_plan = the_plan.targets[name]
         manifest = io.read_manifest(target_plan.target.output)
-        groups = plan.explain_tensors(target_plan, manifest) if decisions[name].stale else {}
+        groups = staleness.explain_tensors(target_plan, manifest) if decisions[name].stale else {}
         report[name] = {
             "stale": decisions[name].stale,
             "action": decisions[name].action,
@@ -556,7 +558,7 @@ def _explain(args) -> int:
             "key": target_plan.key,
             "built_key": (manifest or {}).get("key"),
             "inputs": {
-                node.split(":", 1)[1]: ("stale" if decisions.get(node.split(":", 1)[1], plan.Decision(False, ())).stale else "fresh")
+                node.split(":", 1)[1]: ("stale" if decisions.get(node.split(":", 1)[1], staleness.Decision(False, ())).stale else "fresh")
                 if node.startswith("target:")
                 else "source"
                 for node in target_plan.input_nodes
@@ -621,7 +623,7 @@ def _clean(args) -> int:
     """Remove the outputs of the named targets (all by default); never a folder mbuild did not make."""
     import shutil
 
-    from mbuild import engine
+    from mbuild import staleness
 
     mergefile, _ = _load(args)
     names = args.targets or list(mergefile.targets)
@@ -634,7 +636,7 @@ def _clean(args) -> int:
             continue
         if output.is_symlink() or not output.is_dir():
             raise MbuildError(f"{output} is not a folder mbuild made; not removing it")
-        existing = engine.inspect_output(output)
+        existing = staleness.inspect_output(output)
         if existing.manifest is None or existing.foreign:
             raise MbuildError(f"{existing.refusal(output)}; not removing it")
         shutil.rmtree(output)

@@ -14,10 +14,9 @@ import contextlib
 import errno
 import hashlib
 import os
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -26,7 +25,8 @@ from mbuild.cache import State, TensorCache
 from mbuild.errors import BuildError, Location, MbuildError
 from mbuild.methods import NonFiniteResult
 from mbuild.plan import node_of as plan_node
-from mbuild.plan import Decision, Plan, TargetPlan, TensorTask, decide, recipe_method, source_fingerprint
+from mbuild.plan import Plan, TargetPlan, TensorTask
+from mbuild.staleness import Decision, OutputState, decide_target, inspect_output, source_fingerprints
 
 MBUILD_VERSION = "0.1.0"
 
@@ -88,103 +88,6 @@ class Reporter:
         """Something the user should know that does not stop the build (a warning)."""
 
 
-@dataclass
-class OutputState:
-    """What is on disk for a target's output: its manifest and what changed since."""
-
-    manifest: Mapping[str, Any] | None
-    changes: list[str] = field(default_factory=list)
-    foreign: bool = False  # a non-empty folder mbuild did not make, or holding what it did not write
-    unlisted: list[str] = field(default_factory=list)  # entries its manifest does not list
-
-    def refusal(self, folder: Path) -> str:
-        """Why this output may not be replaced, for an error message."""
-        if self.manifest is None:
-            return f"output folder {folder} exists and was not made by mbuild"
-        shown = ", ".join(self.unlisted[:5]) + (f" and {len(self.unlisted) - 5} more" if len(self.unlisted) > 5 else "")
-        return f"output folder {folder} holds what mbuild did not write there ({shown})"
-
-
-def inspect_output(folder: Path) -> OutputState:
-    """Read an output's manifest and compare its files' sizes and mtimes, reading no tensor."""
-    manifest = io.read_manifest(folder)
-    if manifest is None:
-        foreign = folder.is_dir() and any(folder.iterdir())
-        return OutputState(None, [], foreign)
-    unlisted = io.unlisted_entries(folder, manifest)
-    if unlisted:
-        return OutputState(manifest, [], True, unlisted)
-    changes = []
-    for name, recorded in manifest.get("files", {}).items():
-        try:
-            stat = os.stat(folder / name)
-        except FileNotFoundError:
-            changes.append(f"{name} missing")
-            continue
-        if stat.st_size != recorded.get("size") or stat.st_mtime_ns != recorded.get("mtime_ns"):
-            changes.append(f"{name} changed")
-    return OutputState(manifest, changes)
-
-
-def decide_all(
-    plan: Plan,
-    state: State | None,
-    force: bool = False,
-    has_tensor: Callable[[str], bool] = lambda key: False,
-) -> dict[str, Decision]:
-    """Decide staleness for every planned target, upstream first."""
-    lock_data = lock.read(lock.lock_path(plan.mergefile.path))
-    fingerprints = source_fingerprints(plan, state)
-    decisions: dict[str, Decision] = {}
-    stale: set[str] = set()
-    for name in plan.order:
-        decisions[name] = decide_target(plan, name, lock_data, fingerprints, stale, force, has_tensor)
-        if decisions[name].stale:
-            stale.add(name)
-    return decisions
-
-
-def decide_target(plan, name, lock_data, fingerprints, stale, force, has_tensor) -> Decision:
-    """One target's decision, given the decisions upstream of it."""
-    target_plan = plan.targets[name]
-    output = inspect_output(target_plan.target.output)
-    if force:
-        return Decision(True, ("--force",), "rebuild")
-    if output.foreign:
-        return Decision(True, (output.refusal(target_plan.target.output) + ": refused",), "rebuild")
-    return decide(
-        plan,
-        name,
-        lock_data["targets"].get(name),
-        output.manifest,
-        output.changes,
-        stale,
-        fingerprints,
-        reusable_in(output, has_tensor),
-    )
-
-
-def refuse_foreign_outputs(plan: Plan, decisions: Mapping[str, Decision]) -> None:
-    """Raise, before any source is read, for the first stale target whose output mbuild may not replace."""
-    for name in plan.order:
-        output = plan.targets[name].target.output
-        if decisions[name].stale:
-            existing = inspect_output(output)
-            if existing.foreign:
-                raise BuildError(
-                    existing.refusal(output) + "; move it away or choose another 'output:'",
-                    plan.targets[name].target.location("output"),
-                )
-
-
-def reusable_in(output: OutputState, has_tensor: Callable[[str], bool]) -> Callable[[TensorTask], bool]:
-    """Whether a task's bytes are already at hand: in the untouched previous output, or cached."""
-    previous = {}
-    if output.manifest and not output.changes:
-        previous = {n: entry.get("key") for n, entry in output.manifest.get("tensors", {}).items()}
-    return lambda task: task.key is not None and (previous.get(task.name) == task.key or has_tensor(task.key))
-
-
 def output_digests(state: State | None, mergefile) -> Callable[[str], str | None]:
     """A lookup task key -> digest of the bytes it produced: the state first, then the
     manifests of the Mergefile's outputs (so a fresh clone with built outputs needs no cache)."""
@@ -205,15 +108,6 @@ def output_digests(state: State | None, mergefile) -> Callable[[str], str | None
         return from_manifests.get(key)
 
     return lookup
-
-
-def source_fingerprints(plan: Plan, state: State | None) -> dict[str, str | None]:
-    """Each source's content fingerprint from remembered digests (None if not hashed)."""
-    result = {}
-    for node, source in plan.sources.items():
-        found = state.digests(source.info, compute=False) if state else None
-        result[node] = source_fingerprint(source, found)
-    return result
 
 
 class Builder:
@@ -295,7 +189,7 @@ class Builder:
                     reports[name] = TargetReport(
                         name, "fresh", (), 0, len(target_plan.tasks), 0.0, str(target_plan.target.output)
                     )
-                    repair_lock(self.plan, self.state, [name], self.reporter.note)
+                    lock.repair_lock(self.plan, self.state, [name], self.reporter.note)
                     self.reporter.target_finished(reports[name])
                     continue
                 stale.add(name)
@@ -521,106 +415,7 @@ class Builder:
 
     def _record(self, target_plan: TargetPlan, output: Path) -> None:
         """Update Mergefile.lock with what this target was built from."""
-        record_in_lock(self.plan, self.state, [target_plan.name])
-
-
-def record_in_lock(plan: Plan, state: State, names: list[str], only_if_different: bool = False) -> list[str]:
-    """Write what each named target was built from into Mergefile.lock; returns the names written.
-
-    With ``only_if_different``, a target whose lock entry already says what its output's
-    manifest and the plan say is left alone: the lock is repaired from the built outputs
-    (after a kill between publishing and recording, or for a second Mergefile over the same
-    outputs) without a write on every no-op.
-    """
-    path = lock.lock_path(plan.mergefile.path)
-    if only_if_different:
-        data = lock.read(path)
-        names = [n for n in names if _held_entries(data, n, wanted := _lock_entries(plan, state, n)) != wanted]
-        if not names:
-            return []
-    with _lock_of_lock(state, path):
-        data = lock.read(path)
-        for name in names:
-            entries = _lock_entries(plan, state, name)
-            data["targets"][name] = entries.pop("target:" + name)
-            data["sources"].update(entries)
-        lock.write(path, data)
-    return names
-
-
-@contextlib.contextmanager
-def _lock_of_lock(state: State, path: Path):
-    """Hold the lock two builds take to update Mergefile.lock ``path`` one at a time.
-
-    Its file lives in the cache folder; where that cannot hold it (a read-only or full disk:
-    the cache is then skipped, not the build), in the system's temporary folder.
-    """
-    name = hashlib.sha256(str(path).encode()).hexdigest()[:16] + ".lock"
-    try:
-        held = io.FileLock(state.folder / "locks" / name).__enter__()
-    except BuildError:
-        held = io.FileLock(Path(tempfile.gettempdir()) / "mbuild-locks" / name).__enter__()
-    try:
-        yield
-    finally:
-        held.__exit__()
-
-
-def repair_lock(plan: Plan, state: State, names: list[str], note: Callable[[str], None]) -> None:
-    """Bring the lock's entries of fresh targets in line with their outputs; a lock that
-    cannot be written costs only the record (said in a note), never the build."""
-    try:
-        repaired = record_in_lock(plan, state, names, only_if_different=True)
-    except (MbuildError, OSError) as error:
-        note(f"warning: Mergefile.lock not repaired: {error}")
-        return
-    if repaired:
-        note(f"Mergefile.lock did not match the built output of {', '.join(repaired)}: repaired")
-
-
-def _held_entries(data: Mapping[str, Any], name: str, wanted: Mapping[str, Any]) -> dict[str, Any]:
-    """What the lock holds now for a target and its sources, in the shape `_lock_entries` gives."""
-    held = {node: data["sources"].get(node) for node in wanted if not node.startswith("target:")}
-    held["target:" + name] = data["targets"].get(name)
-    return held
-
-
-def _lock_entries(plan: Plan, state: State, name: str) -> dict[str, Any]:
-    """The lock entries of a built target (under "target:NAME") and of each source it reads."""
-    from mbuild.plan import plain_recipe
-
-    target_plan = plan.targets[name]
-    entries: dict[str, Any] = {}
-    inputs = {}
-    for node in target_plan.input_nodes:
-        if node.startswith("target:"):
-            inputs[node] = plan.targets[node.split(":", 1)[1]].key
-        else:
-            source = plan.sources[node]
-            fingerprint = source_fingerprint(source, state.digests(source.info, compute=False))
-            inputs[node] = fingerprint
-            entries[node] = {"model": source.ref.text, "revision": source.revision, "fingerprint": fingerprint}
-    target = target_plan.target
-    manifest = io.read_manifest(target.output) or {}
-    method_name, method_version, _ = recipe_method(target)
-    try:
-        relative = str(target.output.relative_to(plan.mergefile.folder))
-    except ValueError:
-        relative = str(target.output)
-    entries["target:" + name] = {
-        "key": target_plan.key,
-        "method": method_name,
-        "method_version": method_version,
-        "recipe": plain_recipe(target.recipe),
-        "platform": plan.platform,
-        "inputs": inputs,
-        "output": {
-            "path": relative,
-            # Shards by their digest (of their tensors' digests), other files by sha256.
-            "files": {file: entry.get("digest", entry.get("sha256")) for file, entry in manifest.get("files", {}).items()},
-        },
-    }
-    return entries
+        lock.record_in_lock(self.plan, self.state, [target_plan.name])
 
 
 def _disk_fault(error: OSError, output: Path) -> BuildError:

@@ -7,11 +7,18 @@ output's key and file hashes. Staleness reasons are diffs against it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from mbuild import io
-from mbuild.errors import BuildError, MbuildError
+from mbuild.errors import BuildError, Location, MbuildError, MergefileError
+from mbuild.plan import Plan, plain_recipe, recipe_method, source_fingerprint
+
+if TYPE_CHECKING:
+    from mbuild.cache import State
 
 # 2: fingerprints made of BLAKE3 tensor digests (1: of sha256 ones).
 # 3: each target records the compute platform its bytes were made on; keys of version 2
@@ -96,3 +103,115 @@ def write(path: Path, data: dict[str, Any]) -> None:
         io.write_json(path, data)
     except OSError as error:
         raise BuildError(f"cannot write {path}: {error.strerror}") from None
+
+
+def pinned_revisions(mergefile_path: Path) -> dict[str, str]:
+    """Hub revisions Mergefile.lock recorded: a hub model without '@revision' resolves to them."""
+    path = lock_path(mergefile_path)
+    pinned = {
+        node: entry["revision"]
+        for node, entry in read(path)["sources"].items()
+        if node.startswith("hub:") and entry.get("revision")
+    }
+    for node, revision in pinned.items():
+        # mbuild records commits only; anything else would be looked up as a path in the hub cache.
+        if not isinstance(revision, str) or not io.HUB_COMMIT.match(revision):
+            raise MergefileError(f"it pins {node} to {revision!r}, not a commit: correct or delete that entry", Location(path))
+    return pinned
+
+
+def record_in_lock(plan: Plan, state: State, names: list[str], only_if_different: bool = False) -> list[str]:
+    """Write what each named target was built from into Mergefile.lock; returns the names written.
+
+    With ``only_if_different``, a target whose lock entry already says what its output's
+    manifest and the plan say is left alone: the lock is repaired from the built outputs
+    (after a kill between publishing and recording, or for a second Mergefile over the same
+    outputs) without a write on every no-op.
+    """
+    path = lock_path(plan.mergefile.path)
+    if only_if_different:
+        data = read(path)
+        names = [n for n in names if _held_entries(data, n, wanted := _lock_entries(plan, state, n)) != wanted]
+        if not names:
+            return []
+    with _lock_of_lock(state, path):
+        data = read(path)
+        for name in names:
+            entries = _lock_entries(plan, state, name)
+            data["targets"][name] = entries.pop("target:" + name)
+            data["sources"].update(entries)
+        write(path, data)
+    return names
+
+
+@contextlib.contextmanager
+def _lock_of_lock(state: State, path: Path):
+    """Hold the lock two builds take to update Mergefile.lock ``path`` one at a time.
+
+    Its file lives in the cache folder; where that cannot hold it (a read-only or full disk:
+    the cache is then skipped, not the build), in the system's temporary folder.
+    """
+    name = hashlib.sha256(str(path).encode()).hexdigest()[:16] + ".lock"
+    try:
+        held = io.FileLock(state.folder / "locks" / name).__enter__()
+    except BuildError:
+        held = io.FileLock(Path(tempfile.gettempdir()) / "mbuild-locks" / name).__enter__()
+    try:
+        yield
+    finally:
+        held.__exit__()
+
+
+def repair_lock(plan: Plan, state: State, names: list[str], note: Callable[[str], None]) -> None:
+    """Bring the lock's entries of fresh targets in line with their outputs; a lock that
+    cannot be written costs only the record (said in a note), never the build."""
+    try:
+        repaired = record_in_lock(plan, state, names, only_if_different=True)
+    except (MbuildError, OSError) as error:
+        note(f"warning: Mergefile.lock not repaired: {error}")
+        return
+    if repaired:
+        note(f"Mergefile.lock did not match the built output of {', '.join(repaired)}: repaired")
+
+
+def _held_entries(data: Mapping[str, Any], name: str, wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """What the lock holds now for a target and its sources, in the shape `_lock_entries` gives."""
+    held = {node: data["sources"].get(node) for node in wanted if not node.startswith("target:")}
+    held["target:" + name] = data["targets"].get(name)
+    return held
+
+
+def _lock_entries(plan: Plan, state: State, name: str) -> dict[str, Any]:
+    """The lock entries of a built target (under "target:NAME") and of each source it reads."""
+    target_plan = plan.targets[name]
+    entries: dict[str, Any] = {}
+    inputs = {}
+    for node in target_plan.input_nodes:
+        if node.startswith("target:"):
+            inputs[node] = plan.targets[node.split(":", 1)[1]].key
+        else:
+            source = plan.sources[node]
+            fingerprint = source_fingerprint(source, state.digests(source.info, compute=False))
+            inputs[node] = fingerprint
+            entries[node] = {"model": source.ref.text, "revision": source.revision, "fingerprint": fingerprint}
+    target = target_plan.target
+    manifest = io.read_manifest(target.output) or {}
+    method_name, method_version, _ = recipe_method(target)
+    try:
+        relative = str(target.output.relative_to(plan.mergefile.folder))
+    except ValueError:
+        relative = str(target.output)
+    entries["target:" + name] = {
+        "key": target_plan.key,
+        "method": method_name,
+        "method_version": method_version,
+        "recipe": plain_recipe(target.recipe),
+        "platform": plan.platform,
+        "inputs": inputs,
+        "output": {
+            "path": relative,
+            # Shards by their digest (of their tensors' digests), other files by sha256.
+            "files": {file: entry.get("digest", entry.get("sha256")) for file, entry in manifest.get("files", {}).items()},
+        },
+    }
+    return entries

@@ -116,20 +116,6 @@ class TargetPlan:
         return io.ModelInfo(folder=None, config=self.config, tensors=tensors)
 
 
-@dataclass(frozen=True)
-class Decision:
-    """Whether a target must be rebuilt, why (as before -> now differences), and what that costs.
-
-    ``action`` is "fresh", "cached" (every tensor is in the cache or the previous output),
-    "rebuild unless upstream bytes are unchanged" (it waits on upstream tensors not
-    computed yet; if they come out identical the cascade stops), or "rebuild".
-    """
-
-    stale: bool
-    reasons: tuple[str, ...]
-    action: str = "rebuild"
-
-
 @dataclass
 class Plan:
     """The targets to consider in build order, their expansions and the sources they read."""
@@ -209,6 +195,7 @@ def make_plan(
     previous: Plan | None = None,
     changed: Sequence[str] | None = None,
     platform: str | None = None,
+    pinned: Mapping[str, str] | None = None,
 ) -> Plan:
     """Resolve sources, expand the selected targets into tensor tasks and compute keys.
 
@@ -219,6 +206,7 @@ def make_plan(
     of those are expanded again; the rest, and the sources, are taken as they were.
     ``platform``: where tasks compute (`compute_platform.identify`; default: this CPU).
     ``pickles``: a `pickles.Conversions` through which pickled sources are read (None: refused).
+    ``pinned``: hub node -> the commit Mergefile.lock pins it to (`lock.pinned_revisions`).
     """
     import networkx as nx
 
@@ -241,7 +229,7 @@ def make_plan(
     sources: dict[str, Source] = dict(previous.sources) if previous is not None else {}
     plans: dict[str, TargetPlan] = {}
     unhashed: set[str] = set(previous.unhashed) if previous is not None else set()
-    pinned = _pinned_revisions(mergefile)
+    pinned = pinned or {}
     source_digests: dict[str, Mapping[str, str] | None] = {}
     for name in order:
         target = mergefile.targets[name]
@@ -266,23 +254,6 @@ def make_plan(
             target, infos, plans, source_digests, shard_bytes, output_digest, store, platform=platform
         )
     return Plan(mergefile, order, plans, sources, graph, frozenset(unhashed), platform)
-
-
-def _pinned_revisions(mergefile: Mergefile) -> dict[str, str]:
-    """Hub revisions Mergefile.lock recorded: a hub model without '@revision' resolves to them."""
-    from mbuild import lock
-
-    path = lock.lock_path(mergefile.path)
-    pinned = {
-        node: entry["revision"]
-        for node, entry in lock.read(path)["sources"].items()
-        if node.startswith("hub:") and entry.get("revision")
-    }
-    for node, revision in pinned.items():
-        # mbuild records commits only; anything else would be looked up as a path in the hub cache.
-        if not isinstance(revision, str) or not io.HUB_COMMIT.match(revision):
-            raise MergefileError(f"it pins {node} to {revision!r}, not a commit: correct or delete that entry", Location(path))
-    return pinned
 
 
 def _open_source(ref: ModelRef, node: str, target: Target, pickles, pinned: Mapping[str, str]) -> Source:
@@ -876,34 +847,6 @@ def recipe_method(target: Target) -> tuple[str, int, str]:
     return method.name, method.version, method.paper
 
 
-def recipe_diff(before: Any, now: Any, prefix: str = "") -> list[str]:
-    """Human differences between two recipes as 'path: before -> now' lines."""
-    if isinstance(before, dict) and isinstance(now, dict):
-        lines = []
-        for key in list(before) + [k for k in now if k not in before]:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in now:
-                lines.append(f"{path}: {_short(before[key])} → (removed)")
-            elif key not in before:
-                lines.append(f"{path}: (unset) → {_short(now[key])}")
-            else:
-                lines.extend(recipe_diff(before[key], now[key], path))
-        return lines
-    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
-        lines = []
-        for index, (b, n) in enumerate(zip(before, now)):
-            lines.extend(recipe_diff(b, n, f"{prefix}[{index}]"))
-        return lines
-    if before != now:
-        return [f"{prefix}: {_short(before)} → {_short(now)}"]
-    return []
-
-
-def _short(value: Any) -> str:
-    text = keys.canonical(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def source_fingerprint(source: Source, found: Mapping[str, str] | None) -> str | None:
     """One hash for a source's content (its tensors' digests and revision)."""
     if found is None:
@@ -911,141 +854,8 @@ def source_fingerprint(source: Source, found: Mapping[str, str] | None) -> str |
     return keys.digest({"revision": source.revision, "tensors": dict(found)})
 
 
-def decide(
-    plan: Plan,
-    name: str,
-    lock_entry: Mapping[str, Any] | None,
-    manifest: Mapping[str, Any] | None,
-    output_changes: Sequence[str],
-    stale_upstream: set[str],
-    source_fingerprints: Mapping[str, str | None],
-    reusable: Callable[[TensorTask], bool] = lambda task: False,
-) -> Decision:
-    """The one place that decides whether a target is stale, with the reasons."""
-    target_plan = plan.targets[name]
-    target = target_plan.target
-
-    def stale(reasons) -> Decision:
-        if target_plan.pending:
-            action = "rebuild unless upstream bytes are unchanged"
-        elif target_plan.tasks and all(reusable(task) for task in target_plan.tasks):
-            action = "cached"
-        else:
-            action = "rebuild"
-        return Decision(True, tuple(reasons), action)
-
-    reasons: list[str] = []
-    if manifest is None:
-        reasons.append("output missing" if lock_entry else "never built")
-        return stale(reasons)
-    if target_plan.key is not None and manifest.get("key") == target_plan.key:
-        if output_changes:
-            return stale(f"output modified: {change}" for change in output_changes)
-        return Decision(False, (), "fresh")
-    # Stale: explain by comparing with what was recorded at the last build.
-    if lock_entry:
-        if lock_entry.get("earlier"):
-            reasons.append(lock_entry["earlier"])
-        reasons.extend(recipe_diff(lock_entry.get("recipe", {}), plain_recipe(target.recipe)))
-        method_name, version, _ = recipe_method(target)
-        if lock_entry.get("method_version") not in (None, version):
-            reasons.append(f"method {method_name}: version {lock_entry['method_version']} → {version}")
-        if lock_entry.get("platform") not in (None, plan.platform):
-            reasons.append(f"compute platform: {lock_entry['platform']} → {plan.platform}")
-        recorded_inputs = lock_entry.get("inputs", {})
-    else:
-        recorded_inputs = {}
-    for node in target_plan.input_nodes:
-        label = node.split(":", 1)[1]
-        if node.startswith("target:"):
-            if label in stale_upstream:
-                reasons.append(f"input {label}: rebuilt")
-            continue
-        if lock_entry and lock_entry.get("earlier"):
-            continue  # fingerprints of another digest, and none remembered yet: nothing to compare
-        now = source_fingerprints.get(node)
-        before = recorded_inputs.get(node)
-        if now is None:
-            reasons.append(f"source {label}: changed on disk (bytes not yet re-hashed)")
-        elif before is not None and before != now:
-            reasons.append(f"source {label}: content changed")
-    if not reasons:
-        reasons.append("inputs changed" if lock_entry else "built by another Mergefile or version")
-    return stale(reasons)
-
-
 def plain_recipe(data: Any) -> Any:
     """Recipe data as JSON would give it back (tuples to lists), for comparing with the lock."""
     import json
 
     return json.loads(keys.canonical(data))
-
-
-def estimate_work(target_plan: TargetPlan, reusable: Callable[[TensorTask], bool], jobs: int = 1) -> dict[str, int]:
-    """What building a target would cost, from the plan alone: tensors to compute, input bytes
-    to read, and a peak-memory estimate (inputs as read and converted, the method's
-    temporaries and the output, for ``jobs`` tasks at once)."""
-    compute, read, peak = 0, 0, 0
-    for task in target_plan.tasks:
-        if reusable(task):
-            continue
-        count = 1
-        for size in task.shape:
-            count *= size
-        stored = count * io.DTYPE_SIZES[task.dtype]
-        read_here = stored * len(task.inputs)
-        compute += 1
-        read += read_here
-        working = read_here + count * io.DTYPE_SIZES[task.compute_dtype] * (2 * len(task.inputs) + 2) + stored
-        peak = max(peak, working)
-    return {"tensors_to_compute": compute, "bytes_to_read": read, "peak_memory": peak * max(1, jobs)}
-
-
-def explain_tensors(target_plan: TargetPlan, manifest: Mapping[str, Any] | None) -> dict[str, list[str]]:
-    """Why each tensor's key differs from the built output's: reason -> tensor names.
-
-    Compares every planned task with the record the manifest keeps per tensor, down to
-    the parameter or the input that changed.
-    """
-    recorded = (manifest or {}).get("tensors", {})
-    groups: dict[str, list[str]] = {}
-    for task in target_plan.tasks:
-        old = recorded.get(task.name)
-        reasons = _tensor_reasons(task, old)
-        for reason in reasons:
-            groups.setdefault(reason, []).append(task.name)
-    return groups
-
-
-def _tensor_reasons(task: TensorTask, old: Mapping[str, Any] | None) -> list[str]:
-    if old is None:
-        return ["new tensor"]
-    if task.key is not None and old.get("key") == task.key:
-        return []
-    reasons = []
-    if old.get("method") != task.method:
-        reasons.append(f"method: {old.get('method')} → {task.method}")
-    for field_name, now in (("dtype", task.dtype), ("compute_dtype", task.compute_dtype)):
-        if old.get(field_name) != now:
-            reasons.append(f"{field_name}: {old.get(field_name)} → {now}")
-    before_params = old.get("params", {})
-    for name, value in task.params:
-        if before_params.get(name) != value:
-            reasons.append(f"parameters.{name}: {_short(before_params.get(name))} → {_short(value)}")
-    before_models = old.get("model_params", [])
-    labels = [f"{i.node.split(':', 1)[1]}" for i in task.inputs]
-    for index, values in enumerate(task.model_params):
-        before = before_models[index] if index < len(before_models) else {}
-        for name, value in values:
-            if before.get(name) != value:
-                reasons.append(f"{labels[index]}.{name}: {_short(before.get(name))} → {_short(value)}")
-    before_keys = old.get("input_keys", [])
-    for index, item in enumerate(task.inputs):
-        before = before_keys[index] if index < len(before_keys) else None
-        if item.key is None:
-            reasons.append(f"input {labels[index]}: bytes not hashed yet")
-        elif before != item.key:
-            reasons.append(
-                f"input {labels[index]}: " + ("to be rebuilt" if keys.is_pending(item.key) else "bytes changed")
-            )
-    return reasons or ["method implementation version"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import build_json
-from mbuild import engine, mergefile, plan
+from mbuild import engine, mergefile, plan, staleness
 from mbuild.cache import State
 from mbuild.cli import main
 from mbuild.errors import MbuildError, MergefileError
@@ -57,13 +57,13 @@ def chain(family, attn_t="0.3") -> str:
     return CHAIN.format(base=family["base"], math=family["math"], code=family["code"], attn_t=attn_t)
 
 
-def status(path: Path) -> dict[str, plan.Decision]:
+def status(path: Path) -> dict[str, staleness.Decision]:
     parsed = mergefile.load(path)
     state = State(path.parent / "cache")
     the_plan = plan.make_plan(
         parsed, (), lambda s: state.digests(s.info, compute=False), output_digest=engine.output_digests(state, parsed)
     )
-    return engine.decide_all(the_plan, state)
+    return staleness.decide_all(the_plan, state)
 
 
 def build(path: Path, *args: str) -> dict:
