@@ -9,10 +9,8 @@ key matches the previous output's is copied from it instead of recomputed.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
-import hashlib
 import os
 import threading
 import time
@@ -20,16 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mbuild import io, lock, methods
+from mbuild import io, launcher, lock, manifest, operations
 from mbuild.cache import State, TensorCache
 from mbuild.errors import BuildError, Location, MbuildError
-from mbuild.methods import NonFiniteResult
+from mbuild.executors import Executor, LocalExecutor
 from mbuild.plan import node_of as plan_node
 from mbuild.plan import Plan, TargetPlan, TensorTask
 from mbuild.staleness import Decision, OutputState, decide_target, inspect_output, source_fingerprints
-
-MBUILD_VERSION = "0.1.0"
-
 
 @dataclass(frozen=True)
 class BuildOptions:
@@ -85,7 +80,19 @@ class Reporter:
         """The build waits on another process (a target lock)."""
 
     def note(self, text: str) -> None:
-        """Something the user should know that does not stop the build (a warning)."""
+        """Something the user may want to know (a record repaired)."""
+
+    def warn(self, text: str) -> None:
+        """Something the user must know that does not stop the build (input tensors left out)."""
+
+    @contextlib.contextmanager
+    def step(self, description: str, total: int):
+        """A long step measured in bytes (hashing a source); yields a function told of progress."""
+        yield lambda count: None
+
+    def running(self, targets: int):
+        """A context for the build of ``targets`` targets (the CLI draws its bars inside it)."""
+        return contextlib.nullcontext()
 
 
 def output_digests(state: State | None, mergefile) -> Callable[[str], str | None]:
@@ -125,8 +132,10 @@ class Builder:
         reporter: Reporter | None = None,
         cache: TensorCache | None = None,
         replan: Callable[[list[str] | None], Plan] | None = None,
+        executor: Executor | None = None,
     ):
         self.plan = plan
+        self.executor = executor or LocalExecutor(options.jobs)
         self.state = state
         self.options = options
         self.reporter = reporter or Reporter()
@@ -142,7 +151,7 @@ class Builder:
 
     def run(self) -> dict[str, TargetReport]:
         """Bring every planned target up to date; returns a report per target."""
-        _tune_allocator()
+        launcher.tune_allocator()
         self._confirm_platform()
         with torch_single_threaded():
             return self._run()
@@ -234,7 +243,7 @@ class Builder:
         try:
             counts = self._write_tensors(target_plan, temporary, existing)
             self._write_companions(target_plan, temporary)
-            _write_manifest(target_plan, temporary, counts["digests"], counts["shards"])
+            manifest.write(target_plan, temporary, counts["digests"], counts["shards"])
             io.fsync_folder(temporary)
             io.publish(temporary, output)
         except BaseException:
@@ -267,148 +276,25 @@ class Builder:
         return models
 
     def _write_tensors(self, target_plan: TargetPlan, folder: Path, existing: OutputState) -> dict[str, Any]:
-        import torch
-
-        models = self._input_models(target_plan)
-        previous: dict[str, Mapping[str, str]] = {}
-        previous_model = None
-        if existing.manifest and not self.options.force and not existing.changes:
-            previous = existing.manifest.get("tensors", {})
-            previous_model = io.read_model(target_plan.target.output)
-        writer = io.ShardedWriter(
-            folder, [(t.name, t.dtype, t.shape) for t in target_plan.tasks], target_plan.shard_bytes
-        )
-        reader = io.TensorReader()
-        device = torch.device(self.options.device)
+        pipeline = _TensorPipeline(self, target_plan, folder, existing)
         counts = {"computed": 0, "reused": 0}
 
-        cache = None if self.options.force else self.cache
-        made: dict[str, str] = {}  # task key -> digest of the bytes it produced
-
-        # Shards shared with the cache as they are written: a computed tensor's bytes
-        # then exist once on disk, and caching one costs a row, not a second write.
-        blobs: dict[str, str] = {}
-        shares = self.cache is not None and any(t.key and t.method != "concat" for t in target_plan.tasks)
-
-        def keep(task: TensorTask, digest: str, data=None) -> None:
-            """Cache a task's bytes: their place in a linked shard, else (when given) a copy."""
-            if self.cache is None or not task.key:
-                return
-            slot = writer.slots[task.name]
-            blob = blobs.get(slot.file)
-            if blob is not None:
-                self.cache.put_at(task.key, blob, slot.start, slot.end - slot.start, digest)
-            elif data is not None:
-                self.cache.put(task.key, data, digest)
-
-        gates = None
-        if any(t.method == "moe_gate" for t in target_plan.tasks):
-            from mbuild import moe
-
-            base_node = plan_node(target_plan.target.base_model)
-            base_folder = models[base_node].folder
-            gates = moe.GateContext(device)
-
-        # Workers run side by side, each task splitting its own work between its share of
-        # the cores where the split cannot change a byte (see torch_single_threaded).
-        threads_per_task = max(1, usable_cores() // max(1, self.options.jobs))
-        inflight: dict[str, threading.Event] = {}
-        inflight_lock = threading.Lock()
-
-        def run(task: TensorTask) -> str:
-            """Run a task once per key: a twin (a repeated layer) waits and then reads the cache."""
-            if cache is None or not task.key or task.method == "concat":
-                return run_once(task)
-            with inflight_lock:
-                event = inflight.get(task.key)
-                if event is None:
-                    inflight[task.key] = threading.Event()
-            if event is not None:
-                event.wait()
-                return run_once(task)
-            try:
-                return run_once(task)
-            finally:
-                inflight[task.key].set()
-
-        def run_once(task: TensorTask) -> str:
-            old = previous.get(task.name)
-            if task.method == "concat":
-                # Stacked expert tensors can be huge: streamed in pieces, never cached whole.
-                if previous_model is not None and old and task.key and old.get("key") == task.key:
-                    digest = _copy_streamed(reader, previous_model.tensors[task.name], writer, task.name)
-                    if digest == old.get("digest"):
-                        made[task.key] = digest
-                        return "reused"
-                from mbuild import moe
-
-                digest = moe.stream_concat(task, models, reader, writer)
-                if task.key:
-                    made[task.key] = digest
-                return "computed"
-            if cache is not None and task.key:
-                found = cache.get(task.key)
-                if found is not None:
-                    made[task.key] = writer.write(task.name, found[0], found[1])
-                    keep(task, found[1])  # the new shard's copy now serves, and the old blob can go
-                    return "reused"
-            if previous_model is not None and old and task.key and old.get("key") == task.key:
-                data = _raw_bytes(reader.read(previous_model.tensors[task.name]))
-                digest = io.bytes_digest(data)
-                if digest == old.get("digest"):
-                    made[task.key] = writer.write(task.name, data, digest)  # verified: not hashed again
-                    keep(task, digest)
-                    return "reused"
-            if task.method == "moe_gate":
-                from mbuild import moe
-
-                result = moe.compute_gate(task, models, reader, gates, base_folder).to(io.torch_dtype(task.dtype))
-            else:
-                result = compute_task(
-                    task, models, reader, device, target_plan.target, target_plan.vocabulary, threads_per_task
-                )
-            data = _raw_bytes(result)
-            digest = writer.write(task.name, data)
-            if task.key:
-                made[task.key] = digest
-                # Committed as soon as computed: a killed build resumes from here.
-                keep(task, digest, data)
-            return "computed"
+        def done(outcome: str) -> None:
+            counts[outcome] += 1
+            self.reporter.tensor_done(target_plan.name)
 
         try:
-            for file in writer.shards if shares else ():
-                blob = self.cache.link(folder / file)
-                if blob is not None:
-                    blobs[file] = blob
-            jobs = max(1, self.options.jobs)
-            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-                pending: set[concurrent.futures.Future] = set()
-                for task in target_plan.tasks:
-                    pending.add(pool.submit(run, task))
-                    # A bounded window keeps memory at a few tensors per worker.
-                    while len(pending) >= 2 * jobs:
-                        pending = self._collect(pending, counts, target_plan.name)
-                while pending:
-                    pending = self._collect(pending, counts, target_plan.name)
-            writer.close()
+            pipeline.share_shards()
+            self.executor.run(target_plan.tasks, pipeline.run, done)
+            pipeline.writer.close()
         except BaseException:
-            writer.abort()
+            pipeline.writer.abort()
             raise
         finally:
-            reader.close()
-            self.state.remember_outputs(made)
-            if blobs:
-                self.cache.done_with(blobs.values())
-        counts["digests"] = dict(writer.digests)
-        counts["shards"] = {name: slot.file for name, slot in writer.slots.items()}
+            pipeline.close()
+        counts["digests"] = dict(pipeline.writer.digests)
+        counts["shards"] = {name: slot.file for name, slot in pipeline.writer.slots.items()}
         return counts
-
-    def _collect(self, pending, counts, name):
-        done, rest = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-        for future in done:
-            counts[future.result()] += 1
-            self.reporter.tensor_done(name)
-        return rest
 
     def _write_companions(self, target_plan: TargetPlan, folder: Path) -> None:
         io.write_companions(folder, target_plan.files, target_plan.config, target_plan.card)
@@ -416,6 +302,141 @@ class Builder:
     def _record(self, target_plan: TargetPlan, output: Path) -> None:
         """Update Mergefile.lock with what this target was built from."""
         lock.record_in_lock(self.plan, self.state, [target_plan.name])
+
+
+class _TensorPipeline:
+    """One target's tensors, each from the cheapest source of its bytes, into the writer.
+
+    In order: the tensor cache, the previous output (when the key is unchanged and the bytes
+    still hash to the recorded digest), else its operation (`mbuild.operations`). Computed
+    bytes are cached as soon as they are written, so a killed build resumes from there.
+    """
+
+    def __init__(self, builder: Builder, target_plan: TargetPlan, folder: Path, existing: OutputState):
+        import torch
+
+        self.cache = builder.cache
+        self.state = builder.state
+        self.lookup = None if builder.options.force else builder.cache  # reuse from the cache
+        models = builder._input_models(target_plan)
+        self.previous: Mapping[str, Mapping[str, str]] = {}
+        self.previous_model = None
+        if existing.manifest and not builder.options.force and not existing.changes:
+            self.previous = existing.manifest.get("tensors", {})
+            self.previous_model = io.read_model(target_plan.target.output)
+        self.writer = io.ShardedWriter(
+            folder, [(t.name, t.dtype, t.shape) for t in target_plan.tasks], target_plan.shard_bytes
+        )
+        self.reader = io.TensorReader()
+        device = torch.device(builder.options.device)
+        self.inputs = operations.Inputs(
+            models,
+            self.reader,
+            device,
+            target_plan.target,
+            target_plan.vocabulary,
+            # Workers run side by side, each task splitting its own work between its share of
+            # the cores where the split cannot change a byte (see torch_single_threaded).
+            threads=max(1, usable_cores() // max(1, builder.options.jobs)),
+        )
+        if any(t.method == "moe_gate" for t in target_plan.tasks):
+            from mbuild import moe
+
+            self.inputs.gates = moe.GateContext(device)
+            self.inputs.base_folder = models[plan_node(target_plan.target.base_model)].folder
+        self.tasks = target_plan.tasks
+        self.folder = folder
+        self.made: dict[str, str] = {}  # task key -> digest of the bytes it produced
+        self.blobs: dict[str, str] = {}  # shard file -> its blob in the cache
+        self._inflight: dict[str, threading.Event] = {}
+        self._inflight_lock = threading.Lock()
+
+    def share_shards(self) -> None:
+        """Share the shards with the cache as they are written: a computed tensor's bytes
+        then exist once on disk, and caching one costs a row, not a second write."""
+        if self.cache is None or not any(t.key and not operations.operation(t.method).streams for t in self.tasks):
+            return
+        for file in self.writer.shards:
+            blob = self.cache.link(self.folder / file)
+            if blob is not None:
+                self.blobs[file] = blob
+
+    def run(self, task: TensorTask) -> str:
+        """Run a task once per key: a twin (a repeated layer) waits and then reads the cache."""
+        if self.lookup is None or not task.key or operations.operation(task.method).streams:
+            return self._run_once(task)
+        with self._inflight_lock:
+            event = self._inflight.get(task.key)
+            if event is None:
+                self._inflight[task.key] = threading.Event()
+        if event is not None:
+            event.wait()
+            return self._run_once(task)
+        try:
+            return self._run_once(task)
+        finally:
+            self._inflight[task.key].set()
+
+    def _run_once(self, task: TensorTask) -> str:
+        """Write one tensor; returns "reused" or "computed"."""
+        operation = operations.operation(task.method)
+        if operation.streams:
+            return self._streamed(task, operation)
+        if self.lookup is not None and task.key:
+            found = self.lookup.get(task.key)
+            if found is not None:
+                self.made[task.key] = self.writer.write(task.name, found[0], found[1])
+                self._keep(task, found[1])  # the new shard's copy now serves, and the old blob can go
+                return "reused"
+        if self._unchanged(task):
+            data = io.raw_bytes(self.reader.read(self.previous_model.tensors[task.name]))
+            digest = io.bytes_digest(data)
+            if digest == self.previous[task.name].get("digest"):
+                self.made[task.key] = self.writer.write(task.name, data, digest)  # verified: not hashed again
+                self._keep(task, digest)
+                return "reused"
+        data = io.raw_bytes(operation.compute(task, self.inputs))
+        digest = self.writer.write(task.name, data)
+        if task.key:
+            self.made[task.key] = digest
+            self._keep(task, digest, data)
+        return "computed"
+
+    def _streamed(self, task: TensorTask, operation: operations.Operation) -> str:
+        """A tensor too large to hold (stacked experts): copied or computed in pieces, never cached whole."""
+        if self._unchanged(task):
+            info = self.previous_model.tensors[task.name]
+            digest = operations.copy_streamed(self.reader, info, self.writer, task.name)
+            if digest == self.previous[task.name].get("digest"):
+                self.made[task.key] = digest
+                return "reused"
+        digest = operation.stream(task, self.inputs, self.writer)
+        if task.key:
+            self.made[task.key] = digest
+        return "computed"
+
+    def _unchanged(self, task: TensorTask) -> bool:
+        """Whether the previous output holds this task's key (its bytes still to be verified)."""
+        old = self.previous.get(task.name)
+        return self.previous_model is not None and bool(old) and bool(task.key) and old.get("key") == task.key
+
+    def _keep(self, task: TensorTask, digest: str, data=None) -> None:
+        """Cache a task's bytes: their place in a linked shard, else (when given) a copy."""
+        if self.cache is None or not task.key:
+            return
+        slot = self.writer.slots[task.name]
+        blob = self.blobs.get(slot.file)
+        if blob is not None:
+            self.cache.put_at(task.key, blob, slot.start, slot.end - slot.start, digest)
+        elif data is not None:
+            self.cache.put(task.key, data, digest)
+
+    def close(self) -> None:
+        """Close the inputs, remember what was made, and let the cache release the shards."""
+        self.reader.close()
+        self.state.remember_outputs(self.made)
+        if self.blobs:
+            self.cache.done_with(self.blobs.values())
 
 
 def _disk_fault(error: OSError, output: Path) -> BuildError:
@@ -426,109 +447,6 @@ def _disk_fault(error: OSError, output: Path) -> BuildError:
             "(earlier outputs are intact)"
         )
     return BuildError(f"cannot build {output}: {error.filename or output}: {error.strerror}")
-
-
-def compute_task(
-    task: TensorTask,
-    models: Mapping[str, io.ModelInfo],
-    reader: io.TensorReader,
-    device,
-    target,
-    vocabulary=None,
-    threads: int = 1,
-):
-    """Read a task's inputs, run its method in the compute dtype, and cast to the output dtype.
-
-    ``threads``: how many threads the task may split its work between where the split does
-    not change the bytes (slices of an element-wise method, a threaded kernel's own parts).
-    """
-    import torch
-
-    tensors = []
-    for item in task.inputs:
-        info = models[item.node].tensors.get(item.name)
-        if info is None:
-            raise BuildError(f"input '{item.node.split(':', 1)[1]}' has no tensor '{item.name}'")
-        tensors.append(reader.read(info))
-    if task.method == "copy":
-        return tensors[0]
-    compute_dtype = io.torch_dtype(task.compute_dtype)
-    method = methods.get(task.method)
-    options = {
-        "base_index": task.base_index,
-        "params": dict(task.params),
-        "model_params": [dict(p) for p in task.model_params],
-    }
-    same_shape = all(t.shape == tensors[0].shape for t in tensors)
-    if method.elementwise and same_shape and not task.vocabulary and torch.device(device).type == "cpu":
-        return _compute_in_slices(task, method, tensors, compute_dtype, options, target, threads)
-    if method.threaded:
-        options["threads"] = threads if torch.device(device).type == "cpu" else 1
-    if method.stored_inputs:
-        options["dtype"] = compute_dtype
-    # Aligning vocabularies works on whole tensors in the compute dtype.
-    convert = not method.stored_inputs or task.vocabulary
-    inputs = [t.to(device=device, dtype=compute_dtype if convert else None) for t in tensors]
-    del tensors
-    if task.vocabulary:
-        from mbuild import vocabulary as vocabularies
-
-        inputs = vocabularies.align(inputs, [i.node for i in task.inputs], vocabulary)
-    generator = None
-    if task.seed is not None:
-        # Drawn on the CPU whatever the device, so the bytes do not depend on it.
-        generator = torch.Generator("cpu").manual_seed(tensor_seed(task.seed, task.name))
-    if method.casts_output:
-        options["out_dtype"] = io.torch_dtype(task.dtype)
-    try:
-        result = method.kernel(inputs, generator=generator, **options)
-        if not method.casts_output:  # one that casts checked its values as it went
-            methods.require_finite(result)
-    except NonFiniteResult:
-        raise _non_finite(task, target) from None
-    del inputs
-    return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
-
-
-# Elements per slice of an element-wise method: 1 MiB per float32 input, so a slice's
-# conversions and temporaries stay in cache instead of being tensor-sized buffers.
-ELEMENTWISE_SLICE = 1 << 18
-
-
-def _compute_in_slices(task: TensorTask, method, tensors, compute_dtype, options, target, threads: int = 1):
-    """An element-wise method run a slice at a time, each written into the output as it is done.
-
-    Only a slice of each input is ever converted to the compute dtype, so memory is the
-    inputs as stored plus the output; per element the operations, and so the bytes, are
-    those of the whole-tensor run, whichever of ``threads`` threads runs a slice. A method's
-    compiled one-pass form, where it applies, does the same in one pass.
-    """
-    import torch
-
-    output = torch.empty(tensors[0].shape, dtype=io.torch_dtype(task.dtype))
-    try:
-        if method.one_pass is not None and method.one_pass(
-            [t.contiguous() for t in tensors], output, compute_dtype=compute_dtype, threads=threads, **options
-        ):
-            return output
-        flat_output = output.view(-1)
-        flat_inputs = [t.reshape(-1) for t in tensors]
-
-        def run_slice(start: int) -> None:
-            stop = start + ELEMENTWISE_SLICE
-            result = method.kernel([t[start:stop].to(compute_dtype) for t in flat_inputs], generator=None, **options)
-            methods.require_finite(result)
-            flat_output[start:stop] = result
-
-        methods.map_in_threads(run_slice, range(0, flat_output.numel(), ELEMENTWISE_SLICE), threads)
-    except NonFiniteResult:
-        raise _non_finite(task, target) from None
-    return output
-
-
-def _non_finite(task: TensorTask, target) -> BuildError:
-    """A clear error for NaN or inf in a method's result (they would poison every later merge)."""
-    return BuildError(f"tensor '{task.name}' has non-finite values (NaN or inf) after {task.method}", target.location())
 
 
 def usable_cores() -> int:
@@ -560,93 +478,3 @@ def torch_single_threaded():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _tune_allocator() -> None:
-    """Apply `mbuild.__main__.ALLOCATOR_TUNABLES` at run time, unless the environment set them.
-
-    A fixed 32 MiB mmap threshold and two heaps at most: buffers of that size are recycled
-    rather than faulted in afresh, and freed memory is not kept in one heap per thread.
-    """
-    import ctypes
-    import ctypes.util
-
-    from mbuild.__main__ import ARENA_MAX, MMAP_THRESHOLD, TRIM_THRESHOLD
-
-    name = ctypes.util.find_library("c")
-    if not name or os.environ.get("MALLOC_MMAP_THRESHOLD_") or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-8, ARENA_MAX)  # M_ARENA_MAX, before the worker threads start
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-def _copy_streamed(reader: io.TensorReader, info: io.TensorInfo, writer: io.ShardedWriter, name: str) -> str:
-    """Copy one stored tensor's bytes in chunks into the writer's slot; returns their digest."""
-    digest = io.bytes_hasher()
-    offset = 0
-    for chunk in reader.chunks(info):
-        writer.write_part(name, offset, chunk)
-        digest.update(chunk)
-        offset += len(chunk)
-    return writer.finish(name, digest.hexdigest())
-
-
-def tensor_seed(seed: int, tensor_name: str) -> int:
-    """A per-tensor seed from the target's seed and the tensor's name: order-independent."""
-    material = hashlib.sha256(f"{seed}\0{tensor_name}".encode()).digest()
-    return int.from_bytes(material[:8], "little") & (2**63 - 1)
-
-
-def _raw_bytes(tensor) -> memoryview:
-    import torch
-
-    flat = tensor.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-
-
-def _write_manifest(
-    target_plan: TargetPlan, folder: Path, digests: Mapping[str, str], shard_of: Mapping[str, str]
-) -> None:
-    """The completion marker, written last: key, per-tensor keys and digests, file stats."""
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != io.MANIFEST_NAME:
-            stat = path.stat()
-            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-            if not path.name.endswith(".safetensors"):
-                entry["sha256"] = io.hash_file(path)
-            files[path.name] = entry
-    # A shard's digest is the digest of its tensors' digests in order: computed while
-    # writing, so the shard is never read back.
-    for name, entry in files.items():
-        if name.endswith(".safetensors"):
-            in_shard = [t.name for t in target_plan.tasks if shard_of[t.name] == name]
-            entry["digest"] = io.bytes_digest("".join(digests[t] for t in in_shard).encode())
-    manifest = {
-        "mbuild": MBUILD_VERSION,
-        "target": target_plan.name,
-        "key": target_plan.key,
-        "tensors": {t.name: _tensor_record(t, digests[t.name]) for t in target_plan.tasks},
-        "files": files,
-    }
-    io.write_json(folder / io.MANIFEST_NAME, manifest)
-
-
-def _tensor_record(task: TensorTask, digest: str) -> dict[str, Any]:
-    """What the manifest keeps per tensor: enough for reuse, and for `mbuild explain` to diff."""
-    return {
-        "key": task.key,
-        "digest": digest,
-        "method": task.method,
-        "params": dict(task.params),
-        "model_params": [dict(p) for p in task.model_params],
-        "inputs": [f"{i.node.split(':', 1)[1]}:{i.name}" for i in task.inputs],
-        "input_keys": [i.key for i in task.inputs],
-        "dtype": task.dtype,
-        "compute_dtype": task.compute_dtype,
-    }

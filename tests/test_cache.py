@@ -203,11 +203,11 @@ def test_force_recomputes_everything(project):
 
 def test_kill_9_mid_target_resumes_from_committed_tensors(project, llama, reference):
     script = (
-        "import sys, time; from mbuild import engine; real = engine.compute_task\n"
+        "import sys, time; from mbuild import operations; real = operations.compute_task\n"
         "def slow(task, models, reader, device, target, *rest):\n"
         "    if target.name == 'tuned' and 'layers.8.' in task.name: time.sleep(60)\n"
         "    return real(task, models, reader, device, target, *rest)\n"
-        "engine.compute_task = slow\n"
+        "operations.compute_task = slow\n"
         f"from mbuild.cli import main; sys.exit(main(['-f', {str(project)!r}, '-j', '1', 'tuned']))\n"
     )
     process = subprocess.Popen(
@@ -255,7 +255,7 @@ def test_keep_going_builds_what_does_not_depend_on_a_failure(project, llama, cap
 
 
 def test_each_target_is_expanded_once_per_change_not_once_per_target(llama, tmp_path, monkeypatch):
-    from mbuild import plan
+    from mbuild.plan import planner
 
     names = [f"t{i}" for i in range(6)]
     path = tmp_path / "Mergefile"
@@ -268,8 +268,8 @@ def test_each_target_is_expanded_once_per_change_not_once_per_target(llama, tmp_
     run(path)  # sources hashed: the plan over remembered digests is then the build's plan
     path.write_text(path.read_text().replace("weight: 1}}", "weight: 0.5}}"))
     calls = []
-    real = plan.expand
-    monkeypatch.setattr(plan, "expand", lambda target, *a, **k: calls.append(target.name) or real(target, *a, **k))
+    real = planner.expand
+    monkeypatch.setattr(planner, "expand", lambda target, *a, **k: calls.append(target.name) or real(target, *a, **k))
     report = run(path)
     assert all(report[n]["status"] == "built" for n in names)
     assert sorted(calls) == sorted(names)  # independent targets: nothing to re-expand after each build
@@ -410,9 +410,6 @@ def test_a_blob_that_vanished_is_a_miss(tmp_path):
 def test_switching_a_new_state_file_to_wal_waits_out_a_lock(tmp_path, monkeypatch):
     # Two builds started together both open a new state.db; while one switches it to WAL,
     # SQLite may tell the other "database is locked" at once, without its busy timeout.
-
-    from mbuild import cache as cache_module
-
     real_connect = sqlite3.connect
 
     def contended(message, refusals):
@@ -437,13 +434,13 @@ def test_switching_a_new_state_file_to_wal_waits_out_a_lock(tmp_path, monkeypatc
 
         return Contended
 
-    monkeypatch.setattr(cache_module.sqlite3, "connect", contended("database is locked", 3))
+    monkeypatch.setattr(sqlite3, "connect", contended("database is locked", 3))
     state = State(tmp_path / "cache")
     state.remember_outputs({"key": "digest"})
     assert state.output_digest("key") == "digest"
     state.close()
     # Any other error is not waited out: the state carries on in memory, with a warning.
-    monkeypatch.setattr(cache_module.sqlite3, "connect", contended("disk I/O error", 1))
+    monkeypatch.setattr(sqlite3, "connect", contended("disk I/O error", 1))
     told = []
     started = time.monotonic()
     elsewhere = State(tmp_path / "elsewhere", warn=told.append)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mbuild import cli, io
+from mbuild import io
+from mbuild.cli import console
 from mbuild.cli import main
 
 FAMILY = """
@@ -181,7 +182,7 @@ def test_side_import_runs_without_the_collector_then_freezes(recording_module, m
     if fails:
         monkeypatch.setenv("GC_PROBE_FAIL", "1")
     gc.unfreeze()
-    side = cli._SideImport(recording_module)
+    side = console.SideImport(recording_module)
     side.start()
     side.join()
     assert gc.isenabled(), "the collector must be back on after the import"
@@ -194,7 +195,7 @@ def test_side_import_runs_without_the_collector_then_freezes(recording_module, m
 
 def test_side_import_leaves_a_disabled_collector_disabled(recording_module):
     gc.disable()
-    side = cli._SideImport(recording_module)
+    side = console.SideImport(recording_module)
     side.start()
     side.join()
     assert not gc.isenabled()
@@ -203,7 +204,7 @@ def test_side_import_leaves_a_disabled_collector_disabled(recording_module):
 def test_side_import_starts_for_a_build_not_for_a_noop(project, monkeypatch):
     assert main(["-f", str(project), "-q", "-j", "1"]) == 0
     started = []
-    monkeypatch.setattr(cli._SideImport, "start", lambda self: started.append(self.name))
+    monkeypatch.setattr(console.SideImport, "start", lambda self: started.append(self.name))
     # Hashes remembered, nothing stale: no import.
     assert main(["-f", str(project), "-q"]) == 0
     assert started == []
@@ -221,7 +222,7 @@ def test_an_error_is_printed_before_waiting_for_the_side_import(project, monkeyp
 
     seen_at_join = []
     monkeypatch.setattr(engine.Builder, "run", fail)  # a failure once the build, and the import, started
-    monkeypatch.setattr(cli._SideImport, "start", lambda self: cli._SideImport.started.append(self))
-    monkeypatch.setattr(cli._SideImport, "join", lambda self: seen_at_join.append(capsys.readouterr().err))
+    monkeypatch.setattr(console.SideImport, "start", lambda self: console.SideImport.started.append(self))
+    monkeypatch.setattr(console.SideImport, "join", lambda self: seen_at_join.append(capsys.readouterr().err))
     assert main(["-f", str(project), "-q"]) == 2
     assert seen_at_join and "no space left on the output disk" in seen_at_join[0], seen_at_join

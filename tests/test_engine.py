@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, build_json, load_tensors
-from mbuild import engine, io
+from mbuild import io, operations
 from mbuild.cli import main
 
 FRANKEN_TIES = """
@@ -115,7 +115,7 @@ def test_failed_build_leaves_previous_output_intact(llama, tmp_path, monkeypatch
     before = snapshot(out)
     path.write_text(FRANKEN_TIES.format(**llama).replace("weight: 0.7", "weight: 0.2"))
     calls = {"n": 0}
-    real = engine.compute_task
+    real = operations.compute_task
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -123,11 +123,11 @@ def test_failed_build_leaves_previous_output_intact(llama, tmp_path, monkeypatch
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "compute_task", failing)
+    monkeypatch.setattr(operations, "compute_task", failing)
     assert main(["-f", str(path), "-q"]) == 2  # one message, no traceback (tests/test_faults_state.py)
     assert snapshot(out) == before
     assert not list(out.parent.glob(".tuned.mbuild-tmp-*"))  # no temporary left behind
-    monkeypatch.setattr(engine, "compute_task", real)
+    monkeypatch.setattr(operations, "compute_task", real)
     report = run(path)
     assert report["tuned"]["status"] == "built"
     assert snapshot(out) != before
@@ -142,9 +142,9 @@ def test_kill_9_mid_build_keeps_previous_output_and_next_run_finishes(llama, tmp
     path.write_text(FRANKEN_TIES.format(**llama).replace("weight: 0.7", "weight: 0.3"))
     # Slow every task down so the kill lands mid-target.
     script = (
-        "import sys, time; from mbuild import engine; real = engine.compute_task\n"
+        "import sys, time; from mbuild import operations; real = operations.compute_task\n"
         "def slow(*a, **k):\n    time.sleep(0.05); return real(*a, **k)\n"
-        "engine.compute_task = slow\n"
+        "operations.compute_task = slow\n"
         f"from mbuild.cli import main; sys.exit(main(['-f', {str(path)!r}, '-j', '1']))\n"
     )
     process = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(ROOT)),

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mbuild import importer, mergefile
+from mbuild import mergefile
 from mbuild.cli import main
+from mbuild.mergefile import importer
 from mbuild.errors import MbuildError, MergefileError
 
 

@@ -64,8 +64,9 @@ def test_tensor_digests_are_the_blake3_of_each_tensors_bytes(llama, tmp_path, mo
     import blake3
 
     from mbuild.errors import ModelError
+    from mbuild.io import reading
 
-    monkeypatch.setattr(io, "READ_CHUNK", chunk)  # 7: every tensor in many pieces through one buffer
+    monkeypatch.setattr(reading, "READ_CHUNK", chunk)  # 7: every tensor in many pieces through one buffer
     model = io.read_model(llama["base"])
     path = next(iter(model.weight_files))
     raw = Path(path).read_bytes()
@@ -149,11 +150,11 @@ def test_bytes_digest_is_blake3():
 
 
 def test_publish_swaps_in_one_step_or_falls_back_to_two_renames(tmp_path, monkeypatch):
-    from mbuild import io
+    from mbuild.io import outputs
 
     for swap in (True, False):
         if not swap:
-            monkeypatch.setattr(io, "_renameat2", lambda: None)
+            monkeypatch.setattr(outputs, "_renameat2", lambda: None)
         output, new = tmp_path / f"out-{swap}", tmp_path / f".new-{swap}"
         output.mkdir()
         (output / "old.txt").write_text("old")

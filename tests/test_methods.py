@@ -616,9 +616,9 @@ def test_elementwise_methods_run_in_slices_match_mergekit(
     # one-pass form, where it applies, must too.
     from types import SimpleNamespace
 
-    from mbuild import engine
+    from mbuild import operations
 
-    monkeypatch.setattr(engine, "ELEMENTWISE_SLICE", 7)
+    monkeypatch.setattr(operations, "ELEMENTWISE_SLICE", 7)
     method = methods.get(name)
     assert method.elementwise
     stored = random_models((64, 47), 4, torch.bfloat16, seed=7)
@@ -628,7 +628,7 @@ def test_elementwise_methods_run_in_slices_match_mergekit(
     params, model_params = resolve(method, len(stored), base_index, values)
     options = {"base_index": base_index, "params": params, "model_params": model_params}
     task = SimpleNamespace(name="w", method=name, dtype=str(out_dtype).removeprefix("torch."))
-    ours = engine._compute_in_slices(task, method, stored, torch.float32, options, target=None)
+    ours = operations._compute_in_slices(task, method, stored, torch.float32, options, target=None)
     computed = [x.float() for x in stored]
     theirs = mergekit_merge(mergekit_methods, name, computed, base_index=base_index, **values).to(out_dtype)
     assert ours.shape == theirs.shape and ours.dtype == out_dtype

@@ -54,7 +54,7 @@ def test_moe_loads_with_every_weight_used_and_an_expert_target_built_first(llama
 
     path = tmp_path / "Mergefile"
     path.write_text(moe_text(llama))
-    the_plan = plan.make_plan(mergefile.load(path), ["moe"])
+    the_plan = plan.make_plan(mergefile.load(path), ["moe"], store=path.parent / "cache")
     assert the_plan.order == ("blend", "moe")  # the expert that is a target comes first
     report = run(path)
     assert list(report) == ["blend", "moe"] and report["moe"]["status"] == "built"
@@ -177,7 +177,7 @@ def test_a_shape_mismatched_expert_is_a_clear_error(llama, tmp_path):
         f"      - source_model: {llama['math']}\n      - source_model: wide\n"
     )
     with pytest.raises(MergefileError) as caught:
-        plan.make_plan(mergefile.load(path))
+        plan.make_plan(mergefile.load(path), store=path.parent / "cache")
     assert "shape mismatch for tensor 'model.layers.0.mlp.gate_proj.weight'" in caught.value.message
     assert "'wide' [96, 64]" in caught.value.message
     assert caught.value.location.line == 7 and caught.value.location.target == "moe"
@@ -208,5 +208,5 @@ def test_qwen_experts_are_refused_with_the_reason(families, tmp_path):
         f"      - source_model: {qwen['math']}\n      - source_model: {qwen['code']}\n"
     )
     with pytest.raises(MergefileError) as caught:
-        plan.make_plan(mergefile.load(path))
+        plan.make_plan(mergefile.load(path), store=path.parent / "cache")
     assert "Llama or Mistral" in caught.value.message and "qwen2" in caught.value.message

@@ -61,7 +61,11 @@ def status(path: Path) -> dict[str, staleness.Decision]:
     parsed = mergefile.load(path)
     state = State(path.parent / "cache")
     the_plan = plan.make_plan(
-        parsed, (), lambda s: state.digests(s.info, compute=False), output_digest=engine.output_digests(state, parsed)
+        parsed,
+        (),
+        lambda s: state.digests(s.info, compute=False),
+        output_digest=engine.output_digests(state, parsed),
+        store=state.folder,
     )
     return staleness.decide_all(the_plan, state)
 
@@ -73,7 +77,7 @@ def build(path: Path, *args: str) -> dict:
 def test_expansion_renumbers_passthrough_layers_and_resolves_gradients(llama, tmp_path):
     path = tmp_path / "Mergefile"
     path.write_text(chain(llama, attn_t="[0.0, 1.0]"))
-    the_plan = plan.make_plan(mergefile.load(path))
+    the_plan = plan.make_plan(mergefile.load(path), store=path.parent / "cache")
     franken = the_plan.targets["franken"]
     assert franken.num_layers == 10
     assert franken.config["num_hidden_layers"] == 10
@@ -95,8 +99,28 @@ def test_expansion_renumbers_passthrough_layers_and_resolves_gradients(llama, tm
 def test_selecting_a_target_pulls_in_only_its_ancestors(llama, tmp_path):
     path = tmp_path / "Mergefile"
     path.write_text(chain(llama))
-    the_plan = plan.make_plan(mergefile.load(path), ["tuned"])
+    the_plan = plan.make_plan(mergefile.load(path), ["tuned"], store=path.parent / "cache")
     assert the_plan.order == ("franken", "franken-math", "tuned")
+
+
+def test_each_target_is_taken_by_the_kind_registered_for_it(llama, tmp_path):
+    from mbuild.plan import kinds
+
+    path = tmp_path / "Mergefile"
+    path.write_text(
+        chain(llama)
+        + f"  moe:\n    base_model: {llama['base']}\n    experts:\n"
+        + f"      - {{source_model: {llama['math']}, positive_prompts: [maths]}}\n"
+        + f"      - {{source_model: {llama['code']}, positive_prompts: [code]}}\n"
+    )
+    targets = mergefile.load(path).targets
+    assert {name: kinds.kind_of(target).name for name, target in targets.items()} == {
+        "franken": "merge", "franken-math": "merge", "tuned": "merge", "final": "merge", "side": "merge", "moe": "moe",
+    }
+    assert plan.recipe_method(targets["tuned"])[0] == "ties"
+    assert plan.recipe_method(targets["moe"]) == ("moe", 1, "https://arxiv.org/abs/2401.04088")
+    with pytest.raises(ValueError, match="already registered"):
+        kinds.register(kinds.kind_of(targets["moe"]))
 
 
 @pytest.mark.parametrize(
@@ -123,7 +147,7 @@ def test_model_level_mistakes_are_caught_before_work(llama, tmp_path, recipe, fr
     path = tmp_path / "Mergefile"
     path.write_text(recipe.format(base=llama["base"]))
     with pytest.raises(MergefileError) as caught:
-        plan.make_plan(mergefile.load(path))
+        plan.make_plan(mergefile.load(path), store=path.parent / "cache")
     assert fragment.format(base=llama["base"]) in caught.value.message
     assert caught.value.location.file == path
     if line:
@@ -141,7 +165,7 @@ def test_shape_mismatch_names_the_tensor_and_models(llama, tmp_path):
         f"    models: [{{model: {llama['base']}}}, {{model: wide}}]\n    parameters: {{t: 0.5}}\n"
     )
     with pytest.raises(MbuildError) as caught:
-        plan.make_plan(mergefile.load(path))
+        plan.make_plan(mergefile.load(path), store=path.parent / "cache")
     message = caught.value.message
     assert "shape mismatch for tensor 'model.layers.0.mlp.down_proj.weight'" in message
     assert "[64, 128]" in message and "'wide' [64, 96]" in message
@@ -160,12 +184,14 @@ def test_pickled_checkpoints_are_refused_unless_allowed(llama, tmp_path):
     path = tmp_path / "Mergefile"
     path.write_text(f"targets:\n  x:\n    merge_method: passthrough\n    models: [{{model: pickled}}]\n")
     with pytest.raises(MbuildError) as caught:
-        plan.make_plan(mergefile.load(path))
+        plan.make_plan(mergefile.load(path), store=path.parent / "cache")
     assert "pickled" in caught.value.message and "--allow-pickle" in caught.value.message
     assert caught.value.location.line == 4
     from mbuild.pickles import Conversions
 
-    allowed = plan.make_plan(mergefile.load(path), pickles=Conversions(tmp_path / "converted", None, write=True))
+    allowed = plan.make_plan(
+        mergefile.load(path), pickles=Conversions(tmp_path / "converted", None, write=True), store=path.parent / "cache"
+    )
     assert len(allowed.targets["x"].tasks) == len(state)
 
 

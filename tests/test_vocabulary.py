@@ -128,7 +128,7 @@ def test_different_vocabularies_without_a_tokenizer_source_is_a_clear_error(grow
     path = tmp_path / "Mergefile"
     path.write_text(yaml.safe_dump({"targets": {"merged": body}}))
     with pytest.raises(MergefileError) as caught:
-        plan.make_plan(mergefile.load(path))
+        plan.make_plan(mergefile.load(path), store=path.parent / "cache")
     assert "vocabulary sizes differ" in caught.value.message and "tokenizer_source" in caught.value.message
     assert caught.value.location.target == "merged"
 

@@ -1,23 +1,8 @@
-"""On-disk memory of work already done.
-
-- ``State`` (SQLite, ``state.db``): per-tensor digests of source files, remembered by
-  path, size, mtime and inode like DVC's state, so unchanged files are never re-read;
-  and the content digest of every tensor task ever computed, by task key, so a
-  downstream key can use the bytes an upstream task produced (early cutoff).
-- ``TensorCache`` (``tensors/``): the computed tensors themselves, content addressed by
-  task key, bounded with least-recently-used eviction, each entry checked against its
-  digest before reuse. Their bytes are shared with the output shards (hard links), or
-  copied into diskcache where they cannot be.
-
-Both are safe for two mbuild processes at once (SQLite locking; diskcache writes each
-value under a unique file name before committing its row).
-"""
+"""The tensor cache (``tensors/``): computed tensors by task key, bounded, verified on reuse."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import os
 import shutil
 import sqlite3
@@ -25,154 +10,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 from mbuild import io
-
-
-class State:
-    """Remembered digests: of source files' tensors, and of computed tensor tasks.
-
-    Everything here can be computed again, so a fault in ``state.db`` costs only memory: a
-    damaged file is deleted and started afresh, and one that cannot be written (a read-only
-    or full disk) gives way to an empty database in memory for the rest of the run. Either
-    way ``warn`` is told, once.
-    """
-
-    def __init__(self, folder: Path, warn: Callable[[str], None] = lambda text: None):
-        self.folder = folder
-        self.warn = warn
-        self._db: sqlite3.Connection | None = None
-        self._in_memory = False
-        self._started_afresh = False
-        self._lock = threading.Lock()
-
-    @property
-    def path(self) -> Path:
-        """The database file."""
-        return self.folder / "state.db"
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._db is None:
-            if self._in_memory:
-                self._db = sqlite3.connect(":memory:", check_same_thread=False)
-            else:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                self._db = _connect_wal(self.path)
-                _forget_old_digests(self._db, ("files", "outputs"))
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
-                " inode INTEGER, digests TEXT)"
-            )
-            self._db.execute("CREATE TABLE IF NOT EXISTS outputs (key TEXT PRIMARY KEY, digest TEXT, used REAL)")
-        return self._db
-
-    def _run(self, operation: Callable[[sqlite3.Connection], Any]) -> Any:
-        """``operation(connection)``'s result; a fault in the file is survived (see the class)."""
-        with self._lock:
-            while True:
-                try:
-                    return operation(self._connect())
-                except (sqlite3.DatabaseError, OSError) as error:
-                    if self._in_memory:
-                        raise
-                    self._survive(error)
-
-    def _survive(self, error: Exception) -> None:
-        """Start afresh from a damaged file (once), else carry on in memory."""
-        self.close()
-        if _damaged(error) and not self._started_afresh:
-            self._started_afresh = True
-            if _delete_database(self.path):
-                self.warn(f"{self.path} was damaged ({error}); deleted it and started afresh")
-                return
-        self._in_memory = True
-        self.warn(f"cannot use {self.path} ({_reason(error)}): hashes and digests are kept in memory this run")
-
-    def _exists(self) -> bool:
-        return self._db is not None or self.path.exists()
-
-    def lookup(self, path: str) -> dict[str, str] | None:
-        """The remembered digests of a file, if it has not changed since."""
-        if not self._exists():
-            return None
-        try:
-            identity = io.file_identity(path)
-        except OSError:
-            return None
-        row = self._run(
-            lambda db: db.execute(
-                "SELECT size, mtime_ns, inode, digests FROM files WHERE path = ?", (str(path),)
-            ).fetchone()
-        )
-        if row is None or tuple(row[:3]) != identity:
-            return None
-        return json.loads(row[3])
-
-    def remember(self, path: str, identity: tuple[int, int, int], digests: Mapping[str, str]) -> None:
-        """Store a file's digests under the identity it had when it was read."""
-        row = (str(path), *identity, json.dumps(dict(digests)))
-        self._run(lambda db: _commit(db, "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", [row]))
-
-    def digests(self, model: io.ModelInfo, compute: bool, progress=None) -> dict[str, str] | None:
-        """Per-tensor digests of a model; hashes changed files only when ``compute``.
-
-        ``progress(bytes)`` is told of each hashed chunk.
-        """
-        result: dict[str, str] = {}
-        for file in model.weight_files:
-            found = self.lookup(file)
-            if found is None:
-                if not compute:
-                    return None
-                identity = io.file_identity(file)
-                found = io.hash_tensor_bytes((t for t in model.tensors.values() if t.file == file), progress=progress)
-                if io.file_identity(file) == identity:
-                    self.remember(file, identity, found)
-            result.update(found)
-        return result
-
-    def output_digest(self, key: str) -> str | None:
-        """The digest of the bytes task ``key`` produced, if it was ever computed."""
-        if not self._exists():
-            return None
-        row = self._run(lambda db: db.execute("SELECT digest FROM outputs WHERE key = ?", (key,)).fetchone())
-        return row[0] if row else None
-
-    def remember_outputs(self, digests: Mapping[str, str]) -> None:
-        """Record task key -> output digest pairs (kept even when the bytes are evicted)."""
-        if not digests:
-            return
-        now = time.time()
-        rows = [(k, v, now) for k, v in digests.items()]
-        self._run(lambda db: _commit(db, "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?)", rows))
-
-    def last_used(self, key: str) -> float | None:
-        """When task ``key``'s bytes were last produced or reused."""
-        if not self._exists():
-            return None
-        row = self._run(lambda db: db.execute("SELECT used FROM outputs WHERE key = ?", (key,)).fetchone())
-        return row[0] if row else None
-
-    def forget_outputs(self, keep: Iterable[str], older_than: float | None) -> int:
-        """Drop digests of tasks not in ``keep`` (or not used since ``older_than``); returns the count."""
-        if not self._exists():
-            return 0
-        keep = set(keep)
-
-        def forget(db: sqlite3.Connection) -> int:
-            rows = db.execute("SELECT key, used FROM outputs").fetchall()
-            doomed = [(k,) for k, used in rows if k not in keep or (older_than is not None and used < older_than)]
-            _commit(db, "DELETE FROM outputs WHERE key = ?", doomed)
-            return len(doomed)
-
-        return self._run(forget)
-
-    def close(self) -> None:
-        """Close the database connection."""
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+from mbuild.cache import databases
 
 
 def _guarded(fallback):
@@ -256,9 +97,9 @@ class TensorCache:
         Checked when the cache opens, before either is used: a damaged page can hide deep in a
         file that opens fine. A fault found later only ends caching for the run (`_guarded`).
         """
-        for name, delete in (("links.db", _delete_database), ("cache.db", _delete_copies)):
+        for name, delete in (("links.db", databases.delete_database), ("cache.db", _delete_copies)):
             path = self.folder / name
-            problem = _damage(path)
+            problem = databases.damage(path)
             if problem and delete(path):
                 self.warn(f"{path} was damaged ({problem}); deleted it and started afresh")
 
@@ -267,7 +108,7 @@ class TensorCache:
         with self._lock:
             told, self.stopped = self.stopped, True
         if not told:
-            self.warn(f"caching skipped for the rest of this run: cannot use {self.folder} ({_reason(error)})")
+            self.warn(f"caching skipped for the rest of this run: cannot use {self.folder} ({databases.reason(error)})")
 
     @property
     def size_limit(self) -> int:
@@ -279,10 +120,10 @@ class TensorCache:
             path = self.folder / "links.db"
             if self.read_only and not path.exists():
                 return None
-            self._db = _connect_wal(path)
+            self._db = databases.connect_wal(path)
             # A lost commit only costs a recomputation; no fsync per tensor.
             self._db.execute("PRAGMA synchronous=NORMAL")
-            _forget_old_digests(self._db, ("places",))
+            databases.forget_old_digests(self._db, ("places",))
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS blobs (id TEXT PRIMARY KEY, size INTEGER, used REAL, writer INTEGER)"
             )
@@ -490,103 +331,19 @@ def open_tensor_cache(
     try:
         return TensorCache(folder, size_limit, read_only, warn)
     except (sqlite3.DatabaseError, OSError) as error:
-        warn(f"caching skipped: cannot use the tensor cache {folder} ({_reason(error)})")
+        warn(f"caching skipped: cannot use the tensor cache {folder} ({databases.reason(error)})")
         return None
 
 
 # What the digests in state.db and links.db are: 2 is BLAKE3 (`io.bytes_hasher`), 1 was sha256.
-DIGESTS = 2
-
-
-def _forget_old_digests(db: sqlite3.Connection, tables: tuple[str, ...]) -> None:
-    """Drop ``tables`` if their digests are of an older kind (recreated empty by the caller).
-
-    They only remember what can be computed again: file hashes, task outputs, cache places
-    (whose blobs `prune` then deletes). Task keys changed with the digests (`keys.KEY_SCHEMA`),
-    so no old entry could be found anyway. Checked again inside the write lock, so two
-    processes opening an old file at once drop the tables once.
-    """
-    if db.execute("PRAGMA user_version").fetchone()[0] >= DIGESTS:
-        return
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        if db.execute("PRAGMA user_version").fetchone()[0] < DIGESTS:
-            for table in tables:
-                db.execute(f"DROP TABLE IF EXISTS {table}")
-            db.execute(f"PRAGMA user_version = {DIGESTS}")
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-
-
-def _connect_wal(path: Path, wait: float = 60.0) -> sqlite3.Connection:
-    """A connection to an SQLite file in WAL mode, shared safely with other processes.
-
-    Two processes opening a new file at once both ask for WAL; while one switches the file
-    over, SQLite can answer the other "database is locked" at once, without its busy timeout
-    (seen in about 1 of 5 runs of two builds started together). So that step is retried.
-    """
-    db = sqlite3.connect(path, timeout=wait, check_same_thread=False)
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            return db
-        except sqlite3.OperationalError as error:
-            if "locked" not in str(error) or time.monotonic() > deadline:
-                db.close()
-                raise
-            time.sleep(0.01)
-
-
-def _commit(db: sqlite3.Connection, sql: str, rows: list[tuple]) -> None:
-    """Run one statement for each row, in one transaction."""
-    with db:
-        db.executemany(sql, rows)
-
-
-def _damaged(error: Exception) -> bool:
-    """Whether an error says a file is not a sound SQLite database (rather than one that cannot be written)."""
-    return isinstance(error, sqlite3.DatabaseError) and any(
-        words in str(error) for words in ("malformed", "not a database")
-    )
-
-
-def _damage(path: Path) -> str | None:
-    """What is wrong with an SQLite file, if SQLite's quick check finds it damaged (60 ms for 60 MB)."""
-    if not path.exists():
-        return None
-    try:
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            found = db.execute("PRAGMA quick_check").fetchone()[0]
-    except sqlite3.DatabaseError as error:
-        return str(error) if _damaged(error) else None  # unreadable here: opening it will say why
-    return None if found == "ok" else "its quick check failed"
-
-
-def _delete_database(path: Path) -> bool:
-    """Delete an SQLite file with its journals; whether that could be done."""
-    try:
-        for name in (path.name, path.name + "-wal", path.name + "-shm"):
-            path.with_name(name).unlink(missing_ok=True)
-    except OSError:
-        return False
-    return True
-
-
 def _delete_copies(index: Path) -> bool:
     """Delete diskcache's index and the copies it indexed (files under two-hex-digit folders)."""
-    if not _delete_database(index):
+    if not databases.delete_database(index):
         return False
     for folder in index.parent.glob("[0-9a-f][0-9a-f]"):
         shutil.rmtree(folder, ignore_errors=True)
     return True
 
-
-def _reason(error: Exception) -> str:
-    """An error in a few words: the system's message without its number, or SQLite's."""
-    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def _unwritten(writer: int | None) -> bool:
@@ -616,9 +373,3 @@ def default_size_limit(folder: Path) -> int:
     never leaves less free than it holds.
     """
     return shutil.disk_usage(folder).free // 2
-
-
-def default_cache_dir(mergefile_folder: Path) -> Path:
-    """``cache/`` beside the Mergefile unless MBUILD_CACHE says otherwise."""
-    configured = os.environ.get("MBUILD_CACHE")
-    return Path(configured).expanduser().absolute() if configured else mergefile_folder / "cache"

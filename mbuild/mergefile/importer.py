@@ -31,9 +31,13 @@ from typing import Any
 
 import yaml
 
-from mbuild import io, plan
-from mbuild import mergefile as mergefile_module
+from mbuild import io
 from mbuild.errors import Location, MbuildError, MergefileError
+from mbuild.mergefile import parse
+from mbuild.mergefile.dependencies import build_graph
+from mbuild.mergefile.recipe import TARGET_NAME, Mergefile
+from mbuild.mergefile.references import HUB_ID
+from mbuild.mergefile.yaml_loading import MERGEFILE_LIMIT, check_nesting, load_yaml
 
 # A line that starts or ends a YAML document. YAML forbids these at column 0 inside content,
 # block scalars included, so splitting lines on them is exactly how YAML splits documents.
@@ -48,7 +52,7 @@ class ImportedMergefile:
 
     text: str
     targets: tuple[str, ...]
-    mergefile: mergefile_module.Mergefile
+    mergefile: Mergefile
 
 
 @dataclass
@@ -57,7 +61,7 @@ class _Document:
 
     lines: list[list]
     data: Any = None
-    lines_of: dict | None = None  # data path -> source line, as mergefile._load_yaml gives
+    lines_of: dict | None = None  # data path -> source line, as load_yaml gives
     root: yaml.Node | None = None
     name: str | None = None
 
@@ -88,7 +92,7 @@ def import_config(
     output = Path(output).absolute()
     working_dir = Path(working_dir if working_dir is not None else os.getcwd()).absolute()
     try:
-        text = io.read_small_file(config, mergefile_module.MERGEFILE_LIMIT, MergefileError).decode("utf-8")
+        text = io.read_small_file(config, MERGEFILE_LIMIT, MergefileError).decode("utf-8")
     except FileNotFoundError:
         raise MergefileError(f"no mergekit config at {config}") from None
     except UnicodeDecodeError as error:
@@ -113,8 +117,8 @@ def import_config(
         numbered.extend((BODY_INDENT + text if text.strip() else "", line) for text, line in body)
     result = "\n".join(text for text, _ in numbered) + "\n"
     try:
-        parsed = mergefile_module.parse(result, output)
-        plan.build_graph(parsed)  # a cycle between stages, which parsing alone lets through
+        parsed = parse(result, output)
+        build_graph(parsed)  # a cycle between stages, which parsing alone lets through
     except MergefileError as error:
         # Report the mistake where the user wrote it: the config's line, not the made text's.
         line = None
@@ -129,7 +133,7 @@ def _split_documents(text: str, config: Path) -> list[_Document]:
     """Split the config into documents by their markers; parse each with its source lines."""
     # yaml itself first, so a mistake is reported as YAML sees it, over the whole file.
     try:
-        mergefile_module.check_nesting(text, config)
+        check_nesting(text, config)
         expected = [data for data in yaml.safe_load_all(text) if data is not None]
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
@@ -169,7 +173,7 @@ def _split_documents(text: str, config: Path) -> list[_Document]:
         source = "\n".join(padded) + "\n"
         # Placed at their own lines, so every line and mark below is the config's.
         try:
-            document.data, document.lines_of = mergefile_module._load_yaml(source, config)
+            document.data, document.lines_of = load_yaml(source, config)
         except yaml.YAMLError as error:  # what mbuild's loader does not construct, such as '<<' merge keys
             mark = getattr(error, "problem_mark", None)
             problem = getattr(error, "problem", None) or str(error)
@@ -235,7 +239,7 @@ def _name_documents(documents: list[_Document], config: Path, name: str | None) 
 
 
 def _is_target_name(name: str) -> bool:
-    return bool(mergefile_module.TARGET_NAME.match(name)) and name != "all"
+    return bool(TARGET_NAME.match(name)) and name != "all"
 
 
 def _name_from_stem(stem: str) -> str:
@@ -318,7 +322,7 @@ def _rewrite_reference(value: str, stage_names: set, config_folder: Path, folder
         if found.exists():
             break
     else:
-        if value.startswith(".") or not mergefile_module.HUB_ID.match(value):
+        if value.startswith(".") or not HUB_ID.match(value):
             also = f" (nor {config_folder / path})" if config_folder != working_dir else ""
             raise LookupError(f"model '{value}' not found: no folder {working_dir / path}{also} and no stage of that name")
         return None  # a hub ID

@@ -1,0 +1,250 @@
+"""What the command line draws: progress (rich bars on a terminal, plain lines
+otherwise), the dry run's table, the build summary, and torch imported on the side."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import sys
+import threading
+
+from mbuild.cli import shared
+from mbuild.engine import Reporter
+
+
+class SideImport:
+    """A module imported on a side thread, started on demand.
+
+    A cold build hashes its sources before it computes anything. Hashing mostly waits on
+    hashlib and reads, which release the GIL, so torch (about a second to import) is
+    imported meanwhile: a cold linear build of two 379 MB models then starts computing
+    about 0.1 s later than one whose hashes are remembered, instead of the 0.4 s the
+    hashing takes. It starts once some source needs hashing, or once planning finds a stale
+    target, so a no-op build never pays for it. (Starting it before planning was tried: the
+    import and planning then share the GIL, so hashing starts later; a cold linear build of
+    two 0.76 GB models took 0.1 s longer, a warm --force one 0.1 s less.) `main` joins it
+    before returning, after any error message, so no import is still running at exit.
+
+    The cyclic garbage collector is off during the import and the objects it made are then
+    frozen (`gc.freeze`): importing torch leaves about 160,000 objects that live until exit,
+    and collecting while they pile up took 10-20% of its import time here.
+    """
+
+    started: list[SideImport] = []
+
+    def __init__(self, name: str):
+        self.name = name
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None and self.name not in sys.modules:
+            import importlib
+
+            # An import that fails here fails again, with its message, where it is needed.
+            def load() -> None:
+                was_enabled = gc.isenabled()
+                gc.disable()
+                try:
+                    with contextlib.suppress(Exception):
+                        importlib.import_module(self.name)
+                finally:
+                    if was_enabled:
+                        gc.enable()
+                    gc.freeze()
+
+            self._thread = threading.Thread(target=load, name=f"import {self.name}", daemon=True)
+            self._thread.start()
+            SideImport.started.append(self)
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    @classmethod
+    def join_all(cls) -> None:
+        """Wait for every import started so far (`main` does, before it returns)."""
+        while cls.started:
+            cls.started.pop().join()
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count} B"
+
+
+def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
+    from mbuild import staleness
+
+    data = {}
+    for name in the_plan.order:
+        target_plan = the_plan.targets[name]
+        decision = decisions[name]
+        parameters = 0
+        for task in target_plan.tasks:
+            count = 1
+            for size in task.shape:
+                count *= size
+            parameters += count
+        reusable = staleness.reusable_in(staleness.inspect_output(target_plan.target.output), has_tensor)
+        estimates = staleness.estimate_work(target_plan, reusable, args.jobs)
+        data[name] = {
+            "stale": decision.stale,
+            "action": decision.action,
+            "reasons": list(decision.reasons),
+            "method": target_plan.target.method,
+            "output": str(target_plan.target.output),
+            "layers": target_plan.num_layers,
+            "tensors": len(target_plan.tasks),
+            "parameters": parameters,
+            "bytes": target_plan.nbytes,
+            "tensors_to_compute": estimates["tensors_to_compute"] if decision.stale else 0,
+            "bytes_to_read": estimates["bytes_to_read"] if decision.stale else 0,
+            "peak_memory": estimates["peak_memory"] if decision.stale else 0,
+            "key": target_plan.key,
+            "dropped_inputs": list(target_plan.dropped),
+        }
+    return data
+
+
+def print_dry_run(the_plan, decisions, args, has_tensor) -> None:
+    from mbuild import session
+
+    data = _dry_run_data(the_plan, decisions, args, has_tensor)
+    if args.json:
+        print(json.dumps({"targets": data}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mbuild plan for {the_plan.mergefile.path.name}", show_lines=True)
+    for column in ("target", "state", "why", "method", "layers", "params", "output size", "to read", "peak mem"):
+        table.add_column(column, overflow="fold")
+    for name, row in data.items():
+        state = f"[red]{row['action']}[/red]" if row["stale"] else "[green]fresh[/green]"
+        table.add_row(
+            name,
+            state,
+            "\n".join(row["reasons"]) or "up to date",
+            row["method"],
+            str(row["layers"]),
+            f"{row['parameters'] / 1e6:.1f}M",
+            _size(row["bytes"]),
+            _size(row["bytes_to_read"]),
+            _size(row["peak_memory"]),
+        )
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    for name in the_plan.order:
+        warning = session.dropped_warning(the_plan.targets[name])
+        if warning:
+            console.print(f"warning: {warning}")
+    stale = [n for n, r in data.items() if r["stale"]]
+    console.print(f"{len(stale)} of {len(data)} target(s) would be built" + (f": {', '.join(stale)}" if stale else ""))
+
+
+def print_summary(reports) -> None:
+    built = [r for r in reports.values() if r.status == "built"]
+    if not built and all(r.status == "fresh" for r in reports.values()):
+        print(f"mbuild: nothing to do, {len(reports)} target(s) up to date")
+        return
+    for report in reports.values():
+        if report.status == "built":
+            print(
+                f"built {report.name}: {report.tensors_computed} tensors computed, "
+                f"{report.tensors_reused} reused ({report.seconds:.1f} s) -> {report.output}"
+            )
+        elif report.status == "fresh":
+            print(f"{report.name} is up to date")
+        else:
+            print(f"{report.name}: {report.status}: {report.error or ', '.join(report.reasons)}")
+
+
+class Printer(Reporter):
+    """Progress on the terminal: rich bars on a TTY, plain lines otherwise."""
+
+    def __init__(self, quiet: bool, targets: int = 0):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty() and not quiet
+        self.progress = None
+        self.tasks = {}
+        self.targets = targets
+        self.overall = None
+
+    def __enter__(self):
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                transient=False,
+            )
+            self.progress.start()
+            if self.targets:
+                self.overall = self.progress.add_task("targets", total=self.targets)
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+    @contextlib.contextmanager
+    def step(self, description: str, total: int):
+        """A long step measured in bytes: a bar on a terminal, one line otherwise."""
+        if self.quiet:
+            yield lambda count: None
+            return
+        if not self.tty:
+            print(f"mbuild: {description} ({_size(total)}), once per version of its files", file=sys.stderr, flush=True)
+            yield lambda count: None
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            lock = threading.Lock()
+
+            def advance(count: int) -> None:
+                with lock:
+                    bar.advance(task, count)
+
+            yield advance
+
+    def note(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.progress:
+            self.progress.console.print(text)
+        else:
+            print(f"mbuild: {text}", file=sys.stderr, flush=True)
+
+    def target_started(self, name, total, reasons) -> None:
+        if self.progress:
+            self.tasks[name] = self.progress.add_task(f"building {name}", total=total)
+        elif not self.quiet:
+            why = f" ({'; '.join(reasons)})" if reasons else ""
+            print(f"mbuild: building {name}: {total} tensors{why}", file=sys.stderr, flush=True)
+
+    def tensor_done(self, name) -> None:
+        if self.progress and name in self.tasks:
+            self.progress.advance(self.tasks[name])
+
+    def target_finished(self, report) -> None:
+        if self.overall is not None:
+            self.progress.advance(self.overall)
+        if self.progress is None and not self.quiet and report.status == "built":
+            print(f"mbuild: {report.name} done in {report.seconds:.1f} s", file=sys.stderr, flush=True)
+
+    def waiting(self, message: str) -> None:
+        self.note(message)
+
+    def warn(self, text: str) -> None:
+        shared.warn(text)
+
+    def running(self, targets: int):
+        self.targets = targets
+        return self

@@ -1,0 +1,373 @@
+"""The walk over each target's body that builds its `Target`, failing at the first mistake.
+
+It reads merge and MoE recipes, their models, slices and tokenizer blocks, and checks the
+input rules each merge method declares; the keys each part of a body may hold are listed
+here, beside the code that reads them. Single values are checked by `values`, model
+references resolved by `references`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mbuild import methods
+from mbuild.mergefile.recipe import (
+    Expert,
+    InputModel,
+    ModelRef,
+    MoE,
+    OutputSlice,
+    SliceSource,
+    Target,
+    TokenizerSpec,
+    TokenSource,
+)
+from mbuild.mergefile.references import ReferenceResolver
+from mbuild.mergefile.values import ValueChecker, suggest
+
+RECIPE_KEYS = (
+    "merge_method",
+    "models",
+    "slices",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "output",
+    "seed",
+    "description",
+    "allow_mixed_architectures",
+)
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+TOKEN_KEYS = ("source", "force")
+# Chat templates mbuild knows by name (written here from each format's public description).
+CHAT_TEMPLATES = ("chatml", "llama3")
+# A target whose body has `experts:` is a mergekit-moe config.
+MOE_KEYS = (
+    "base_model",
+    "experts",
+    "gate_mode",
+    "experts_per_token",
+    "shared_experts",
+    "dtype",
+    "architecture",
+    "tokenizer_source",
+    "output",
+    "seed",
+    "description",
+)
+EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+MODEL_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "base_model", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+
+
+class Checker(ValueChecker):
+    """Turns the raw YAML of each target into a Target, failing at the first mistake."""
+
+    def target(self, name: str, body: Any, defaults: dict, target_names: set[str]) -> Target:
+        self.target_name = name
+        path = ("targets", name)
+        if not isinstance(body, dict):
+            raise self.error(path, "a target is a mapping (merge_method, models or slices, ...)")
+        if "experts" in body:
+            return self.moe_target(name, body, defaults, target_names)
+        self.unknown_keys(body, RECIPE_KEYS, path)
+        recipe = dict(defaults)
+        recipe.update(body)
+        if isinstance(defaults.get("parameters"), dict) and isinstance(body.get("parameters"), dict):
+            recipe["parameters"] = {**defaults["parameters"], **body["parameters"]}
+        where = lambda key: path + (key,) if key in body else ("defaults", key)  # noqa: E731
+
+        method_name = recipe.get("merge_method")
+        if method_name is None:
+            raise self.error(path, "missing 'merge_method'")
+        try:
+            method = methods.get(str(method_name))
+        except KeyError:
+            known = [m.name for m in methods.all_methods()]
+            hint = suggest(str(method_name), known)
+            raise self.error(where("merge_method"), f"unknown merge_method '{method_name}'{hint}") from None
+
+        refs = ReferenceResolver(self, target_names)
+        base_model = None
+        if recipe.get("base_model") is not None:
+            base_model = refs.resolve(recipe["base_model"], where("base_model"))
+        models: list[InputModel] = []
+        slices: list[OutputSlice] = []
+        has_models, has_slices = "models" in recipe, "slices" in recipe
+        if has_models == has_slices:
+            raise self.error(path, "give exactly one of 'models' or 'slices'")
+        if has_models:
+            entries = recipe["models"]
+            if not isinstance(entries, list) or not entries:
+                raise self.error(where("models"), "'models' must be a non-empty list")
+            for index, entry in enumerate(entries):
+                entry_path = where("models") + (index,)
+                if isinstance(entry, str):
+                    entry = {"model": entry}
+                if not isinstance(entry, dict) or "model" not in entry:
+                    raise self.error(entry_path, "each entry of 'models' needs 'model:'")
+                self.unknown_keys(entry, MODEL_KEYS, entry_path)
+                model = refs.resolve(entry["model"], entry_path + ("model",))
+                parameters = self.parameters(method, entry.get("parameters"), entry_path + ("parameters",), per_model=True)
+                models.append(InputModel(model, parameters, entry_path))
+            seen: dict[tuple, int] = {}
+            for index, model in enumerate(models):
+                key = model.model.node
+                if key in seen:
+                    raise self.error(
+                        model.path + ("model",),
+                        f"model '{model.model}' is listed twice in 'models' (entries {seen[key] + 1} and {index + 1})",
+                    )
+                seen[key] = index
+        else:
+            entries = recipe["slices"]
+            if not isinstance(entries, list) or not entries:
+                raise self.error(where("slices"), "'slices' must be a non-empty list")
+            for index, entry in enumerate(entries):
+                slices.append(self.output_slice(method, entry, where("slices") + (index,), refs))
+
+        parameters = self.parameters(method, recipe.get("parameters"), where("parameters"), per_model=None)
+        dtype = self.dtype(recipe.get("dtype"), where("dtype"))
+        out_dtype = self.dtype(recipe.get("out_dtype"), where("out_dtype"))
+
+        tokenizer_source = recipe.get("tokenizer_source")
+        if tokenizer_source is not None and tokenizer_source not in ("base", "union"):
+            tokenizer_source = refs.resolve(tokenizer_source, where("tokenizer_source"))
+        tokenizer = None
+        if "tokenizer" in recipe:
+            if tokenizer_source is not None:
+                raise self.error(where("tokenizer"), "give 'tokenizer' or 'tokenizer_source', not both")
+            tokenizer = self.tokenizer_block(recipe["tokenizer"], where("tokenizer"), refs)
+        elif tokenizer_source is not None:
+            tokenizer = TokenizerSpec(tokenizer_source)
+
+        chat_template = recipe.get("chat_template")
+        if chat_template is not None:
+            if not isinstance(chat_template, str) or not chat_template.strip():
+                raise self.error(where("chat_template"), "'chat_template' must be a string")
+            known = ("auto", *CHAT_TEMPLATES)
+            if "{" not in chat_template and chat_template not in known:
+                raise self.error(
+                    where("chat_template"),
+                    f"unknown chat_template '{chat_template}'{suggest(chat_template, known)}: "
+                    f"use auto, {', '.join(CHAT_TEMPLATES)}, or a Jinja template",
+                )
+
+        output = recipe.get("output", f"build/{name}")
+        if "output" in body and not isinstance(output, str):
+            raise self.error(where("output"), "'output' must be a folder path")
+        if "output" in defaults and "output" not in body:
+            raise self.error(("defaults", "output"), "'output' cannot be a default: each target needs its own folder")
+        output_path = (self.mergefile.folder / Path(str(output)).expanduser()).absolute()
+
+        seed = recipe.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise self.error(where("seed"), f"'seed' must be a non-negative integer, not {seed!r}")
+
+        mixed = recipe.get("allow_mixed_architectures", False)
+        if not isinstance(mixed, bool):
+            raise self.error(where("allow_mixed_architectures"), "'allow_mixed_architectures' must be true or false")
+
+        self._check_method_shape(method, models, slices, base_model, path)
+        target = Target(
+            name=name,
+            method=method.name,
+            models=tuple(models),
+            slices=tuple(slices),
+            base_model=base_model,
+            parameters=parameters,
+            dtype=dtype,
+            out_dtype=out_dtype,
+            tokenizer_source=tokenizer_source,
+            chat_template=chat_template,
+            output=output_path,
+            seed=seed,
+            recipe=recipe,
+            mergefile=self.mergefile,
+            tokenizer=tokenizer,
+            mixed_architectures=mixed,
+        )
+        self.target_name = None
+        return target
+
+    def moe_target(self, name: str, body: dict, defaults: dict, target_names: set[str]) -> Target:
+        """A mergekit-moe config: dense experts (sources or targets) into a Mixtral-style MoE."""
+        path = ("targets", name)
+        self.unknown_keys(body, MOE_KEYS, path)
+        recipe = {k: v for k, v in defaults.items() if k in ("dtype", "seed")}
+        recipe.update(body)
+        where = lambda key: path + (key,) if key in body else ("defaults", key)  # noqa: E731
+        refs = ReferenceResolver(self, target_names)
+        if recipe.get("base_model") is None:
+            raise self.error(path, "an MoE target needs 'base_model' (attention, embeddings and norms come from it)")
+        base_model = refs.resolve(recipe["base_model"], where("base_model"))
+        if recipe.get("shared_experts"):
+            raise self.error(
+                where("shared_experts"),
+                "shared_experts (Qwen MoE / DeepSeek output) are not supported yet: mbuild builds Mixtral-style MoEs",
+            )
+        gate_mode = recipe.get("gate_mode", "hidden")
+        if gate_mode not in GATE_MODES:
+            raise self.error(where("gate_mode"), f"unknown gate_mode '{gate_mode}'{suggest(str(gate_mode), GATE_MODES)}")
+        per_token = recipe.get("experts_per_token", 2)
+        if isinstance(per_token, bool) or not isinstance(per_token, int) or per_token < 1:
+            raise self.error(where("experts_per_token"), f"'experts_per_token' must be a positive integer, not {per_token!r}")
+        raw_experts = recipe.get("experts")
+        if not isinstance(raw_experts, list) or not raw_experts:
+            raise self.error(where("experts"), "'experts' must be a non-empty list")
+        experts = []
+        for index, raw in enumerate(raw_experts):
+            expert_path = where("experts") + (index,)
+            if not isinstance(raw, dict) or "source_model" not in raw:
+                raise self.error(expert_path, "each expert needs 'source_model:'")
+            self.unknown_keys(raw, EXPERT_KEYS, expert_path)
+            if raw.get("noise_scale") is not None:
+                raise self.error(expert_path + ("noise_scale",), "noise_scale is not supported yet")
+            prompts = {}
+            for key in ("positive_prompts", "negative_prompts"):
+                value = raw.get(key) or []
+                if isinstance(value, str):
+                    value = [value]
+                if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                    raise self.error(expert_path + (key,), f"'{key}' must be a list of strings")
+                prompts[key] = tuple(value)
+            if gate_mode not in ("random", "uniform_random") and not prompts["positive_prompts"]:
+                raise self.error(expert_path, f"gate_mode {gate_mode} needs 'positive_prompts' for every expert")
+            residual = raw.get("residual_scale")
+            if residual is not None and (isinstance(residual, bool) or not isinstance(residual, (int, float))):
+                raise self.error(expert_path + ("residual_scale",), "'residual_scale' must be a number")
+            model = refs.resolve(raw["source_model"], expert_path + ("source_model",))
+            experts.append(
+                Expert(model, prompts["positive_prompts"], prompts["negative_prompts"],
+                       float(residual) if residual is not None else None, expert_path)
+            )
+        if len(experts) < per_token:
+            raise self.error(where("experts"), f"{len(experts)} expert(s) but experts_per_token is {per_token}")
+        if gate_mode not in ("random", "uniform_random"):
+            signature = {(e.positive_prompts, e.negative_prompts) for e in experts}
+            if len(experts) > 1 and len(signature) == 1:
+                raise self.error(where("experts"), "every expert has the same prompts: the router could not tell them apart")
+        dtype = self.dtype(recipe.get("dtype"), where("dtype"))
+        tokenizer_source = recipe.get("tokenizer_source")
+        if tokenizer_source is not None:
+            tokenizer_source = base_model if tokenizer_source == "base" else refs.resolve(tokenizer_source, where("tokenizer_source"))
+        output = recipe.get("output", f"build/{name}")
+        if not isinstance(output, str):
+            raise self.error(where("output"), "'output' must be a folder path")
+        seed = recipe.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise self.error(where("seed"), f"'seed' must be a non-negative integer, not {seed!r}")
+        architecture = recipe.get("architecture")
+        if architecture not in (None, "mixtral"):
+            raise self.error(where("architecture"), f"architecture '{architecture}' is not supported: mbuild builds Mixtral MoEs")
+        target = Target(
+            name=name,
+            method="moe",
+            models=(),
+            slices=(),
+            base_model=base_model,
+            parameters={},
+            dtype=dtype,
+            out_dtype=None,
+            tokenizer_source=tokenizer_source,
+            chat_template=None,
+            output=(self.mergefile.folder / output).expanduser().absolute(),
+            seed=seed,
+            recipe=recipe,
+            mergefile=self.mergefile,
+            moe=MoE(tuple(experts), gate_mode, per_token, architecture),
+        )
+        self.target_name = None
+        return target
+
+    def tokenizer_block(self, value: Any, path: tuple, refs: ReferenceResolver) -> TokenizerSpec:
+        """mergekit's `tokenizer:` block: source, per-token embedding sources, padding."""
+        if not isinstance(value, dict):
+            raise self.error(path, "'tokenizer' must be a mapping (source, tokens, pad_to_multiple_of)")
+        self.unknown_keys(value, TOKENIZER_KEYS, path)
+        source = value.get("source", "union")
+        if source not in ("base", "union"):
+            source = refs.resolve(source, path + ("source",))
+        pad = value.get("pad_to_multiple_of")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise self.error(path + ("pad_to_multiple_of",), f"'pad_to_multiple_of' must be a positive integer, not {pad!r}")
+        tokens = []
+        raw_tokens = value.get("tokens") or {}
+        if not isinstance(raw_tokens, dict):
+            raise self.error(path + ("tokens",), "'tokens' maps token strings to {source, force}")
+        for token, rule in raw_tokens.items():
+            token_path = path + ("tokens", token)
+            if not isinstance(rule, dict):
+                raise self.error(token_path, "each token needs a mapping with 'source' (and optionally 'force')")
+            self.unknown_keys(rule, TOKEN_KEYS, token_path)
+            force = rule.get("force", False)
+            if not isinstance(force, bool):
+                raise self.error(token_path + ("force",), "'force' must be true or false")
+            raw = rule.get("source")
+            if isinstance(raw, str):
+                tokens.append((str(token), TokenSource("model", refs.resolve(raw, token_path + ("source",)), force=force)))
+            elif isinstance(raw, dict) and raw.get("kind") == "zero":
+                tokens.append((str(token), TokenSource("zero", force=force)))
+            elif isinstance(raw, dict) and raw.get("kind") == "model_token":
+                if ("token_id" in raw) == ("token" in raw):
+                    raise self.error(token_path + ("source",), "a model_token source needs exactly one of 'token_id' or 'token'")
+                model = refs.resolve(raw.get("model"), token_path + ("source", "model"))
+                tokens.append((str(token), TokenSource("model_token", model, raw.get("token_id"), raw.get("token"), force)))
+            else:
+                raise self.error(token_path + ("source",), "a token's source is a model, {kind: zero}, or {kind: model_token, model, token_id|token}")
+        return TokenizerSpec(source, tuple(tokens), pad)
+
+    def output_slice(self, method, entry: Any, path: tuple, refs: ReferenceResolver) -> OutputSlice:
+        if not isinstance(entry, dict) or "sources" not in entry:
+            raise self.error(path, "each slice needs 'sources:'")
+        self.unknown_keys(entry, SLICE_KEYS, path)
+        raw_sources = entry["sources"]
+        if not isinstance(raw_sources, list) or not raw_sources:
+            raise self.error(path + ("sources",), "'sources' must be a non-empty list")
+        sources = []
+        for index, raw in enumerate(raw_sources):
+            source_path = path + ("sources", index)
+            if not isinstance(raw, dict) or "model" not in raw:
+                raise self.error(source_path, "each slice source needs 'model:'")
+            self.unknown_keys(raw, SOURCE_KEYS, source_path)
+            model = refs.resolve(raw["model"], source_path + ("model",))
+            layer_range = None
+            if "layer_range" in raw:
+                layer_range = self.layer_range(raw["layer_range"], source_path + ("layer_range",))
+            parameters = self.parameters(method, raw.get("parameters"), source_path + ("parameters",), per_model=True)
+            sources.append(SliceSource(model, layer_range, parameters, source_path))
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sources if s.layer_range}
+        if len(lengths) > 1:
+            raise self.error(path + ("sources",), f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        base_model = refs.resolve(entry["base_model"], path + ("base_model",)) if entry.get("base_model") else None
+        parameters = self.parameters(method, entry.get("parameters"), path + ("parameters",), per_model=None)
+        return OutputSlice(tuple(sources), base_model, parameters, path)
+
+    def _check_method_shape(self, method, models, slices, base_model, path) -> None:
+        """Input-count and base-model rules a method declares, checked per slice."""
+        groups: list[tuple[tuple, list[ModelRef], ModelRef | None]] = []
+        if models:
+            refs = [m.model for m in models]
+            if base_model is not None and all(r.node != base_model.node for r in refs):
+                refs.append(base_model)
+            groups.append((path + ("models",), refs, base_model))
+        for output_slice in slices:
+            refs = [s.model for s in output_slice.sources]
+            groups.append((output_slice.path, refs, output_slice.base_model or base_model))
+        for group_path, refs, base in groups:
+            has_base = base is not None and any(r.node == base.node for r in refs)
+            if method.base == "required" and not has_base:
+                where = "" if base is None else f" ('{base}' is not among this slice's sources)"
+                raise self.error(group_path, f"{method.name} needs a 'base_model'{where}")
+            count = len(refs)
+            if count < method.min_models:
+                raise self.error(group_path, f"{method.name} needs at least {method.min_models} models, got {count}")
+            if method.max_models is not None and count > method.max_models:
+                raise self.error(group_path, f"{method.name} takes at most {method.max_models} model(s) per slice, got {count}")

@@ -1,0 +1,57 @@
+"""What a model written in a recipe means: a target name wins, then a local folder, then the hub.
+
+Kept apart because it is the rule every model reference goes through, and the importer
+reads mergekit's references by the same hub ID pattern.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from mbuild.mergefile.recipe import ModelRef
+from mbuild.mergefile.values import ValueChecker, suggest
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+
+class ReferenceResolver:
+    """Decides what each model string means: a target name wins, then a folder, then the hub."""
+
+    def __init__(self, checker: ValueChecker, target_names: set[str]):
+        self.checker = checker
+        self.target_names = target_names
+
+    def resolve(self, value: Any, path: tuple) -> ModelRef:
+        line = self.checker.mergefile.location(path).line
+        if not isinstance(value, str) or not value.strip():
+            raise self.checker.error(path, f"a model reference must be a non-empty string, not {value!r}")
+        text = value.strip()
+        if text in self.target_names:
+            return ModelRef(text, "target", text, None, line, "target:" + text)
+        folder = Path(os.path.normpath(self.checker.mergefile.folder / Path(text).expanduser()))
+        if "+" in text and not folder.exists():
+            raise self.checker.error(path, f"'{text}': LoRA references (model+adapter) are not supported yet")
+        if folder.exists():
+            if not folder.is_dir():
+                raise self.checker.error(path, f"model '{text}' is a file, not a model folder ({folder.absolute()})")
+            absolute = Path(os.path.normpath(folder.absolute()))
+            try:
+                shown = absolute.relative_to(self.checker.mergefile.folder).as_posix()
+            except ValueError:
+                shown = absolute.as_posix()
+            return ModelRef(text, "local", str(absolute), None, line, "local:" + shown)
+        looks_local = text.startswith((".", "/", "~")) or not HUB_ID.match(text)
+        if looks_local:
+            hint = suggest(text, sorted(self.target_names))
+            raise self.checker.error(
+                path,
+                f"model '{text}' not found: no folder {folder.absolute()} and no target of that name{hint}",
+            )
+        repo, _, revision = text.partition("@")
+        if revision and any(part in ("", ".", "..") for part in revision.split("/")):
+            # huggingface_hub finds a branch's commit in the file refs/<revision> of its cache.
+            raise self.checker.error(path, f"'{text}': a revision is a branch, tag or commit, never a path with '.', '..' or '//'")
+        return ModelRef(text, "hub", repo, revision or None, line, f"hub:{repo}@{revision or 'main'}")

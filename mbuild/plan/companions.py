@@ -1,0 +1,217 @@
+"""An output's non-tensor content: its config, the files copied beside the weights, the
+tokenizer glue (an aligned vocabulary, a chat template), and the model card; and
+`finish_target_plan`, which turns a kind's tasks and these into the target's TargetPlan.
+
+Every kind shares these, so an output looks the same whatever built it: the config donor's
+files, then the tokenizer's, then what the target asks for on top.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from mbuild import io, keys
+from mbuild.errors import MergefileError, ModelError
+from mbuild.mergefile import ModelRef, Target
+from mbuild.plan.tasks import TargetPlan, node_of
+
+TOKENIZER_FILE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|.*\.model|.*\.tiktoken|chat_template.*)$"
+)
+
+
+def finish_target_plan(
+    target: Target, method: tuple[str, int, str], tasks, config, files, num_layers, shard_bytes, vocabulary=None, dropped=()
+) -> TargetPlan:
+    """The TargetPlan for expanded tasks: file digests, model card, inputs and the target's key.
+
+    ``method``: (name, version, paper) of what the target runs, as its kind names it.
+    """
+    file_digests = {name: file_digest(path) for name, path in files.items()}
+    input_nodes = tuple(node_of(r) for r in target.references())
+    card = model_card(target, list(input_nodes), method)
+    target_key = None
+    if all(t.key for t in tasks) and all(d is not None for d in file_digests.values()):
+        target_key = keys.target_key({t.name: t.key for t in tasks}, config, file_digests, card)
+    return TargetPlan(
+        target=target,
+        tasks=tuple(tasks),
+        config=config,
+        files=files,
+        file_digests=file_digests,
+        card=card,
+        key=target_key,
+        input_nodes=input_nodes,
+        num_layers=num_layers,
+        shard_bytes=shard_bytes,
+        vocabulary=vocabulary,
+        dropped=tuple(dropped),
+    )
+
+
+def output_config(donor: Mapping[str, Any], infos, layer_origin, tasks) -> dict[str, Any]:
+    """The donor's config with the layer count (and per-layer lists) made to fit the output."""
+    import copy
+
+    config = copy.deepcopy(dict(donor))
+    holder = config.get("text_config") if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict) else config
+    old_count = io.layer_count(config)
+    new_count = len(layer_origin)
+    if old_count is not None and new_count != old_count:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(holder.get(key), int):
+                holder[key] = new_count
+        for key, value in list(holder.items()):
+            if isinstance(value, list) and len(value) == old_count and key != "architectures":
+                rebuilt = []
+                for node, layer in layer_origin:
+                    source_config = infos[node].config
+                    source_list = source_config.get(key) if isinstance(source_config.get(key), list) else value
+                    rebuilt.append(source_list[layer % len(source_list)])
+                holder[key] = rebuilt
+    float_dtypes = [t.dtype for t in tasks if t.dtype in io.FLOAT_DTYPES]
+    if float_dtypes:
+        dtype = max(set(float_dtypes), key=float_dtypes.count)
+        written = False
+        for key in ("torch_dtype", "dtype"):
+            if key in holder:
+                holder[key] = dtype
+                written = True
+        if not written:
+            holder["torch_dtype"] = dtype
+    return config
+
+
+def companions_of(node: str, infos, plans) -> dict[str, str]:
+    """A model's non-weight files by name: a source's own, or what a target's output will hold."""
+    if node.startswith("target:"):
+        return dict(plans[node.split(":", 1)[1]].files)
+    folder = infos[node].folder
+    return {p.name: str(p) for p in io.companion_files(folder)} if folder else {}
+
+
+def companion_files_for(target: Target, config_node: str, infos, plans) -> dict[str, str]:
+    """Which non-weight files the output gets, and from where: config donor, then tokenizer."""
+    files = {n: p for n, p in companions_of(config_node, infos, plans).items() if n != "config.json"}
+    tokenizer_ref = target.tokenizer_source
+    if tokenizer_ref == "base":
+        tokenizer_ref = target.base_model
+    if isinstance(tokenizer_ref, ModelRef):
+        files = {n: p for n, p in files.items() if not TOKENIZER_FILE.match(n)}
+        files.update({n: p for n, p in companions_of(node_of(tokenizer_ref), infos, plans).items() if TOKENIZER_FILE.match(n)})
+    return dict(sorted(files.items()))
+
+
+def file_digest(path: str) -> str | None:
+    """sha256 of a (small) file, None if it cannot be read."""
+    try:
+        return io.hash_file(path)
+    except OSError:
+        return None
+
+
+def model_card(target: Target, input_nodes: Sequence[str], method: tuple[str, int, str]) -> str:
+    """The README.md of an output: what it is, the recipe as written, and its lineage."""
+    recipe = yaml.safe_dump({target.name: dict(target.recipe)}, sort_keys=False).rstrip()
+    lineage = "\n".join(f"- `{node.split(':', 1)[1]}` ({node.split(':', 1)[0]})" for node in input_nodes)
+    name, _, paper = method
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- mbuild\n- merge\n---\n"
+        f"# {target.name}\n\n"
+        f"A merge built by mbuild with **{name}** ({paper}).\n\n"
+        f"## Inputs\n\n{lineage}\n\n"
+        f"## Recipe\n\n```yaml\n{recipe}\n```\n"
+    )
+
+
+def align_vocabulary(target: Target, refs: Sequence[ModelRef], base_node: str, infos, plans, store: Path):
+    """The output vocabulary and each input's row map (see mbuild.vocabulary)."""
+    from mbuild import vocabulary
+
+    nodes = list(dict.fromkeys(node_of(ref) for ref in refs))
+    spec = target.tokenizer
+    extra = [spec.source.node] if isinstance(spec.source, ModelRef) else []
+    extra += [t.model.node for _, t in spec.tokens if t.model is not None]
+    files = {}
+    for node in dict.fromkeys([base_node, *nodes, *extra]):
+        companions = companions_of(node, infos, plans)
+        files[node] = {n: p for n, p in companions.items() if TOKENIZER_FILE.match(n) or n == "tokenizer_config.json"}
+        if not files[node]:
+            raise ModelError(f"'{node.split(':', 1)[1]}' has no tokenizer files", target.location("tokenizer_source"))
+    sizes = {node: vocab_size(infos[node].config) for node in files}
+    names = {node: node.split(":", 1)[1] for node in files}
+    try:
+        return vocabulary.resolve(spec, base_node, nodes, files, sizes, names, Path(store) / "vocabularies")
+    except OSError:  # a read-only or full cache: kept in the system's temporary folder instead
+        import tempfile
+
+        elsewhere = Path(tempfile.gettempdir()) / "mbuild-vocabularies"
+        return vocabulary.resolve(spec, base_node, nodes, files, sizes, names, elsewhere)
+
+
+def vocab_size(config: Mapping[str, Any]) -> int | None:
+    """The vocabulary size a model's config declares, if any."""
+    return io.config_int(config, ("vocab_size",))
+
+
+def set_vocab_size(config: dict, size: int) -> None:
+    """Write the output's vocabulary size where the config keeps it (top level or text_config)."""
+    nested = "vocab_size" not in config and isinstance(config.get("text_config"), dict)
+    holder = config["text_config"] if nested else config
+    holder["vocab_size"] = size
+
+
+def chat_template_file(target: Target, files, infos, plans, store: Path) -> str:
+    """The chat template asked for, written once under the cache; returns its path."""
+    asked = target.chat_template
+    if asked == "auto":
+        counts: dict[str, int] = {}
+        for ref in target.references():
+            try:
+                text = _chat_template_of(node_of(ref), infos, plans)
+            except ModelError as error:
+                raise ModelError(f"model '{ref}': {error.message}", target.location("chat_template")) from None
+            if text:
+                counts[text.strip()] = counts.get(text.strip(), 0) + 1
+        if not counts:
+            raise MergefileError("chat_template: auto, but no input model has a chat template", target.location("chat_template"))
+        text = max(counts, key=lambda t: counts[t])  # plurality; first seen wins a tie
+    elif asked in TEMPLATES:
+        text = TEMPLATES[asked]
+    else:
+        text = asked
+    return str(io.store_text(Path(store) / "templates", text, ".jinja"))
+
+
+def _chat_template_of(node: str, infos, plans) -> str | None:
+    companions = companions_of(node, infos, plans)
+    if "chat_template.jinja" in companions:
+        path = companions["chat_template.jinja"]
+        try:
+            return io.read_small_file(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelError(f"{path} is not UTF-8 text") from None
+    if "tokenizer_config.json" in companions:
+        template = io.read_small_json(companions["tokenizer_config.json"]).get("chat_template")
+        if isinstance(template, dict):
+            template = template.get("default")
+        return template if isinstance(template, str) else None
+    return None
+
+
+# Chat templates by name, written from each format's public description.
+TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+}

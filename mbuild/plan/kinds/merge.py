@@ -1,0 +1,379 @@
+"""The merge kind: a mergekit body (`models:` or `slices:`) expanded into tensor tasks.
+
+mergekit's normal form first (`_groups`: a models list is one slice over every layer), then
+one task per output tensor: layers renumbered through the slices, every parameter resolved
+for that tensor (`_resolve`), integer buffers copied, and embeddings re-indexed into the
+output vocabulary when the target aligns tokenizers. Before any task, the layer ranges,
+architectures and shapes are checked, and afterwards every input tensor no task takes is
+refused unless the target allows it (`_untaken`): nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from mbuild import io, keys, methods, parameters
+from mbuild.errors import MergefileError
+from mbuild.mergefile import ModelRef, Target
+from mbuild.plan.companions import (
+    TOKENIZER_FILE,
+    align_vocabulary,
+    chat_template_file,
+    companion_files_for,
+    finish_target_plan,
+    output_config,
+    set_vocab_size,
+    vocab_size,
+)
+from mbuild.plan.kinds.registry import TargetKind, register
+from mbuild.plan.layers import LAYER_NAME, PRE_LAYER, embedding_name, layer_table
+from mbuild.plan.tasks import OutputLookup, TargetPlan, TensorInput, TensorTask, input_key, node_of
+
+
+@dataclass
+class _Group:
+    """One normalised slice: aligned sources, base, and the settings that apply."""
+
+    refs: list[ModelRef]
+    ranges: list[tuple[int, int] | None]
+    model_settings: list[Mapping[str, Any]]
+    settings: Mapping[str, Any]
+    base: ModelRef | None
+    paths: list[tuple]
+    path: tuple
+
+
+def _groups(target: Target) -> list[_Group]:
+    """mergekit's normal form: a models list is one slice over every layer, base appended."""
+    if target.models:
+        refs = [m.model for m in target.models]
+        settings = [m.parameters for m in target.models]
+        paths = [m.path for m in target.models]
+        base = target.base_model
+        if base is not None and all(node_of(r) != node_of(base) for r in refs):
+            refs.append(base)
+            settings.append({})
+            paths.append(("base_model",))
+        return [_Group(refs, [None] * len(refs), settings, {}, base, paths, ("models",))]
+    groups = []
+    for output_slice in target.slices:
+        groups.append(
+            _Group(
+                [s.model for s in output_slice.sources],
+                [s.layer_range for s in output_slice.sources],
+                [s.parameters for s in output_slice.sources],
+                output_slice.parameters,
+                output_slice.base_model or target.base_model,
+                [s.path for s in output_slice.sources],
+                output_slice.path,
+            )
+        )
+    return groups
+
+
+def _promote(dtypes: Sequence[str]) -> str:
+    """torch.promote_types over float dtype names, without torch."""
+    unique = set(dtypes)
+    if len(unique) == 1:
+        return dtypes[0]
+    if "float64" in unique:
+        return "float64"
+    return "float32"
+
+
+def expand(
+    target: Target,
+    infos: Mapping[str, io.ModelInfo],
+    plans: Mapping[str, TargetPlan],
+    source_digests: Mapping[str, Mapping[str, str] | None],
+    shard_bytes: int,
+    output_digest: OutputLookup,
+    store: Path,
+    *,
+    platform: str,
+) -> TargetPlan:
+    """Expand a merge target into its tensor tasks, checking layer ranges and shapes.
+
+    ``platform``: where its tasks compute, recorded in the key of each that does.
+    """
+    method = methods.get(target.method)
+    groups = _groups(target)
+    layer_tables = {node: layer_table(info) for node, info in infos.items()}
+
+    def error(path: tuple, message: str) -> MergefileError:
+        return MergefileError(message, target.location(*path))
+
+    # Layer ranges against each source's real layer count.
+    for group in groups:
+        for index, (ref, layer_range) in enumerate(zip(group.refs, group.ranges)):
+            info = infos[node_of(ref)]
+            count = info.num_layers
+            layer_ids = layer_tables[node_of(ref)][0]
+            if count is None:
+                count = (max(layer_ids) + 1) if layer_ids else 0
+            if layer_range is None:
+                group.ranges[index] = (0, count)
+            elif layer_range[1] > count:
+                raise error(
+                    group.paths[index] + ("layer_range",),
+                    f"layer_range [{layer_range[0]}, {layer_range[1]}] is out of range: '{ref}' has {count} layers",
+                )
+        lengths = {r[1] - r[0] for r in group.ranges}
+        if len(lengths) > 1:
+            counts = ", ".join(f"'{r}': {rg[1] - rg[0]}" for r, rg in zip(group.refs, group.ranges))
+            raise error(group.path, f"models have different layer counts ({counts}); merge them with slices and layer_range")
+
+    _check_architectures(target, groups, infos)
+    config_node = node_of(target.base_model) if target.base_model else node_of(groups[0].refs[0])
+    vocab = None
+    if target.tokenizer is not None:
+        refs = [ref for group in groups for ref in group.refs]
+        vocab = align_vocabulary(target, refs, config_node, infos, plans, store)
+
+    tasks: list[TensorTask] = []
+    seen_names: set[str] = set()
+    taken: set[tuple[str, str]] = set()  # (node, tensor) of every input some task reads
+    out_layer = 0
+    layer_origin: list[tuple[str, int]] = []  # output layer -> (source node, source layer)
+
+    def add_task(out_name: str, group: _Group, in_names: list[str], t: float) -> None:
+        if out_name in seen_names:
+            raise error(group.path, f"two slices produce tensor '{out_name}'")
+        seen_names.add(out_name)
+        tensor_infos = []
+        for ref, in_name, path in zip(group.refs, in_names, group.paths):
+            info = infos[node_of(ref)]
+            found = info.tensors.get(in_name)
+            if found is None and in_name == "lm_head.weight" and info.config.get("tie_word_embeddings", False):
+                # A tied model's output head is its input embedding.
+                in_name = embedding_name(info)
+                found = info.tensors.get(in_name) if in_name else None
+            if found is None:
+                raise error(path + ("model",), f"model '{ref}' has no tensor '{in_name}'")
+            tensor_infos.append(found)
+            taken.add((node_of(ref), found.name))
+        on_vocabulary = vocab is not None and _is_vocabulary_tensor(out_name, tensor_infos, group, infos)
+        shapes = {tuple(ti.shape[1:] if on_vocabulary else ti.shape) for ti in tensor_infos}
+        if len(shapes) > 1 and not on_vocabulary and _is_vocabulary_tensor(out_name, tensor_infos, group, infos):
+            detail = ", ".join(f"'{r}' {list(ti.shape)}" for r, ti in zip(group.refs, tensor_infos))
+            raise error(
+                group.path,
+                f"vocabulary sizes differ for '{out_name}' ({detail}): set 'tokenizer_source' (base, union or a model) to align them",
+            )
+        if len(shapes) > 1:
+            detail = ", ".join(f"'{r}' {list(ti.shape)}" for r, ti in zip(group.refs, tensor_infos))
+            raise error(group.path, f"shape mismatch for tensor '{out_name}': {detail}")
+        base_index = None
+        if group.base is not None:
+            for index, ref in enumerate(group.refs):
+                if node_of(ref) == node_of(group.base):
+                    base_index = index
+        in_dtypes = [ti.dtype for ti in tensor_infos]
+        is_float = all(d in io.FLOAT_DTYPES for d in in_dtypes)
+        if is_float:
+            out_dtype = target.out_dtype or target.dtype or _promote(in_dtypes)
+            compute_dtype = target.dtype or ("float64" if "float64" in in_dtypes else "float32")
+            params, model_params = _resolve(method, target, group, out_name, in_names, t, base_index, error)
+            op, seed = method.name, (target.seed if method.random else None)
+        else:
+            # Integer buffers are copied from the first input, as mergekit does.
+            out_dtype, compute_dtype = in_dtypes[0], in_dtypes[0]
+            params, model_params, op, seed = (), (), "copy", None
+            tensor_infos = tensor_infos[:1]
+            in_names = in_names[:1]
+            base_index = None
+        inputs = []
+        for ref, info in zip(group.refs, tensor_infos):
+            node = node_of(ref)
+            key = input_key(node, info, plans, source_digests, output_digest)
+            if on_vocabulary and key is not None:
+                key += f"|vocabulary:{vocab.digest}"  # the input as re-indexed into the output vocabulary
+            inputs.append(TensorInput(node, info.name, key))
+        shape = tuple(tensor_infos[0].shape)
+        if on_vocabulary:
+            shape = (vocab.size, *shape[1:])
+        version = method.version if op != "copy" else 1
+        key = None
+        if all(i.key is not None for i in inputs):
+            key = keys.task_key(
+                method=op,
+                version=version,
+                params=dict(params),
+                model_params=[dict(p) for p in model_params],
+                base_index=base_index,
+                compute_dtype=compute_dtype,
+                out_dtype=out_dtype,
+                shape=shape,
+                seed=seed,
+                input_keys=[i.key for i in inputs],
+                platform=platform,
+            )
+        tasks.append(
+            TensorTask(
+                name=out_name,
+                shape=shape,
+                dtype=out_dtype,
+                compute_dtype=compute_dtype,
+                method=op,
+                params=params,
+                model_params=model_params,
+                base_index=base_index,
+                seed=seed,
+                inputs=tuple(inputs),
+                key=key,
+                vocabulary=on_vocabulary,
+            )
+        )
+
+    first, last = groups[0], groups[-1]
+    first_others = layer_tables[node_of(first.refs[0])][1]
+    last_others = layer_tables[node_of(last.refs[0])][1]
+    for name in sorted(n for n in first_others if PRE_LAYER.search(n)):
+        add_task(name, first, [name] * len(first.refs), 0.0)
+    for group in groups:
+        length = group.ranges[0][1] - group.ranges[0][0]
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            lead_node = node_of(group.refs[0])
+            lead_layers, _ = layer_tables[lead_node]
+            source_layer = group.ranges[0][0] + offset
+            suffixes = lead_layers.get(source_layer, {})
+            for suffix in sorted(suffixes):
+                out_name = LAYER_NAME.sub(lambda m: f"{m['prefix']}{out_layer}.{m['suffix']}", suffixes[suffix])
+                in_names = []
+                for ref, layer_range in zip(group.refs, group.ranges):
+                    layers, _ = layer_tables[node_of(ref)]
+                    in_layer = layers.get(layer_range[0] + offset, {})
+                    if suffix not in in_layer:
+                        raise error(group.path, f"model '{ref}' has no '{suffix}' in layer {layer_range[0] + offset}")
+                    in_names.append(in_layer[suffix])
+                add_task(out_name, group, in_names, t)
+            layer_origin.append((lead_node, source_layer))
+            out_layer += 1
+    for name in sorted(n for n in last_others if not PRE_LAYER.search(n)):
+        add_task(name, last, [name] * len(last.refs), 0.0)
+
+    dropped = _untaken(target, groups, infos, taken)
+    config = output_config(infos[config_node].config, infos, layer_origin, tasks)
+    files = companion_files_for(target, config_node, infos, plans)
+    if vocab is not None:
+        files = {n: p for n, p in files.items() if not TOKENIZER_FILE.match(n) and n != "tokenizer_config.json"}
+        files.update(vocab.files())
+        set_vocab_size(config, vocab.size)
+    if target.chat_template is not None:
+        files["chat_template.jinja"] = chat_template_file(target, files, infos, plans, store)
+    return finish_target_plan(target, method_of(target), tasks, config, files, out_layer, shard_bytes, vocab, dropped)
+
+
+def _is_vocabulary_tensor(name: str, tensor_infos, group, infos) -> bool:
+    """Embeddings and output heads: tensors whose first axis is the model's vocabulary."""
+    if name.endswith("lm_head.weight"):
+        return True
+    if not PRE_LAYER.search(name) or "position" in name:
+        return False
+    for ref, info in zip(group.refs, tensor_infos):
+        size = vocab_size(infos[node_of(ref)].config)
+        if size is not None and info.shape and info.shape[0] != size:
+            return False
+    return True
+
+
+def _resolve(method, target: Target, group: _Group, out_name, in_names, t, base_index, error):
+    """Resolve every parameter for one tensor: global ones by output name, per-model by input name."""
+    global_scopes = (group.settings, target.parameters)
+    params = []
+    for parameter in method.parameters:
+        if parameter.per_model:
+            continue
+        try:
+            params.append((parameter.name, parameters.resolve(parameter, global_scopes, out_name, t)))
+        except KeyError:
+            raise error(("parameters",), f"{method.name} needs '{parameter.name}' (no value for tensor '{out_name}')") from None
+    model_params = []
+    for index, (ref, in_name, settings) in enumerate(zip(group.refs, in_names, group.model_settings)):
+        values = []
+        for parameter in method.parameters:
+            if not parameter.per_model or (index == base_index and not parameter.applies_to_base):
+                continue
+            scopes = (settings, group.settings, target.parameters)
+            try:
+                values.append((parameter.name, parameters.resolve(parameter, scopes, in_name, t)))
+            except KeyError:
+                raise error(
+                    group.paths[index], f"{method.name} needs '{parameter.name}' for model '{ref}' (tensor '{in_name}')"
+                ) from None
+        model_params.append(tuple(values))
+    return tuple(params), tuple(model_params)
+
+
+def _architecture(info: io.ModelInfo) -> str | None:
+    """The architecture class a model's config names (its first), if any."""
+    names = info.config.get("architectures")
+    if isinstance(names, list) and names and isinstance(names[0], str):
+        return names[0]
+    return None
+
+
+def _check_architectures(target: Target, groups: list[_Group], infos: Mapping[str, io.ModelInfo]) -> None:
+    """Refuse inputs of different architectures unless the target allows them (mergekit's rule)."""
+    if target.mixed_architectures:
+        return
+    seen: dict[str, str] = {}
+    for ref in (ref for group in groups for ref in group.refs):
+        architecture = _architecture(infos[node_of(ref)])
+        if architecture is not None:
+            seen.setdefault(architecture, str(ref))
+    if len(seen) > 1:
+        shown = ", ".join(f"'{ref}' is {architecture}" for architecture, ref in seen.items())
+        raise MergefileError(
+            f"the models are of different architectures ({shown}); merging them can drop or misplace "
+            "tensors, so mbuild refuses. Say 'allow_mixed_architectures: true' in the target to merge them "
+            "anyway (the output takes the first model's architecture)",
+            target.location(),
+        )
+
+
+def _untaken(target: Target, groups: list[_Group], infos, taken: set[tuple[str, str]]) -> tuple[str, ...]:
+    """Input tensors the target should read but no task does: refused unless the target allows it.
+
+    A `models:` merge takes every tensor of every model; a slice takes its layers and, in the
+    first and last slices, the tensors before and after the layer stack.
+    """
+    expected: dict[str, set[str]] = {}
+    for position, group in enumerate(groups):
+        for ref, (start, end) in zip(group.refs, group.ranges):
+            wanted = expected.setdefault(node_of(ref), set())
+            for name in infos[node_of(ref)].tensors:
+                match = LAYER_NAME.match(name)
+                if target.models:
+                    wanted.add(name)
+                elif match:
+                    if start <= int(match["index"]) < end:
+                        wanted.add(name)
+                elif (position == 0 and PRE_LAYER.search(name)) or (position == len(groups) - 1 and not PRE_LAYER.search(name)):
+                    wanted.add(name)
+    dropped: list[str] = []
+    for node, names in expected.items():
+        missed = sorted(name for name in names if (node, name) not in taken)
+        if missed and not target.mixed_architectures:
+            label = node.split(":", 1)[1]
+            shown = ", ".join(missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
+            raise MergefileError(
+                f"model '{label}' has {len(missed)} tensor(s) that no output tensor takes ({shown}): mbuild never "
+                "drops an input tensor silently. If the inputs really differ in architecture, say "
+                "'allow_mixed_architectures: true' in the target and they are dropped with a warning",
+                target.location(),
+            )
+        dropped.extend(f"{node.split(':', 1)[1]}: {name}" for name in missed)
+    return tuple(dropped)
+
+
+def method_of(target: Target) -> tuple[str, int, str]:
+    """(name, implementation version, paper) of the merge method a target runs."""
+    method = methods.get(target.method)
+    return method.name, method.version, method.paper
+
+
+MERGE = register(TargetKind("merge", matches=lambda target: target.moe is None, method=method_of, expand=expand))

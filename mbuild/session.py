@@ -1,0 +1,134 @@
+"""A build session: plan, decide, build each stale target, re-plan after each, record.
+
+`mbuild [TARGETS]` runs one; the CLI only parses arguments and prints. The session finds
+every mistake the headers show before any source is hashed (a plan over remembered
+digests first), answers a no-op without locks or the tensor cache, and otherwise hands the
+plan to the engine's `Builder`, which re-plans through `Session.plan` after each target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mbuild import engine, lock, plan, staleness
+from mbuild.cache import State, TensorCache
+from mbuild.mergefile import Mergefile
+from mbuild.pickles import Conversions
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for: which targets, and how to build them."""
+
+    targets: tuple[str, ...] = ()
+    force: bool = False
+    jobs: int = 2
+    device: str = "cpu"
+    keep_going: bool = False
+    shard_bytes: int = plan.DEFAULT_SHARD_BYTES
+    platform: str = ""  # where tasks compute (`compute_platform.identify`)
+    allow_pickle: bool = False
+
+
+class Session:
+    """One command's view of a Mergefile: its plans, and the build that brings it up to date."""
+
+    def __init__(
+        self,
+        mergefile: Mergefile,
+        state: State,
+        request: Request,
+        reporter: engine.Reporter | None = None,
+        before_compute: Callable[[], None] = lambda: None,
+    ):
+        self.mergefile = mergefile
+        self.state = state
+        self.request = request
+        self.reporter = reporter or engine.Reporter()
+        # Called once hashing or computing is certain (the CLI starts importing torch then).
+        self.before_compute = before_compute
+        self._current: plan.Plan | None = None
+
+    def plan(self, changed: list[str] | None = None, hashing: bool = True) -> plan.Plan:
+        """A plan of the requested targets; without ``hashing``, unhashed sources leave keys unknown.
+
+        With ``changed`` (targets just built), only what lies downstream of them is expanded again.
+        """
+        state = self.state
+        if hashing:
+            digests = self._hashed_digests
+        else:
+            digests = lambda source: state.digests(source.info, compute=False)  # noqa: E731
+        self._current = plan.make_plan(
+            self.mergefile,
+            self.request.targets,
+            digests,
+            self._conversions(write=hashing),
+            self.request.shard_bytes,
+            engine.output_digests(state, self.mergefile),
+            store=state.folder,
+            previous=self._current if changed is not None else None,
+            changed=changed,
+            platform=self.request.platform,
+            pinned=lock.pinned_revisions(self.mergefile.path),
+        )
+        return self._current
+
+    def build(self, open_cache: Callable[[], TensorCache | None]) -> dict[str, engine.TargetReport]:
+        """Bring the requested targets up to date; ``open_cache`` is called only if something is stale."""
+        request = self.request
+        first = self.plan(hashing=False)
+        decisions = staleness.decide_all(first, self.state)
+        if not request.keep_going:
+            staleness.refuse_foreign_outputs(first, decisions)
+        if first.unhashed:
+            first = self.plan()
+            decisions = staleness.decide_all(first, self.state)
+        for name in first.order:
+            warning = dropped_warning(first.targets[name])
+            if warning:
+                self.reporter.warn(warning)
+        if not request.force and not any(d.stale for d in decisions.values()):
+            # Nothing to do: answer like make, without locks or the tensor cache.
+            lock.repair_lock(first, self.state, list(first.order), self.reporter.note)
+            return {
+                name: engine.TargetReport(name, "fresh", (), 0, len(p.tasks), 0.0, str(p.target.output))
+                for name, p in first.targets.items()
+            }
+        self.before_compute()
+        options = engine.BuildOptions(
+            force=request.force, jobs=request.jobs, device=request.device, keep_going=request.keep_going
+        )
+        cache = open_cache()
+        try:
+            with self.reporter.running(len(first.order)):
+                return engine.Builder(first, self.state, options, self.reporter, cache, self.plan).run()
+        finally:
+            if cache is not None:
+                cache.close()
+
+    def _hashed_digests(self, source: plan.Source):
+        """A source's digests, hashing it (with progress) if they are not remembered."""
+        found = self.state.digests(source.info, compute=False)
+        if found is None:
+            self.before_compute()
+            with self.reporter.step(f"hashing {source.ref}", source.info.nbytes) as advance:
+                found = self.state.digests(source.info, compute=True, progress=advance)
+        return found
+
+    def _conversions(self, write: bool) -> Conversions | None:
+        """Where pickled sources are read from (with --allow-pickle): their conversions in the cache."""
+        if not self.request.allow_pickle:
+            return None
+        return Conversions(Path(self.state.folder) / "converted", self.state, write)
+
+
+def dropped_warning(target_plan: plan.TargetPlan) -> str | None:
+    """The input tensors a target with 'allow_mixed_architectures' leaves out of its output, as a warning."""
+    dropped = target_plan.dropped
+    if not dropped:
+        return None
+    shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+    return f"target '{target_plan.name}' takes no output tensor from {len(dropped)} input tensor(s): {shown}"
