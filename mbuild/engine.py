@@ -22,6 +22,7 @@ from mbuild import io, launcher, lock, manifest, operations
 from mbuild.cache import State, TensorCache
 from mbuild.errors import BuildError, Location, MbuildError
 from mbuild.executors import Executor, LocalExecutor
+from mbuild.nodes import Node
 from mbuild.plan import node_of as plan_node
 from mbuild.plan import Plan, TargetPlan, TensorTask
 from mbuild.staleness import Decision, OutputState, decide_target, inspect_output, source_fingerprints
@@ -174,7 +175,7 @@ class Builder:
         stale: set[str] = set()
         for name in self.plan.order:
             target_plan = self.plan.targets[name]
-            upstream_failed = [n.split(":", 1)[1] for n in target_plan.input_nodes if n.split(":", 1)[1] in failed]
+            upstream_failed = [Node(n).label for n in target_plan.input_nodes if Node(n).label in failed]
             if upstream_failed:
                 reports[name] = TargetReport(name, "skipped", (f"input {upstream_failed[0]} failed",))
                 failed.add(name)
@@ -268,8 +269,8 @@ class Builder:
     def _input_models(self, target_plan: TargetPlan) -> dict[str, io.ModelInfo]:
         models = {}
         for node in target_plan.input_nodes:
-            if node.startswith("target:"):
-                upstream = self.plan.mergefile.targets[node.split(":", 1)[1]]
+            if Node(node).is_target:
+                upstream = self.plan.mergefile.targets[Node(node).label]
                 models[node] = io.read_model(upstream.output)
             else:
                 models[node] = self.plan.sources[node].info

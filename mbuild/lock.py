@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from mbuild import io
 from mbuild.errors import BuildError, Location, MbuildError, MergefileError
+from mbuild.nodes import Node
 from mbuild.plan import Plan, plain_recipe, recipe_method, source_fingerprint
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ def pinned_revisions(mergefile_path: Path) -> dict[str, str]:
     pinned = {
         node: entry["revision"]
         for node, entry in read(path)["sources"].items()
-        if node.startswith("hub:") and entry.get("revision")
+        if Node(node).kind == "hub" and entry.get("revision")
     }
     for node, revision in pinned.items():
         # mbuild records commits only; anything else would be looked up as a path in the hub cache.
@@ -138,7 +139,7 @@ def record_in_lock(plan: Plan, state: State, names: list[str], only_if_different
         data = read(path)
         for name in names:
             entries = _lock_entries(plan, state, name)
-            data["targets"][name] = entries.pop("target:" + name)
+            data["targets"][name] = entries.pop(Node.target(name))
             data["sources"].update(entries)
         write(path, data)
     return names
@@ -176,8 +177,8 @@ def repair_lock(plan: Plan, state: State, names: list[str], note: Callable[[str]
 
 def _held_entries(data: Mapping[str, Any], name: str, wanted: Mapping[str, Any]) -> dict[str, Any]:
     """What the lock holds now for a target and its sources, in the shape `_lock_entries` gives."""
-    held = {node: data["sources"].get(node) for node in wanted if not node.startswith("target:")}
-    held["target:" + name] = data["targets"].get(name)
+    held = {node: data["sources"].get(node) for node in wanted if not Node(node).is_target}
+    held[Node.target(name)] = data["targets"].get(name)
     return held
 
 
@@ -187,8 +188,8 @@ def _lock_entries(plan: Plan, state: State, name: str) -> dict[str, Any]:
     entries: dict[str, Any] = {}
     inputs = {}
     for node in target_plan.input_nodes:
-        if node.startswith("target:"):
-            inputs[node] = plan.targets[node.split(":", 1)[1]].key
+        if Node(node).is_target:
+            inputs[node] = plan.targets[Node(node).label].key
         else:
             source = plan.sources[node]
             fingerprint = source_fingerprint(source, state.digests(source.info, compute=False))
@@ -201,7 +202,7 @@ def _lock_entries(plan: Plan, state: State, name: str) -> dict[str, Any]:
         relative = str(target.output.relative_to(plan.mergefile.folder))
     except ValueError:
         relative = str(target.output)
-    entries["target:" + name] = {
+    entries[Node.target(name)] = {
         "key": target_plan.key,
         "method": method_name,
         "method_version": method_version,

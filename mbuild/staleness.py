@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 from mbuild import io, keys, lock
 from mbuild.cache import State
 from mbuild.errors import BuildError
+from mbuild.nodes import Node
 from mbuild.plan import Plan, TensorTask, TargetPlan, plain_recipe, recipe_method, source_fingerprint
 
 
@@ -88,8 +89,8 @@ def decide(
     else:
         recorded_inputs = {}
     for node in target_plan.input_nodes:
-        label = node.split(":", 1)[1]
-        if node.startswith("target:"):
+        label = Node(node).label
+        if Node(node).is_target:
             if label in stale_upstream:
                 reasons.append(f"input {label}: rebuilt")
             continue

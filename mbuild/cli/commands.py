@@ -10,6 +10,7 @@ from pathlib import Path
 from mbuild import mergefile as mergefile_module
 from mbuild.cli import arguments, shared
 from mbuild.errors import MbuildError
+from mbuild.nodes import Node
 
 
 def subcommand(argv: list[str]) -> int:
@@ -80,8 +81,8 @@ def _explain(args) -> int:
             "key": target_plan.key,
             "built_key": (manifest or {}).get("key"),
             "inputs": {
-                node.split(":", 1)[1]: ("stale" if decisions.get(node.split(":", 1)[1], staleness.Decision(False, ())).stale else "fresh")
-                if node.startswith("target:")
+                Node(node).label: ("stale" if decisions.get(Node(node).label, staleness.Decision(False, ())).stale else "fresh")
+                if Node(node).is_target
                 else "source"
                 for node in target_plan.input_nodes
             },

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from mbuild.errors import Location, MergefileError
 from mbuild.mergefile.recipe import Mergefile
+from mbuild.nodes import Node
 
 
 def build_graph(mergefile: Mergefile):
@@ -17,17 +18,17 @@ def build_graph(mergefile: Mergefile):
 
     graph = nx.DiGraph()
     for name, target in mergefile.targets.items():
-        graph.add_node("target:" + name, kind="target")
+        graph.add_node(Node.target(name), kind="target")
         for ref in target.references():
             graph.add_node(ref.node, kind=ref.kind)
-            graph.add_edge(ref.node, "target:" + name, line=ref.line)
+            graph.add_edge(ref.node, Node.target(name), line=ref.line)
     try:
         cycle = nx.find_cycle(graph)
     except nx.NetworkXNoCycle:
         return graph
-    names = [edge[0].split(":", 1)[1] for edge in cycle] + [cycle[0][0].split(":", 1)[1]]
+    names = [Node(edge[0]).label for edge in cycle] + [Node(cycle[0][0]).label]
     closing = cycle[-1]
-    target = closing[1].split(":", 1)[1]
+    target = Node(closing[1]).label
     line = graph.edges[closing].get("line")
     raise MergefileError(
         "dependency cycle: " + " -> ".join(names), Location(mergefile.path, line, target)

@@ -13,6 +13,7 @@ from typing import Any
 
 from mbuild.mergefile.recipe import ModelRef
 from mbuild.mergefile.values import ValueChecker, suggest
+from mbuild.nodes import Node
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
@@ -30,7 +31,7 @@ class ReferenceResolver:
             raise self.checker.error(path, f"a model reference must be a non-empty string, not {value!r}")
         text = value.strip()
         if text in self.target_names:
-            return ModelRef(text, "target", text, None, line, "target:" + text)
+            return ModelRef(text, "target", text, None, line, Node.target(text))
         folder = Path(os.path.normpath(self.checker.mergefile.folder / Path(text).expanduser()))
         if "+" in text and not folder.exists():
             raise self.checker.error(path, f"'{text}': LoRA references (model+adapter) are not supported yet")
@@ -42,7 +43,7 @@ class ReferenceResolver:
                 shown = absolute.relative_to(self.checker.mergefile.folder).as_posix()
             except ValueError:
                 shown = absolute.as_posix()
-            return ModelRef(text, "local", str(absolute), None, line, "local:" + shown)
+            return ModelRef(text, "local", str(absolute), None, line, Node.of("local", shown))
         looks_local = text.startswith((".", "/", "~")) or not HUB_ID.match(text)
         if looks_local:
             hint = suggest(text, sorted(self.target_names))
@@ -54,4 +55,4 @@ class ReferenceResolver:
         if revision and any(part in ("", ".", "..") for part in revision.split("/")):
             # huggingface_hub finds a branch's commit in the file refs/<revision> of its cache.
             raise self.checker.error(path, f"'{text}': a revision is a branch, tag or commit, never a path with '.', '..' or '//'")
-        return ModelRef(text, "hub", repo, revision or None, line, f"hub:{repo}@{revision or 'main'}")
+        return ModelRef(text, "hub", repo, revision or None, line, Node.of("hub", f"{repo}@{revision or 'main'}"))

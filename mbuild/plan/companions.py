@@ -17,6 +17,7 @@ import yaml
 from mbuild import io, keys
 from mbuild.errors import MergefileError, ModelError
 from mbuild.mergefile import ModelRef, Target
+from mbuild.nodes import Node
 from mbuild.plan.tasks import TargetPlan, node_of
 
 TOKENIZER_FILE = re.compile(
@@ -88,8 +89,8 @@ def output_config(donor: Mapping[str, Any], infos, layer_origin, tasks) -> dict[
 
 def companions_of(node: str, infos, plans) -> dict[str, str]:
     """A model's non-weight files by name: a source's own, or what a target's output will hold."""
-    if node.startswith("target:"):
-        return dict(plans[node.split(":", 1)[1]].files)
+    if Node(node).is_target:
+        return dict(plans[Node(node).label].files)
     folder = infos[node].folder
     return {p.name: str(p) for p in io.companion_files(folder)} if folder else {}
 
@@ -143,7 +144,7 @@ def align_vocabulary(target: Target, refs: Sequence[ModelRef], base_node: str, i
         if not files[node]:
             raise ModelError(f"'{node.split(':', 1)[1]}' has no tokenizer files", target.location("tokenizer_source"))
     sizes = {node: vocab_size(infos[node].config) for node in files}
-    names = {node: node.split(":", 1)[1] for node in files}
+    names = {node: Node(node).label for node in files}
     try:
         return vocabulary.resolve(spec, base_node, nodes, files, sizes, names, Path(store) / "vocabularies")
     except OSError:  # a read-only or full cache: kept in the system's temporary folder instead

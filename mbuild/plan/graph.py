@@ -11,6 +11,7 @@ from typing import Sequence
 
 from mbuild.errors import Location, MergefileError
 from mbuild.mergefile import Mergefile
+from mbuild.nodes import Node
 
 
 def select(mergefile: Mergefile, graph, requested: Sequence[str]) -> tuple[str, ...]:
@@ -28,9 +29,9 @@ def select(mergefile: Mergefile, graph, requested: Sequence[str]) -> tuple[str, 
 
                 raise MergefileError(f"no target named '{name}'{suggest(name, names)}", Location(mergefile.path))
             wanted.add(name)
-            wanted.update(n.split(":", 1)[1] for n in nx.ancestors(graph, "target:" + name) if n.startswith("target:"))
+            wanted.update(n.label for n in nx.ancestors(graph, Node.target(name)) if n.is_target)
     position = {name: index for index, name in enumerate(names)}
     order = nx.lexicographical_topological_sort(
-        graph.subgraph(["target:" + n for n in wanted]), key=lambda node: position[node.split(":", 1)[1]]
+        graph.subgraph([Node.target(n) for n in wanted]), key=lambda node: position[node.label]
     )
-    return tuple(node.split(":", 1)[1] for node in order)
+    return tuple(node.label for node in order)

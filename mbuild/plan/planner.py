@@ -15,6 +15,7 @@ from mbuild import io
 from mbuild.errors import Location, ModelError
 from mbuild.mergefile import Mergefile, ModelRef, Target
 from mbuild.mergefile.dependencies import build_graph
+from mbuild.nodes import Node
 from mbuild.plan import kinds
 from mbuild.plan.graph import select
 from mbuild.plan.tasks import (
@@ -68,7 +69,7 @@ def make_plan(
     if previous is not None and changed is not None:
         stale = set()
         for name in changed:
-            stale.update(n.split(":", 1)[1] for n in nx.descendants(graph, "target:" + name) if n.startswith("target:"))
+            stale.update(n.label for n in nx.descendants(graph, Node.target(name)) if n.is_target)
     sources: dict[str, Source] = dict(previous.sources) if previous is not None else {}
     plans: dict[str, TargetPlan] = {}
     unhashed: set[str] = set(previous.unhashed) if previous is not None else set()

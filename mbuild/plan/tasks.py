@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 
 from mbuild import io, keys
 from mbuild.mergefile import Mergefile, ModelRef, Target
+from mbuild.nodes import Node
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
@@ -133,8 +134,8 @@ OutputLookup = Callable[[str], "str | None"]
 def input_key(node: str, info: io.TensorInfo, plans: Mapping[str, TargetPlan], source_digests, output_digest) -> str | None:
     """An input's key: its bytes' digest when known, else the upstream task that makes it."""
     name = info.name
-    if node.startswith("target:"):
-        upstream = plans[node.split(":", 1)[1]].task(name)
+    if Node(node).is_target:
+        upstream = plans[Node(node).label].task(name)
         if upstream is None or upstream.key is None:
             return None
         made = output_digest(upstream.key)

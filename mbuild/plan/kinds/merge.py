@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 from mbuild import io, keys, methods, parameters
 from mbuild.errors import MergefileError
 from mbuild.mergefile import ModelRef, Target
+from mbuild.nodes import Node
 from mbuild.plan.companions import (
     TOKENIZER_FILE,
     align_vocabulary,
@@ -358,7 +359,7 @@ def _untaken(target: Target, groups: list[_Group], infos, taken: set[tuple[str, 
     for node, names in expected.items():
         missed = sorted(name for name in names if (node, name) not in taken)
         if missed and not target.mixed_architectures:
-            label = node.split(":", 1)[1]
+            label = Node(node).label
             shown = ", ".join(missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
             raise MergefileError(
                 f"model '{label}' has {len(missed)} tensor(s) that no output tensor takes ({shown}): mbuild never "
