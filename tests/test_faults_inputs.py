@@ -481,3 +481,18 @@ def test_an_output_under_the_home_folder_is_expanded(llama, tmp_path, monkeypatc
         "    output: ~/merged\n"
     )
     assert mergefile.load(path).targets["m"].output == tmp_path / "home" / "merged"
+
+
+def test_a_reader_that_closes_the_pipe_early_gets_no_traceback():
+    """`mbuild methods | head -1`: the closed pipe ends the command quietly."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    try:
+        writer = subprocess.run(
+            [sys.executable, "-m", "mbuild", "methods"], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env
+        )
+    finally:
+        os.close(write_end)
+    assert writer.returncode == 141
+    assert "Traceback" not in writer.stderr and "BrokenPipeError" not in writer.stderr, writer.stderr

@@ -8,6 +8,7 @@ the cache, the session request).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -29,6 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mbuild: interrupted; earlier outputs are intact", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`mbuild methods | head`): nothing more can reach it, and
+        # Python must not try again to flush into the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     finally:
         # After any error message: no import may still be running at exit.
         console.SideImport.join_all()
