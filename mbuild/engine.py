@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mbuild import io, launcher, lock, manifest, operations
+from mbuild import io, keys, launcher, lock, manifest, operations
 from mbuild.cache import State, TensorCache
 from mbuild.errors import BuildError, Location, MbuildError
 from mbuild.executors import Executor, LocalExecutor
@@ -391,7 +391,7 @@ class _TensorPipeline:
                 return "reused"
         if self._unchanged(task):
             data = io.raw_bytes(self.reader.read(self.previous_model.tensors[task.name]))
-            digest = io.bytes_digest(data)
+            digest = keys.tensor_digest(data)
             if digest == self.previous[task.name].get("digest"):
                 self.made[task.key] = self.writer.write(task.name, data, digest)  # verified: not hashed again
                 self._keep(task, digest)

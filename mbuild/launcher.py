@@ -11,9 +11,10 @@ import sys
 from typing import Callable
 
 # Buffers up to 32 MiB (glibc's largest mmap threshold) are recycled from at most two heaps
-# instead of being mapped, zero-filled and unmapped each time: page faults were 40% of a
-# small model's TIES build. Glibc's default would also create a heap per worker thread and
-# keep freed memory in each, so peak RSS grew with the thread count; two heaps bound it.
+# instead of being mapped, zero-filled and unmapped each time: a build allocates and frees
+# such buffers for every tensor, and faulting them in afresh is a large part of a small
+# model's build. Glibc's default would also create a heap per worker thread and keep freed
+# memory in each, so peak RSS would grow with the thread count; two heaps bound it.
 # Larger buffers (most tensors of a 7B model) are mappings of their own, returned when freed.
 ARENA_MAX = 2
 MMAP_THRESHOLD = TRIM_THRESHOLD = 32 * 1024 * 1024
@@ -42,7 +43,7 @@ def run(main: Callable[[list[str]], int]) -> None:
 
 
 def _exit_without_teardown(code: int) -> None:
-    """End a finished build at once: tearing torch down takes about half a second.
+    """End a finished build at once: tearing torch down is slow, and nothing needs it.
 
     By now every output is published and fsynced, the tensor cache is closed and each
     SQLite commit is durable on its own, so nothing is left for exit handlers to do; only

@@ -8,12 +8,11 @@ output's key and file hashes. Staleness reasons are diffs against it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from mbuild import io
+from mbuild import io, keys
 from mbuild.errors import BuildError, Location, MbuildError, MergefileError
 from mbuild.nodes import Node
 from mbuild.plan import Plan, plain_recipe, recipe_method, source_fingerprint
@@ -21,9 +20,14 @@ from mbuild.plan import Plan, plain_recipe, recipe_method, source_fingerprint
 if TYPE_CHECKING:
     from mbuild.cache import State
 
-# 2: fingerprints made of BLAKE3 tensor digests (1: of sha256 ones).
-# 3: each target records the compute platform its bytes were made on; keys of version 2
-#    named bytes that depended on torch's thread count.
+# The lock's format. A lock of an earlier format is read, and each of its targets is rebuilt
+# once with an "earlier" note that says why, rather than "content changed":
+# 1: sources fingerprinted from sha256 digests of their tensors, which cannot be compared with
+#    the BLAKE3 digests tensor bytes are known by (`keys.tensor_hasher`), so they are dropped.
+#    Keys of that time (`keys.KEY_SCHEMA` below 2) are never found again, and digests the
+#    cache remembered of them (`cache.databases.DIGESTS` 1) are forgotten when it opens.
+# 2: keys named bytes that depended on torch's thread count; in version 3 each target also
+#    records the compute platform its bytes were made on (`compute_platform`).
 LOCK_VERSION = 3
 EARLIER_DIGESTS = "recorded by an earlier mbuild, with sha256 digests (now BLAKE3): rebuilt once"
 EARLIER_THREADS = (
@@ -48,8 +52,8 @@ def read(path: Path) -> dict[str, Any]:
     data.setdefault("sources", {})
     data.setdefault("targets", {})
     if data.get("version", 1) < 2:
-        # Version 1 fingerprints are of sha256 digests and cannot be compared with today's:
-        # say why the targets rebuild instead of "content changed".
+        # Version 1 fingerprints cannot be compared (see LOCK_VERSION): say why the targets
+        # rebuild instead of "content changed".
         for entry in data["targets"].values():
             entry.pop("inputs", None)
             entry["earlier"] = EARLIER_DIGESTS
@@ -152,7 +156,7 @@ def _lock_of_lock(state: State, path: Path):
     Its file lives in the cache folder; where that cannot hold it (a read-only or full disk:
     the cache is then skipped, not the build), in the system's temporary folder.
     """
-    name = hashlib.sha256(str(path).encode()).hexdigest()[:16] + ".lock"
+    name = keys.text_name(str(path), 16) + ".lock"
     try:
         held = io.FileLock(state.folder / "locks" / name).__enter__()
     except BuildError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from mbuild import __version__, io
+from mbuild import __version__, io, keys
 from mbuild.plan import TargetPlan, TensorTask
 
 NAME = io.MANIFEST_NAME
@@ -29,12 +29,10 @@ def write(
             if not path.name.endswith(".safetensors"):
                 entry["sha256"] = io.hash_file(path)
             files[path.name] = entry
-    # A shard's digest is the digest of its tensors' digests in order: computed while
-    # writing, so the shard is never read back.
     for name, entry in files.items():
         if name.endswith(".safetensors"):
             in_shard = [t.name for t in target_plan.tasks if shard_of[t.name] == name]
-            entry["digest"] = io.bytes_digest("".join(digests[t] for t in in_shard).encode())
+            entry["digest"] = keys.shard_digest(digests[t] for t in in_shard)
     manifest = {
         "mbuild": __version__,
         "target": target_plan.name,

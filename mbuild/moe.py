@@ -110,7 +110,7 @@ def stream_concat(task, models: Mapping[str, io.ModelInfo], reader: io.TensorRea
     """Write a stacked tensor input by input (one expert at a time); returns its digest."""
     import torch
 
-    digest = io.bytes_hasher()
+    digest = keys.tensor_hasher()
     offset = 0
     scales = dict(task.params)["scales"]
     out_dtype = io.torch_dtype(task.dtype)

@@ -9,11 +9,10 @@ only move or route bytes: ``copy`` (an integer buffer taken from the first input
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from mbuild import io, methods
+from mbuild import io, keys, methods
 from mbuild.errors import BuildError
 from mbuild.methods import NonFiniteResult
 from mbuild.plan import TensorTask
@@ -133,7 +132,7 @@ def compute_task(
     generator = None
     if task.seed is not None:
         # Drawn on the CPU whatever the device, so the bytes do not depend on it.
-        generator = torch.Generator("cpu").manual_seed(tensor_seed(task.seed, task.name))
+        generator = torch.Generator("cpu").manual_seed(keys.tensor_seed(task.seed, task.name))
     if method.casts_output:
         options["out_dtype"] = io.torch_dtype(task.dtype)
     try:
@@ -189,16 +188,10 @@ def _non_finite(task: TensorTask, target) -> BuildError:
 
 def copy_streamed(reader: io.TensorReader, info: io.TensorInfo, writer: io.ShardedWriter, name: str) -> str:
     """Copy one stored tensor's bytes in chunks into the writer's slot; returns their digest."""
-    digest = io.bytes_hasher()
+    digest = keys.tensor_hasher()
     offset = 0
     for chunk in reader.chunks(info):
         writer.write_part(name, offset, chunk)
         digest.update(chunk)
         offset += len(chunk)
     return writer.finish(name, digest.hexdigest())
-
-
-def tensor_seed(seed: int, tensor_name: str) -> int:
-    """A per-tensor seed from the target's seed and the tensor's name: order-independent."""
-    material = hashlib.sha256(f"{seed}\0{tensor_name}".encode()).digest()
-    return int.from_bytes(material[:8], "little") & (2**63 - 1)

@@ -13,13 +13,12 @@ it reads the tensor table through a memory map (no tensor data) and leaves keys 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from mbuild import io
+from mbuild import io, keys
 from mbuild.errors import ModelError
 
 class Conversions:
@@ -57,7 +56,7 @@ class Conversions:
                 if self.state is not None and io.file_identity(pickle) == identity:
                     self.state.remember(str(pickle), identity, found)
             parts.append(f"{pickle.name}:{found['sha256']}")
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+        return keys.text_name("\n".join(parts))
 
 
 def _load(pickle: Path, mmap: bool) -> dict[str, Any]:

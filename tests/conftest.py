@@ -1,7 +1,15 @@
-"""Shared fixtures: tiny real model families (Llama, Mistral, Qwen2 with tied embeddings)."""
+"""Shared fixtures and helpers: tiny real model families (Llama, Mistral, Qwen2 with tied
+embeddings), Mergefiles over them, and the CLI run in-process or in a subprocess.
+
+Plain helpers are imported by the tests as ``from conftest import NAME``; the method kernels'
+helpers are in `kernels.py`, the comparisons with mergekit in `parity.py`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +52,15 @@ def native(request, monkeypatch):
     elif c_loops.library() is None:
         pytest.skip("the C extension was not built (no compiler at install)")
     return request.param
+
+
+@pytest.fixture(scope="module")
+def mergekit_methods():
+    """mergekit's method registry (skips the test without mergekit)."""
+    pytest.importorskip("mergekit")
+    from mergekit import merge_methods
+
+    return merge_methods
 
 
 @pytest.fixture
@@ -91,16 +108,102 @@ def load_tensors(folder: Path) -> dict:
     return tensors
 
 
-def build_json(path: Path, *args: str, expect: int = 0) -> dict:
-    """Run `mbuild -f PATH --json ARGS` in-process; return its per-target report."""
-    import contextlib
-    import io as stdio
-    import json
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
+
+# ---------------------------------------------------------------------------------------------
+# Running the CLI in-process
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; its exit code, stdout and stderr."""
     from mbuild.cli import main
 
-    out = stdio.StringIO()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def build_json(path: Path, *args: str, expect: int = 0) -> dict:
+    """Run `mbuild -f PATH --json ARGS` in-process; return its per-target report.
+
+    Only stdout is taken: what the command says on stderr stays for `capsys` to read.
+    """
+    from mbuild.cli import main
+
+    out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["-f", str(path), "--json", *args])
     assert code == expect, out.getvalue()
     return json.loads(out.getvalue())["targets"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mergefiles over a family ({"base", "math", "code"} folders)
+
+
+def linear_mergefile(folder: Path, family: dict[str, Path], outputs: dict[str, str | None], weight: float = 0.5) -> Path:
+    """A Mergefile of linear targets over the family, one per name, each with the given `output:`."""
+    lines = ["targets:"]
+    for name, output in outputs.items():
+        lines += [
+            f"  {name}:",
+            "    merge_method: linear",
+            "    models:",
+            f"      - model: {family['math']}",
+            f"        parameters: {{weight: {weight}}}",
+            f"      - model: {family['code']}",
+            "        parameters: {weight: 0.5}",
+        ]
+        if output is not None:
+            lines.append(f"    output: {output}")
+    path = folder / "Mergefile"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+FRANKEN_TIES = """
+targets:
+  franken:
+    merge_method: passthrough
+    {franken_dtype}
+    slices:
+      - sources: [{{model: {base}, layer_range: [0, 5]}}]
+      - sources: [{{model: {base}, layer_range: [3, 8]}}]
+  franken-math:
+    merge_method: passthrough
+    slices:
+      - sources: [{{model: {math}, layer_range: [0, 5]}}]
+      - sources: [{{model: {math}, layer_range: [3, 8]}}]
+  tuned:
+    merge_method: ties
+    base_model: franken
+    dtype: float32
+    {out_dtype}
+    models:
+      - model: franken-math
+        parameters: {{weight: {weight}, density: 0.5}}
+"""
+LINEAR_SIDE = """  broken-or-not:
+    merge_method: linear
+    models:
+      - model: {base}
+        parameters: {{weight: {linear_weight}}}
+      - model: {code}
+        parameters: {{weight: 0.5}}
+"""
+
+
+def franken_ties(family, weight=0.7, franken_dtype="", out_dtype="", linear_weight=0.5) -> str:
+    """Mergefile text: depth up-scales of base and math (10 layers each), TIES of them ('tuned'),
+    and, unless ``linear_weight`` is None, a linear merge of base and code beside them ('broken-or-not').
+
+    ``franken_dtype`` and ``out_dtype`` are lines added to 'franken' and 'tuned'.
+    """
+    text = FRANKEN_TIES.format(weight=weight, franken_dtype=franken_dtype, out_dtype=out_dtype, **family)
+    if linear_weight is not None:
+        text += LINEAR_SIDE.format(linear_weight=linear_weight, **family)
+    return text

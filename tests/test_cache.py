@@ -16,57 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, build_json, load_tensors
-from mbuild import io
+from conftest import ROOT, build_json, franken_ties, load_tensors
+from mbuild import io, keys
 from mbuild.cache import State, TensorCache
 from mbuild.cli import main
-
-FAMILY = """
-targets:
-  franken:
-    merge_method: passthrough
-    {franken_dtype}
-    slices:
-      - sources: [{{model: {base}, layer_range: [0, 5]}}]
-      - sources: [{{model: {base}, layer_range: [3, 8]}}]
-  franken-math:
-    merge_method: passthrough
-    slices:
-      - sources: [{{model: {math}, layer_range: [0, 5]}}]
-      - sources: [{{model: {math}, layer_range: [3, 8]}}]
-  tuned:
-    merge_method: ties
-    base_model: franken
-    dtype: float32
-    models:
-      - model: franken-math
-        parameters: {{weight: {weight}, density: 0.5}}
-  broken-or-not:
-    merge_method: linear
-    models:
-      - model: {base}
-        parameters: {{weight: {linear_weight}}}
-      - model: {code}
-        parameters: {{weight: 0.5}}
-"""
-
-
-def family_text(family, weight=0.7, franken_dtype="", linear_weight=0.5) -> str:
-    return FAMILY.format(weight=weight, franken_dtype=franken_dtype, linear_weight=linear_weight, **family)
 
 
 def run(path: Path, *args: str, expect: int = 0) -> dict:
     return build_json(path, "-j", "1", *args, expect=expect)
-
-
-def dry_run(path: Path) -> dict:
-    import contextlib
-    import io as stdio
-
-    out = stdio.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["-f", str(path), "--json", "--dry-run"]) == 0
-    return json.loads(out.getvalue())["targets"]
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -77,7 +34,7 @@ def same_tensors(a: Path, b: Path) -> bool:
 @pytest.fixture
 def project(llama, tmp_path):
     path = tmp_path / "Mergefile"
-    path.write_text(family_text(llama))
+    path.write_text(franken_ties(llama))
     return path
 
 
@@ -85,17 +42,17 @@ def project(llama, tmp_path):
 def reference(llama, tmp_path_factory):
     """A clean build of the family, to compare bytes with."""
     folder = tmp_path_factory.mktemp("reference")
-    (folder / "Mergefile").write_text(family_text(llama))
+    (folder / "Mergefile").write_text(franken_ties(llama))
     run(folder / "Mergefile")
     return folder / "build"
 
 
 def test_undoing_an_edit_recomputes_nothing(project, llama):
     run(project)
-    project.write_text(family_text(llama, weight=0.2))
+    project.write_text(franken_ties(llama, weight=0.2))
     edited = run(project)
     assert edited["tuned"]["status"] == "built" and edited["tuned"]["tensors_computed"] > 0
-    project.write_text(family_text(llama))
+    project.write_text(franken_ties(llama))
     undone = run(project)
     assert undone["tuned"]["status"] == "built"
     assert undone["tuned"]["tensors_computed"] == 0
@@ -105,8 +62,8 @@ def test_undoing_an_edit_recomputes_nothing(project, llama):
 def test_identical_upstream_bytes_stop_the_cascade(project, llama):
     run(project)
     # The passthrough now scales by 1.0: new tasks, new keys, the same bytes.
-    project.write_text(family_text(llama, franken_dtype="parameters: {scale: 1.0}"))
-    plan = dry_run(project)
+    project.write_text(franken_ties(llama, franken_dtype="parameters: {scale: 1.0}"))
+    plan = build_json(project, "--dry-run")
     assert plan["franken"]["stale"] and plan["franken"]["action"] == "rebuild"
     assert plan["tuned"]["stale"]
     assert plan["tuned"]["action"] == "rebuild unless upstream bytes are unchanged"
@@ -119,8 +76,8 @@ def test_identical_upstream_bytes_stop_the_cascade(project, llama):
 def test_a_recipe_change_that_keeps_every_task_is_cached_not_recomputed(project, llama):
     run(project)
     # Asking for float32 math explicitly is what a passthrough did anyway: same tasks, new recipe.
-    project.write_text(family_text(llama, franken_dtype="dtype: float32\n    out_dtype: bfloat16"))
-    plan = dry_run(project)
+    project.write_text(franken_ties(llama, franken_dtype="dtype: float32\n    out_dtype: bfloat16"))
+    plan = build_json(project, "--dry-run")
     assert plan["franken"]["stale"] and plan["franken"]["action"] == "cached"
     assert plan["tuned"]["stale"] is False  # its inputs' bytes are known to be the same
     report = run(project)
@@ -129,10 +86,10 @@ def test_a_recipe_change_that_keeps_every_task_is_cached_not_recomputed(project,
 
 def test_dry_run_says_cached_when_every_tensor_is_in_the_cache(project, llama):
     run(project)
-    project.write_text(family_text(llama, weight=0.2))
+    project.write_text(franken_ties(llama, weight=0.2))
     run(project)
-    project.write_text(family_text(llama))
-    plan = dry_run(project)
+    project.write_text(franken_ties(llama))
+    plan = build_json(project, "--dry-run")
     assert plan["tuned"]["stale"] and plan["tuned"]["action"] == "cached"
     assert plan["tuned"]["tensors_to_compute"] == 0 and plan["tuned"]["bytes_to_read"] == 0
 
@@ -243,85 +200,6 @@ def test_two_builds_at_once_both_finish_with_correct_bytes(project, reference):
     assert not list((project.parent / "build").glob(".*.mbuild-tmp-*"))
 
 
-def test_keep_going_builds_what_does_not_depend_on_a_failure(project, llama, capsys):
-    # A weight beyond float32's range makes 'broken-or-not' non-finite; the others build.
-    project.write_text(family_text(llama, linear_weight="1.0e+39"))
-    report = run(project, "-k", expect=1)
-    assert report["broken-or-not"]["status"] == "failed"
-    assert "non-finite" in report["broken-or-not"]["error"]
-    assert report["tuned"]["status"] == "built"
-    # Even with --json (or --quiet) the failure is said on stderr.
-    assert "mbuild: error:" in capsys.readouterr().err
-
-
-def test_each_target_is_expanded_once_per_change_not_once_per_target(llama, tmp_path, monkeypatch):
-    from mbuild.plan import planner
-
-    names = [f"t{i}" for i in range(6)]
-    path = tmp_path / "Mergefile"
-    path.write_text("targets:\n" + "".join(
-        f"  {name}:\n    merge_method: linear\n    models:\n"
-        f"      - {{model: {llama['base']}, parameters: {{weight: {i + 1}}}}}\n"
-        f"      - {{model: {llama['math']}, parameters: {{weight: 1}}}}\n"
-        for i, name in enumerate(names)
-    ))
-    run(path)  # sources hashed: the plan over remembered digests is then the build's plan
-    path.write_text(path.read_text().replace("weight: 1}}", "weight: 0.5}}"))
-    calls = []
-    real = planner.expand
-    monkeypatch.setattr(planner, "expand", lambda target, *a, **k: calls.append(target.name) or real(target, *a, **k))
-    report = run(path)
-    assert all(report[n]["status"] == "built" for n in names)
-    assert sorted(calls) == sorted(names)  # independent targets: nothing to re-expand after each build
-
-
-def test_gc_drops_what_no_target_needs_and_keeps_the_rest(project, llama):
-    run(project)
-    project.write_text(family_text(llama, weight=0.2))
-    run(project)
-    cache = TensorCache(project.parent / "cache" / "tensors")
-    before = len(cache.keys())
-    cache.close()
-    import contextlib
-    import io as stdio
-
-    out = stdio.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["gc", "-f", str(project), "--json"]) == 0
-    dropped = json.loads(out.getvalue())["dropped"]
-    assert dropped > 0  # the weight 0.7 tensors of 'tuned'
-    cache = TensorCache(project.parent / "cache" / "tensors")
-    assert len(cache.keys()) == before - dropped
-    cache.close()
-    assert main(["clean", "-f", str(project)]) == 0
-    rebuilt = run(project)
-    assert all(r["tensors_computed"] == 0 for r in rebuilt.values())
-
-
-def test_clean_removes_outputs_but_never_a_foreign_folder(project, capsys):
-    run(project)
-    assert main(["clean", "-f", str(project), "tuned"]) == 0
-    assert not (project.parent / "build" / "tuned").exists()
-    assert (project.parent / "build" / "franken").exists()
-    foreign = project.parent / "build" / "tuned"
-    foreign.mkdir()
-    (foreign / "mine.txt").write_text("keep")
-    assert main(["clean", "-f", str(project), "tuned"]) == 2
-    assert (foreign / "mine.txt").exists()
-
-
-def test_explain_names_the_parameter_and_the_tensors(project, llama, capsys):
-    run(project)
-    project.write_text(family_text(llama, weight=0.2))
-    assert main(["explain", "-f", str(project), "tuned", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)["targets"]["tuned"]
-    assert report["stale"] and report["reasons"] == ["models[0].parameters.weight: 0.7 → 0.2"]
-    assert set(report["changes"]) == {"franken-math.weight: 0.7 → 0.2"}
-    # TIES with a single model of weight w normalises it away except where the delta is pruned:
-    # every tensor's key changes because its parameters did.
-    assert len(report["changes"]["franken-math.weight: 0.7 → 0.2"]) == report["tensors"]
-
-
 def test_cache_bound_is_explicit_and_enforced(project, tmp_path):
     report = run(project, "--cache-size", "300K", "--force")
     assert report["tuned"]["status"] == "built"
@@ -355,7 +233,7 @@ def shard_file(folder: Path, name: str, size: int = 1000) -> Path:
 
 
 def place(cache: TensorCache, key: str, shard: Path, blob: str) -> None:
-    cache.put_at(key, blob, 100, 50, io.bytes_digest(shard.read_bytes()[100:150]))
+    cache.put_at(key, blob, 100, 50, keys.tensor_digest(shard.read_bytes()[100:150]))
 
 
 def test_blobs_are_bounded_least_recently_used_first(tmp_path):
@@ -469,7 +347,7 @@ def test_digests_remembered_by_an_earlier_version_are_forgotten(llama, tmp_path)
     assert state.digests(model, compute=False) is None
     assert state.output_digest("task") is None
     computed = state.digests(model, compute=True)
-    assert computed != stale and computed == {n: io.bytes_digest(raw) for n, raw in _tensor_bytes(model).items()}
+    assert computed != stale and computed == {n: keys.tensor_digest(raw) for n, raw in _tensor_bytes(model).items()}
     state.close()
     # Opened again, today's digests stay.
     again = State(folder)
@@ -494,7 +372,7 @@ def test_cache_places_of_an_earlier_version_are_dropped_and_their_blobs_pruned(t
     )
     old.execute("INSERT INTO blobs VALUES ('oldblob', 1000, 0, NULL)")
     data = shard.read_bytes()[100:150]
-    old.execute("INSERT INTO places VALUES ('key', 'oldblob', 100, 50, ?)", (io.bytes_digest(data),))
+    old.execute("INSERT INTO places VALUES ('key', 'oldblob', 100, 50, ?)", (keys.tensor_digest(data),))
     old.commit()
     old.close()
     cache = TensorCache(folder, size_limit=10_000)
@@ -518,17 +396,17 @@ def test_a_lock_from_before_blake3_explains_the_one_rebuild(project):
     for entry in data["targets"].values():  # and its fingerprints, of sha256 digests
         entry["inputs"] = {node: "0" * 64 for node in entry["inputs"]}
     lock_file.write_text(json.dumps(data))
-    assert any("content changed" in reason for reason in dry_run(project)["franken"]["reasons"])
+    assert any("content changed" in reason for reason in build_json(project, "--dry-run")["franken"]["reasons"])
     data["version"] = 1
     lock_file.write_text(json.dumps(data))
-    assert dry_run(project)["franken"]["reasons"] == [lock.EARLIER_DIGESTS]
+    assert build_json(project, "--dry-run")["franken"]["reasons"] == [lock.EARLIER_DIGESTS]
     # The remembered sha256 file digests are forgotten too: still the one reason, not "changed on disk".
     state = sqlite3.connect(project.parent / "cache" / "state.db")
     state.execute("PRAGMA user_version = 1")
     state.commit()
     state.close()
-    assert dry_run(project)["franken"]["reasons"] == [lock.EARLIER_DIGESTS]
+    assert build_json(project, "--dry-run")["franken"]["reasons"] == [lock.EARLIER_DIGESTS]
     built = run(project)
     assert built["franken"]["status"] == "built"
     assert json.loads(lock_file.read_text())["version"] == lock.LOCK_VERSION
-    assert dry_run(project)["franken"]["stale"] is False
+    assert build_json(project, "--dry-run")["franken"]["stale"] is False

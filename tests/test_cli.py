@@ -1,4 +1,4 @@
-"""The command line: dry-run, JSON reports, status, graph, methods and error reporting."""
+"""The command line: dry-run, JSON reports, status, graph, methods, gc, clean, explain, -k and error reporting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
+from conftest import build_json, franken_ties, run_cli
 from mbuild import io
+from mbuild.cache import TensorCache
 from mbuild.cli import console
 from mbuild.cli import main
 
@@ -226,3 +228,68 @@ def test_an_error_is_printed_before_waiting_for_the_side_import(project, monkeyp
     monkeypatch.setattr(console.SideImport, "join", lambda self: seen_at_join.append(capsys.readouterr().err))
     assert main(["-f", str(project), "-q"]) == 2
     assert seen_at_join and "no space left on the output disk" in seen_at_join[0], seen_at_join
+
+
+# ---------------------------------------------------------------------------------------------
+# gc, clean, explain and -k, over `franken_ties`: TIES on two up-scales, and a linear target beside
+
+
+@pytest.fixture
+def tuned_project(llama, tmp_path):
+    path = tmp_path / "Mergefile"
+    path.write_text(franken_ties(llama))
+    return path
+
+
+def test_gc_drops_what_no_target_needs_and_keeps_the_rest(tuned_project, llama):
+    build_json(tuned_project, "-j", "1")
+    tuned_project.write_text(franken_ties(llama, weight=0.2))
+    build_json(tuned_project, "-j", "1")
+    cache = TensorCache(tuned_project.parent / "cache" / "tensors")
+    before = len(cache.keys())
+    cache.close()
+    code, out, _ = run_cli("gc", "-f", str(tuned_project), "--json")
+    assert code == 0
+    dropped = json.loads(out)["dropped"]
+    assert dropped > 0  # the weight 0.7 tensors of 'tuned'
+    cache = TensorCache(tuned_project.parent / "cache" / "tensors")
+    assert len(cache.keys()) == before - dropped
+    cache.close()
+    assert main(["clean", "-f", str(tuned_project)]) == 0
+    rebuilt = build_json(tuned_project, "-j", "1")
+    assert all(r["tensors_computed"] == 0 for r in rebuilt.values())
+
+
+def test_clean_removes_outputs_but_never_a_foreign_folder(tuned_project, capsys):
+    build_json(tuned_project, "-j", "1")
+    assert main(["clean", "-f", str(tuned_project), "tuned"]) == 0
+    assert not (tuned_project.parent / "build" / "tuned").exists()
+    assert (tuned_project.parent / "build" / "franken").exists()
+    foreign = tuned_project.parent / "build" / "tuned"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    assert main(["clean", "-f", str(tuned_project), "tuned"]) == 2
+    assert (foreign / "mine.txt").exists()
+
+
+def test_explain_names_the_parameter_and_the_tensors(tuned_project, llama, capsys):
+    build_json(tuned_project, "-j", "1")
+    tuned_project.write_text(franken_ties(llama, weight=0.2))
+    assert main(["explain", "-f", str(tuned_project), "tuned", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["targets"]["tuned"]
+    assert report["stale"] and report["reasons"] == ["models[0].parameters.weight: 0.7 → 0.2"]
+    assert set(report["changes"]) == {"franken-math.weight: 0.7 → 0.2"}
+    # TIES with a single model of weight w normalises it away except where the delta is pruned:
+    # every tensor's key changes because its parameters did.
+    assert len(report["changes"]["franken-math.weight: 0.7 → 0.2"]) == report["tensors"]
+
+
+def test_keep_going_builds_what_does_not_depend_on_a_failure(tuned_project, llama, capsys):
+    # A weight beyond float32's range makes 'broken-or-not' non-finite; the others build.
+    tuned_project.write_text(franken_ties(llama, linear_weight="1.0e+39"))
+    report = build_json(tuned_project, "-j", "1", "-k", expect=1)
+    assert report["broken-or-not"]["status"] == "failed"
+    assert "non-finite" in report["broken-or-not"]["error"]
+    assert report["tuned"]["status"] == "built"
+    # Even with --json (or --quiet) the failure is said on stderr.
+    assert "mbuild: error:" in capsys.readouterr().err

@@ -24,16 +24,14 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import ROOT, load_tensors
-from test_parity_methods import assert_same_tensors, deterministic_recipes, random_recipes, run_mergekit, same_bits
+from conftest import build_json, franken_ties, load_tensors
+from parity import Build, assert_same_tensors, deterministic_recipes, random_recipes, run_mergekit, same_bits
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Each build configuration: (name, jobs, how it runs). "process" runs the CLI in a subprocess.
@@ -88,28 +86,12 @@ def recipes(family) -> tuple[dict[str, dict], set[str]]:
 
 def build(root: Path, targets: dict[str, dict], jobs: int, process=False, taskset=False, env=None) -> Path:
     """Build every target in a folder of its own with its own cache; return the folder."""
-    from mbuild.cli import main
-
-    root.mkdir(parents=True)
-    mergefile = root / "Mergefile"
-    mergefile.write_text(yaml.safe_dump({"targets": targets}, sort_keys=False))
-    arguments = ["-f", str(mergefile), "-q", "-j", str(jobs), "--cache-dir", str(root / "cache")]
-    if process:
-        command = [sys.executable, "-m", "mbuild.cli", *arguments]
-        if taskset:
-            if shutil.which("taskset") is None:
-                pytest.skip("taskset is not installed")
-            command = ["taskset", "-c", "0", *command]
-        environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        environment.pop("MBUILD_CACHE", None)
-        result = subprocess.run(command, capture_output=True, text=True, env=environment)
-        assert result.returncode == 0, result.stdout + result.stderr
-    else:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            code = main(arguments)
-        assert code == 0, out.getvalue()
-    return root
+    prefix: tuple[str, ...] = ()
+    if taskset:
+        if shutil.which("taskset") is None:
+            pytest.skip("taskset is not installed")
+        prefix = ("taskset", "-c", "0")
+    return Build(root, targets, "-q", "-j", str(jobs), process=process, env=env, prefix=prefix).wait().root
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +103,7 @@ def builds(grain_family, tmp_path_factory):
 
     def get(configuration: str) -> Path:
         if configuration not in made:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.delenv("MBUILD_CACHE", raising=False)
-                made[configuration] = build(root / configuration, targets, **CONFIGURATIONS[configuration])
+            made[configuration] = build(root / configuration, targets, **CONFIGURATIONS[configuration])
         return made[configuration]
 
     return get
@@ -228,18 +208,17 @@ def test_other_vector_kernels_key_every_computed_tensor_apart(builds, grain_fami
 
 def test_a_changed_platform_is_a_reason_and_a_rebuild(llama, tmp_path, monkeypatch):
     from mbuild import compute_platform
-    from test_cache import dry_run, family_text, run
 
     project = tmp_path / "Mergefile"
-    project.write_text(family_text(llama))
+    project.write_text(franken_ties(llama))
     here = compute_platform.identify("cpu")
-    run(project)
+    build_json(project, "-j", "1")
     elsewhere = here.replace("cpu:", "cpu:elsewhere-", 1)
     monkeypatch.setattr(compute_platform, "identify", lambda device="cpu": elsewhere)
     monkeypatch.setattr(compute_platform, "as_torch_sees_it", lambda device="cpu": elsewhere)
-    reasons = dry_run(project)["tuned"]["reasons"]
+    reasons = build_json(project, "--dry-run")["tuned"]["reasons"]
     assert f"compute platform: {here} → {elsewhere}" in reasons
-    rebuilt = run(project)
+    rebuilt = build_json(project, "-j", "1")
     assert rebuilt["tuned"]["status"] == "built" and rebuilt["tuned"]["tensors_computed"] > 0
     assert json.loads(project.with_name("Mergefile.lock").read_text())["targets"]["tuned"]["platform"] == elsewhere
 
@@ -247,10 +226,9 @@ def test_a_changed_platform_is_a_reason_and_a_rebuild(llama, tmp_path, monkeypat
 def test_a_build_is_refused_when_torch_computes_elsewhere_than_the_keys_say(llama, tmp_path, monkeypatch):
     from mbuild import compute_platform
     from mbuild.cli import main
-    from test_cache import family_text
 
     project = tmp_path / "Mergefile"
-    project.write_text(family_text(llama))
+    project.write_text(franken_ties(llama))
     monkeypatch.setattr(compute_platform, "identify", lambda device="cpu": "cpu:x86_64-imagined:torch-0.0")
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -262,11 +240,10 @@ def test_a_build_is_refused_when_torch_computes_elsewhere_than_the_keys_say(llam
 def test_a_lock_from_thread_dependent_keys_explains_the_one_rebuild(llama, tmp_path):
     from mbuild import io as mbuild_io
     from mbuild import lock
-    from test_cache import dry_run, family_text, run
 
     project = tmp_path / "Mergefile"
-    project.write_text(family_text(llama))
-    run(project)
+    project.write_text(franken_ties(llama))
+    build_json(project, "-j", "1")
     lock_file = project.with_name("Mergefile.lock")
     data = json.loads(lock_file.read_text())
     assert data["version"] == lock.LOCK_VERSION == 3
@@ -278,10 +255,10 @@ def test_a_lock_from_thread_dependent_keys_explains_the_one_rebuild(llama, tmp_p
     for entry in data["targets"].values():
         del entry["platform"]
     lock_file.write_text(json.dumps(data))
-    assert dry_run(project)["franken"]["reasons"] == [lock.EARLIER_THREADS]
-    assert run(project)["franken"]["status"] == "built"
+    assert build_json(project, "--dry-run")["franken"]["reasons"] == [lock.EARLIER_THREADS]
+    assert build_json(project, "-j", "1")["franken"]["status"] == "built"
     assert json.loads(lock_file.read_text())["version"] == 3
-    assert dry_run(project)["franken"]["stale"] is False
+    assert build_json(project, "--dry-run")["franken"]["stale"] is False
 
 
 def test_a_byte_copy_is_keyed_alike_on_every_platform():

@@ -9,44 +9,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, build_json, load_tensors
+from conftest import ROOT, build_json, franken_ties, load_tensors, snapshot
 from mbuild import io, operations
 from mbuild.cli import main
 
-FRANKEN_TIES = """
-targets:
-  franken:
-    merge_method: passthrough
-    slices:
-      - sources: [{{model: {base}, layer_range: [0, 5]}}]
-      - sources: [{{model: {base}, layer_range: [3, 8]}}]
-  franken-math:
-    merge_method: passthrough
-    slices:
-      - sources: [{{model: {math}, layer_range: [0, 5]}}]
-      - sources: [{{model: {math}, layer_range: [3, 8]}}]
-  tuned:
-    merge_method: ties
-    base_model: franken
-    dtype: float32
-    out_dtype: bfloat16
-    models:
-      - model: franken-math
-        parameters: {{weight: 0.7, density: 0.5}}
-"""
 
-
-def run(path: Path, *args: str) -> dict:
-    return build_json(path, *args)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+def tuned_bf16(family, weight=0.7) -> str:
+    """`franken_ties` with 'tuned' stored in bfloat16, and no linear target beside it."""
+    return franken_ties(family, weight, out_dtype="out_dtype: bfloat16", linear_weight=None)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
@@ -55,8 +29,8 @@ def test_outputs_are_complete_hf_folders_that_load_and_give_finite_logits(famili
 
     family = families(architecture)
     path = tmp_path / "Mergefile"
-    path.write_text(FRANKEN_TIES.format(**family))
-    run(path)
+    path.write_text(tuned_bf16(family))
+    build_json(path)
     out = tmp_path / "build" / "tuned"
     config = json.loads((out / "config.json").read_text())
     source_config = json.loads((family["base"] / "config.json").read_text())
@@ -87,8 +61,8 @@ def test_outputs_are_complete_hf_folders_that_load_and_give_finite_logits(famili
 
 def test_sharded_output_has_an_exact_index(llama, tmp_path):
     path = tmp_path / "Mergefile"
-    path.write_text(FRANKEN_TIES.format(**llama))
-    run(path, "--shard-size", "200K")  # downstream targets read the sharded outputs
+    path.write_text(tuned_bf16(llama))
+    build_json(path, "--shard-size", "200K")  # downstream targets read the sharded outputs
     out = tmp_path / "build" / "franken"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))
@@ -100,8 +74,8 @@ def test_sharded_output_has_an_exact_index(llama, tmp_path):
     # Same bytes as a single-file build.
     single = tmp_path / "single"
     single.mkdir()
-    (single / "Mergefile").write_text(FRANKEN_TIES.format(**llama))
-    run(single / "Mergefile")
+    (single / "Mergefile").write_text(tuned_bf16(llama))
+    build_json(single / "Mergefile")
     for name in ("franken", "tuned"):
         one, many = load_tensors(single / "build" / name), load_tensors(tmp_path / "build" / name)
         assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
@@ -109,11 +83,11 @@ def test_sharded_output_has_an_exact_index(llama, tmp_path):
 
 def test_failed_build_leaves_previous_output_intact(llama, tmp_path, monkeypatch):
     path = tmp_path / "Mergefile"
-    path.write_text(FRANKEN_TIES.format(**llama))
-    run(path)
+    path.write_text(tuned_bf16(llama))
+    build_json(path)
     out = tmp_path / "build" / "tuned"
     before = snapshot(out)
-    path.write_text(FRANKEN_TIES.format(**llama).replace("weight: 0.7", "weight: 0.2"))
+    path.write_text(tuned_bf16(llama, weight=0.2))
     calls = {"n": 0}
     real = operations.compute_task
 
@@ -128,18 +102,18 @@ def test_failed_build_leaves_previous_output_intact(llama, tmp_path, monkeypatch
     assert snapshot(out) == before
     assert not list(out.parent.glob(".tuned.mbuild-tmp-*"))  # no temporary left behind
     monkeypatch.setattr(operations, "compute_task", real)
-    report = run(path)
+    report = build_json(path)
     assert report["tuned"]["status"] == "built"
     assert snapshot(out) != before
 
 
 def test_kill_9_mid_build_keeps_previous_output_and_next_run_finishes(llama, tmp_path):
     path = tmp_path / "Mergefile"
-    path.write_text(FRANKEN_TIES.format(**llama))
-    run(path)
+    path.write_text(tuned_bf16(llama))
+    build_json(path)
     out = tmp_path / "build" / "tuned"
     before = snapshot(out)
-    path.write_text(FRANKEN_TIES.format(**llama).replace("weight: 0.7", "weight: 0.3"))
+    path.write_text(tuned_bf16(llama, weight=0.3))
     # Slow every task down so the kill lands mid-target.
     script = (
         "import sys, time; from mbuild import operations; real = operations.compute_task\n"
@@ -157,20 +131,20 @@ def test_kill_9_mid_build_keeps_previous_output_and_next_run_finishes(llama, tmp
     process.wait()
     assert list(out.parent.glob(".tuned.mbuild-tmp-*")), "the kill should land while tuned is being built"
     assert snapshot(out) == before
-    report = run(path)
+    report = build_json(path)
     assert report["tuned"]["status"] == "built"
     assert not list(out.parent.glob(".tuned.mbuild-tmp-*")) and not list(out.parent.glob(".tuned.mbuild-old-*"))
 
 
 def test_interrupted_publish_is_recovered(llama, tmp_path):
     path = tmp_path / "Mergefile"
-    path.write_text(FRANKEN_TIES.format(**llama))
-    run(path)
+    path.write_text(tuned_bf16(llama))
+    build_json(path)
     out = tmp_path / "build" / "tuned"
     before = snapshot(out)
     # A crash between "move the old output aside" and "move the new one in".
     os.rename(out, out.parent / ".tuned.mbuild-old-999999999")
-    report = run(path)
+    report = build_json(path)
     assert report["tuned"]["status"] == "built"
     assert snapshot(out)["model.safetensors"] == before["model.safetensors"]
 
@@ -206,7 +180,7 @@ def test_non_finite_values_are_an_error_naming_the_tensor(llama, tmp_path, metho
 
 def test_a_folder_not_made_by_mbuild_is_never_replaced(llama, tmp_path, capsys):
     path = tmp_path / "Mergefile"
-    path.write_text(FRANKEN_TIES.format(**llama))
+    path.write_text(tuned_bf16(llama))
     precious = tmp_path / "build" / "franken"
     precious.mkdir(parents=True)
     (precious / "notes.txt").write_text("mine")
@@ -237,7 +211,7 @@ def test_dare_is_reproducible_from_the_seed_whatever_the_parallelism(llama, tmp_
         folder = tmp_path / label
         folder.mkdir()
         (folder / "Mergefile").write_text(DARE.format(seed=seed, **llama))
-        run(folder / "Mergefile", "-j", jobs)
+        build_json(folder / "Mergefile", "-j", jobs)
         outputs[label] = load_tensors(folder / "build" / "dare")
     a, b, c = outputs["a"], outputs["b"], outputs["c"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -264,7 +238,7 @@ def test_integer_buffers_are_copied_not_merged(llama, tmp_path):
         "targets:\n  mix:\n    merge_method: linear\n    models:\n"
         "      - model: base\n        parameters: {weight: 0.5}\n      - model: math\n        parameters: {weight: 0.5}\n"
     )
-    run(path)
+    build_json(path)
     merged = load_tensors(tmp_path / "build" / "mix")
     assert merged["model.position_buffer"].dtype == torch.int64
     assert torch.equal(merged["model.position_buffer"], torch.arange(16, dtype=torch.int64))

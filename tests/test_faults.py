@@ -8,7 +8,6 @@ leftovers) and checks both the message and that every byte of theirs is still th
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import subprocess
@@ -17,42 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_tensors
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; its exit code, stdout and stderr."""
-    from mbuild.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
-
-
-def mergefile(folder: Path, family: dict[str, Path], outputs: dict[str, str | None], weight: float = 0.5) -> Path:
-    """A Mergefile of linear targets over the family, one per name, each with the given `output:`."""
-    lines = ["targets:"]
-    for name, output in outputs.items():
-        lines += [
-            f"  {name}:",
-            "    merge_method: linear",
-            "    models:",
-            f"      - model: {family['math']}",
-            f"        parameters: {{weight: {weight}}}",
-            f"      - model: {family['code']}",
-            "        parameters: {weight: 0.5}",
-        ]
-        if output is not None:
-            lines.append(f"    output: {output}")
-    path = folder / "Mergefile"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under a folder, by relative path, with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from conftest import linear_mergefile, load_tensors, run_cli, snapshot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +28,7 @@ def test_an_output_naming_an_existing_file_is_refused_and_the_file_kept(llama, t
     (tmp_path / "notes.txt").write_text("my notes")
     if output == "MODEL_CONFIG":
         output = str(llama["base"] / "config.json")
-    path = mergefile(tmp_path, llama, {"merged": output})
+    path = linear_mergefile(tmp_path, llama, {"merged": output})
     before_config = (llama["base"] / "config.json").read_bytes()
     before_notes = (tmp_path / "notes.txt").read_bytes()
     code, _, err = run_cli("-f", str(path), "-q")
@@ -82,7 +46,7 @@ def test_an_output_that_is_a_link_is_refused(llama, tmp_path):
     real.mkdir()
     (real / "mine.txt").write_text("keep")
     (tmp_path / "linked").symlink_to(real)
-    path = mergefile(tmp_path, llama, {"merged": "linked"})
+    path = linear_mergefile(tmp_path, llama, {"merged": "linked"})
     code, _, err = run_cli("-f", str(path), "-q")
     assert code == 2 and "symbolic link" in err
     assert (real / "mine.txt").read_text() == "keep" and (tmp_path / "linked").is_symlink()
@@ -101,7 +65,7 @@ def test_an_output_that_is_a_link_is_refused(llama, tmp_path):
 )
 def test_outputs_that_alias_nest_or_hold_the_mergefile_are_refused_before_any_write(llama, tmp_path, outputs, expected):
     (tmp_path / "out" / "y").mkdir(parents=True)
-    path = mergefile(tmp_path, llama, outputs)
+    path = linear_mergefile(tmp_path, llama, outputs)
     before = snapshot(tmp_path)
     code, _, err = run_cli("-f", str(path), "-q")
     assert code == 2 and expected in err, err
@@ -111,11 +75,11 @@ def test_outputs_that_alias_nest_or_hold_the_mergefile_are_refused_before_any_wr
 
 
 def test_an_output_inside_or_around_a_source_model_is_refused(llama, tmp_path):
-    inside = mergefile(tmp_path, llama, {"merged": str(llama["code"] / "merged")})
+    inside = linear_mergefile(tmp_path, llama, {"merged": str(llama["code"] / "merged")})
     code, _, err = run_cli("-f", str(inside), "-q")
     assert code == 2 and "overlaps the source model" in err
     assert not (llama["code"] / "merged").exists()
-    around = mergefile(tmp_path, llama, {"merged": str(llama["code"].parent)})
+    around = linear_mergefile(tmp_path, llama, {"merged": str(llama["code"].parent)})
     code, _, err = run_cli("-f", str(around), "-q", "--dry-run")
     assert code == 2 and "overlaps the source model" in err
 
@@ -129,7 +93,7 @@ def test_a_folder_with_a_users_mbuild_json_is_never_taken_for_mbuilds(llama, tmp
     folder.mkdir(parents=True)
     (folder / "mbuild.json").write_text(json.dumps({"theme": "dark"}))
     (folder / "mine.txt").write_text("keep")
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     before = snapshot(folder)
     code, _, err = run_cli("-f", str(path), "-q")
     assert code == 2 and "was not made by mbuild" in err
@@ -139,12 +103,12 @@ def test_a_folder_with_a_users_mbuild_json_is_never_taken_for_mbuilds(llama, tmp
 
 
 def test_a_users_file_dropped_into_a_built_output_stops_rebuild_and_clean(llama, tmp_path):
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     assert run_cli("-f", str(path), "-q")[0] == 0
     folder = tmp_path / "build" / "merged"
     (folder / "notes.txt").write_text("my notes on this merge")
     (folder / "extra.safetensors").write_bytes(b"not mbuild's")
-    mergefile(tmp_path, llama, {"merged": None}, weight=0.7)  # a change: the target is stale
+    linear_mergefile(tmp_path, llama, {"merged": None}, weight=0.7)  # a change: the target is stale
     code, _, err = run_cli("-f", str(path), "-q")
     assert code == 2 and "holds what mbuild did not write there (extra.safetensors, notes.txt)" in err
     code, _, err = run_cli("clean", "-f", str(path))
@@ -163,7 +127,7 @@ def test_a_users_file_dropped_into_a_built_output_stops_rebuild_and_clean(llama,
 
 
 def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_untouched(llama, tmp_path):
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     (tmp_path / "build").mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -187,7 +151,7 @@ def dead_pid() -> int:
 
 
 def test_status_shows_and_gc_removes_a_crashed_builds_temporary(llama, tmp_path):
-    path = mergefile(tmp_path, llama, {"merged": None, "other": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None, "other": None})
     assert run_cli("-f", str(path), "-q")[0] == 0
     crashed = tmp_path / "build" / f".merged.mbuild-tmp-{dead_pid()}"
     crashed.mkdir()
@@ -263,11 +227,11 @@ class Crash(BaseException):
 def test_a_crash_while_publishing_never_leaves_the_output_path_missing(llama, tmp_path, monkeypatch):
     if not sys.platform.startswith("linux"):
         pytest.skip("no renameat2 here: the two-rename fallback and its recovery are tested in test_engine")
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     assert run_cli("-f", str(path), "-q")[0] == 0
     output = tmp_path / "build" / "merged"
     before = load_tensors(output)
-    mergefile(tmp_path, llama, {"merged": None}, weight=0.7)
+    linear_mergefile(tmp_path, llama, {"merged": None}, weight=0.7)
     renames = []
 
     def rename_then_die(source, destination):
@@ -298,11 +262,11 @@ def locked_target(path: Path, name: str) -> dict:
 
 
 def test_a_lock_left_behind_by_a_kill_after_publishing_is_repaired(llama, tmp_path):
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     assert run_cli("-f", str(path), "-q")[0] == 0
     lock_path = path.with_name("Mergefile.lock")
     old_lock = lock_path.read_text()
-    mergefile(tmp_path, llama, {"merged": None}, weight=0.7)
+    linear_mergefile(tmp_path, llama, {"merged": None}, weight=0.7)
     assert run_cli("-f", str(path), "-q")[0] == 0
     lock_path.write_text(old_lock)  # as if killed between publishing the output and recording it
     code, out, err = run_cli("-f", str(path))
@@ -315,7 +279,7 @@ def test_a_lock_left_behind_by_a_kill_after_publishing_is_repaired(llama, tmp_pa
 
 
 def test_a_second_mergefile_over_fresh_outputs_writes_its_own_lock(llama, tmp_path):
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     assert run_cli("-f", str(path), "-q")[0] == 0
     second = tmp_path / "Mergefile.copy"
     second.write_text(path.read_text())
@@ -379,7 +343,7 @@ def test_an_input_tensor_no_output_takes_is_an_error(llama, tmp_path):
 def test_a_link_planted_where_the_lock_is_written_is_not_followed(llama, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     (tmp_path / "Mergefile.lock.tmp").symlink_to(victim)
     assert run_cli("-f", str(path), "-q")[0] == 0
     assert victim.read_text() == "precious"

@@ -8,8 +8,6 @@ Each error names the file, and the Mergefile line and target where an entry led 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import resource
@@ -23,21 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_tensors
+from conftest import ROOT, load_tensors, run_cli
 from mbuild import mergefile as mergefile_module
 from mbuild.errors import MergefileError
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; its exit code, stdout and stderr."""
-    from mbuild.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def run_bounded(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -487,7 +473,7 @@ def test_a_reader_that_closes_the_pipe_early_gets_no_traceback():
     """`mbuild methods | head -1`: the closed pipe ends the command quietly."""
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first line
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         writer = subprocess.run(
             [sys.executable, "-m", "mbuild", "methods"], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import linear_mergefile, run_cli
 from mbuild import io
 from mbuild.cache import State, TensorCache
-from test_faults import mergefile, run_cli
 
 
 def output_bytes(folder: Path) -> dict[str, bytes]:
@@ -45,7 +45,7 @@ def warnings(err: str) -> list[str]:
 def reference(families, tmp_path_factory) -> dict[str, bytes]:
     """The bytes of the linear target built with nothing wrong."""
     folder = tmp_path_factory.mktemp("reference")
-    assert run_cli("-f", str(mergefile(folder, families("llama"), {"merged": None})), "-q")[0] == 0
+    assert run_cli("-f", str(linear_mergefile(folder, families("llama"), {"merged": None})), "-q")[0] == 0
     return output_bytes(folder / "build" / "merged")
 
 
@@ -106,7 +106,7 @@ def truncated(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", [garbage, truncated])
 def test_a_damaged_state_db_is_deleted_and_started_afresh(llama, tmp_path, reference, damage):
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     assert run_cli("-f", str(path), "-q")[0] == 0
     state = tmp_path / "cache" / "state.db"
     for command in (["-q"], ["--dry-run", "--json"], ["-q", "--force"], ["status"], ["gc"]):
@@ -123,7 +123,7 @@ def test_a_damaged_state_db_is_deleted_and_started_afresh(llama, tmp_path, refer
 @pytest.mark.parametrize("damage", [garbage, truncated])
 @pytest.mark.parametrize("name", ["links.db", "cache.db"])
 def test_a_damaged_tensor_cache_index_is_deleted_and_started_afresh(llama, tmp_path, reference, name, damage):
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     assert run_cli("-f", str(path), "-q")[0] == 0
     index = tmp_path / "cache" / "tensors" / name
     for command in (["--dry-run", "--json"], ["gc"], ["-q", "--force"]):
@@ -135,8 +135,8 @@ def test_a_damaged_tensor_cache_index_is_deleted_and_started_afresh(llama, tmp_p
         assert f"{index} was damaged" in warning and "started afresh" in warning
         assert output_bytes(tmp_path / "build" / "merged") == reference
     # Started afresh, the cache serves again: an edit undone reuses what the forced build cached.
-    assert run_cli("-f", str(mergefile(tmp_path, llama, {"merged": None}, weight=0.7)), "-q")[0] == 0
-    mergefile(tmp_path, llama, {"merged": None})
+    assert run_cli("-f", str(linear_mergefile(tmp_path, llama, {"merged": None}, weight=0.7)), "-q")[0] == 0
+    linear_mergefile(tmp_path, llama, {"merged": None})
     code, out, err = run_cli("-f", str(path), "--json", "-q")
     assert code == 0 and not warnings(err)
     report = json.loads(out)["targets"]["merged"]
@@ -150,7 +150,7 @@ def test_a_damaged_tensor_cache_index_is_deleted_and_started_afresh(llama, tmp_p
 
 def test_a_read_only_cache_folder_costs_only_caching(llama, tmp_path, tmpfs, reference):
     cache = tmpfs("cache", 64 * 1024 * 1024)
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     assert run_cli("-f", str(path), "-q", "--cache-dir", str(cache))[0] == 0
     make_read_only(cache)
     for command in (["-q"], ["--dry-run", "--json"], ["-q", "--force"], ["status"], ["gc"], ["explain"]):
@@ -164,7 +164,7 @@ def test_a_read_only_cache_folder_costs_only_caching(llama, tmp_path, tmpfs, ref
 
 def test_texts_and_vocabularies_the_plan_keeps_in_the_cache_go_elsewhere_when_it_is_read_only(llama, tmp_path, tmpfs):
     # A chat template and a union vocabulary are written into the cache while planning.
-    text = mergefile(tmp_path, llama, {"merged": None}).read_text()
+    text = linear_mergefile(tmp_path, llama, {"merged": None}).read_text()
     extra = "    chat_template: chatml\n    tokenizer_source: union\n"
     path = tmp_path / "Mergefile"
     path.write_text(text.replace("    merge_method: linear\n", "    merge_method: linear\n" + extra))
@@ -182,7 +182,7 @@ def test_texts_and_vocabularies_the_plan_keeps_in_the_cache_go_elsewhere_when_it
 def test_a_full_cache_dir_of_its_own_costs_only_caching(llama, tmp_path, tmpfs, reference, leave):
     cache = tmpfs("cache", 2 * 1024 * 1024)
     fill(cache, leave)
-    path = mergefile(tmp_path, llama, {"merged": None})
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
     code, _, err = run_cli("-f", str(path), "-q", "--cache-dir", str(cache))
     assert code == 0, err
     assert any("caching skipped" in line for line in warnings(err)), err
@@ -197,7 +197,7 @@ def test_no_room_for_the_output_is_one_message_that_says_what_to_do(llama, tmp_p
     shard = len(reference["model.safetensors"])
     # Room for the weights and the lock file, not for the rest of the output folder.
     disk = tmpfs("disk", (shard // 4096 + 2) * 4096)
-    path = mergefile(tmp_path, llama, {"merged": str(disk / "merged")})
+    path = linear_mergefile(tmp_path, llama, {"merged": str(disk / "merged")})
     code, _, err = run_cli("-f", str(path), "-q", "--cache-dir", str(tmp_path / "cache"))
     assert code == 2 and "Traceback" not in err
     (message,) = [line for line in err.splitlines() if line.startswith("mbuild: error:")]
@@ -226,10 +226,10 @@ def test_a_build_on_a_small_disk_evicts_what_it_cached_and_succeeds(llama, tmp_p
     # cache, so without eviction the third or fourth build runs out of space.
     disk = tmpfs("project", shard * 5)
     for weight in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
-        path = mergefile(disk, llama, {"merged": None}, weight=weight)
+        path = linear_mergefile(disk, llama, {"merged": None}, weight=weight)
         code, _, err = run_to_the_end("-f", str(path), "-q")
         assert code == 0, err
-    mergefile(disk, llama, {"merged": None})
+    linear_mergefile(disk, llama, {"merged": None})
     assert run_to_the_end("-f", str(path), "-q")[0] == 0
     assert output_bytes(disk / "build" / "merged") == reference
 
@@ -253,10 +253,10 @@ def test_a_build_on_a_small_disk_evicts_what_it_cached_and_succeeds(llama, tmp_p
     ids=["not-utf8", "a-list", "version-text", "sources-list", "targets-list", "entry", "inputs-list", "source"],
 )
 def test_an_unreadable_lock_is_one_warning_and_is_rewritten(llama, tmp_path, reference, content):
-    path = mergefile(tmp_path, llama, {"merged": None}, weight=0.7)
+    path = linear_mergefile(tmp_path, llama, {"merged": None}, weight=0.7)
     assert run_cli("-f", str(path), "-q")[0] == 0
     lock = tmp_path / "Mergefile.lock"
-    mergefile(tmp_path, llama, {"merged": None})  # stale: its reasons are read against the lock
+    linear_mergefile(tmp_path, llama, {"merged": None})  # stale: its reasons are read against the lock
     for command in (["--dry-run", "--json"], ["status"], ["explain"], ["-q"]):
         lock.write_bytes(content)
         extra = ["merged"] if command == ["explain"] else []

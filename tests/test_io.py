@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, load_tensors
-from mbuild import io
+from mbuild import io, keys
 
 
 def test_headers_are_read_without_tensor_data(llama):
@@ -141,12 +141,12 @@ def test_a_hub_model_missing_from_the_offline_cache_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_bytes_digest_is_blake3():
+def test_tensor_digest_is_blake3():
     # BLAKE3's published digest of the empty input, and of one the test computes apart.
-    assert io.bytes_digest(b"") == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
-    hasher = io.bytes_hasher(b"ab")
+    assert keys.tensor_digest(b"") == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    hasher = keys.tensor_hasher(b"ab")
     hasher.update(memoryview(b"c"))
-    assert hasher.hexdigest() == io.bytes_digest(b"abc") != io.bytes_digest(b"abd")
+    assert hasher.hexdigest() == keys.tensor_digest(b"abc") != keys.tensor_digest(b"abd")
 
 
 def test_publish_swaps_in_one_step_or_falls_back_to_two_renames(tmp_path, monkeypatch):

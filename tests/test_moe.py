@@ -6,14 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import build_json, load_tensors
 from mbuild import mergefile, plan
-from mbuild.cli import main
 from mbuild.errors import MergefileError
 
 MOE = """
@@ -45,10 +43,6 @@ def moe_text(family, gate_mode="cheap_embed", seed=0, code_prompt="def add(a, b)
     return MOE.format(gate_mode=gate_mode, seed=seed, code_prompt=code_prompt, **family)
 
 
-def run(path: Path, *args: str) -> dict:
-    return build_json(path, *args)
-
-
 def test_moe_loads_with_every_weight_used_and_an_expert_target_built_first(llama, tmp_path):
     import transformers
 
@@ -56,7 +50,7 @@ def test_moe_loads_with_every_weight_used_and_an_expert_target_built_first(llama
     path.write_text(moe_text(llama))
     the_plan = plan.make_plan(mergefile.load(path), ["moe"], store=path.parent / "cache")
     assert the_plan.order == ("blend", "moe")  # the expert that is a target comes first
-    report = run(path)
+    report = build_json(path)
     assert list(report) == ["blend", "moe"] and report["moe"]["status"] == "built"
     out = tmp_path / "build" / "moe"
     config = json.loads((out / "config.json").read_text())
@@ -89,7 +83,7 @@ def test_an_moe_of_one_dense_model_computes_that_model(llama, tmp_path):
         f"targets:\n  same:\n    base_model: {llama['math']}\n    gate_mode: random\n    dtype: float32\n    experts:\n"
         + "".join(f"      - source_model: {llama['math']}\n" for _ in range(4))
     )
-    run(path)
+    build_json(path)
     dense = transformers.AutoModelForCausalLM.from_pretrained(llama["math"], dtype=torch.float32)
     moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "build" / "same", dtype=torch.float32)
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
@@ -102,7 +96,7 @@ def test_cheap_embed_router_equals_mergekit_moe(llama, tmp_path):
     pytest.importorskip("mergekit")
     path = tmp_path / "Mergefile"
     path.write_text(moe_text(llama))
-    run(path)
+    build_json(path)
     config = {
         "base_model": str(llama["base"]),
         "gate_mode": "cheap_embed",
@@ -137,9 +131,9 @@ def test_cheap_embed_router_equals_mergekit_moe(llama, tmp_path):
 def test_editing_a_prompt_recomputes_only_the_routers(llama, tmp_path):
     path = tmp_path / "Mergefile"
     path.write_text(moe_text(llama))
-    run(path)
+    build_json(path)
     path.write_text(moe_text(llama, code_prompt="def mul(a, b):"))
-    report = run(path)
+    report = build_json(path)
     assert report["blend"]["status"] == "fresh"
     assert report["moe"]["tensors_computed"] == 8  # one router per layer
     assert report["moe"]["tensors_reused"] == len(load_tensors(tmp_path / "build" / "moe")) - 8
@@ -151,7 +145,7 @@ def test_random_gates_follow_the_seed(llama, tmp_path):
         folder = tmp_path / f"run{len(routers)}-{seed}"
         folder.mkdir()
         (folder / "Mergefile").write_text(moe_text(llama, gate_mode="random", seed=seed))
-        run(folder / "Mergefile")
+        build_json(folder / "Mergefile")
         routers.setdefault(seed, []).append(load_tensors(folder / "build" / "moe")["model.layers.2.mlp.gate.weight"])
     assert torch.equal(routers[1][0], routers[1][1])
     assert not torch.equal(routers[1][0], routers[2][0])
@@ -160,7 +154,7 @@ def test_random_gates_follow_the_seed(llama, tmp_path):
 def test_hidden_gates_differ_by_layer(llama, tmp_path):
     path = tmp_path / "Mergefile"
     path.write_text(moe_text(llama, gate_mode="hidden"))
-    run(path)
+    build_json(path)
     tensors = load_tensors(tmp_path / "build" / "moe")
     first, last = tensors["model.layers.0.mlp.gate.weight"], tensors["model.layers.7.mlp.gate.weight"]
     assert not torch.equal(first, last)

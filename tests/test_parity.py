@@ -10,9 +10,6 @@ tensor names, dtypes and bits.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,15 +17,11 @@ import pytest
 mergekit = pytest.importorskip("mergekit")
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from conftest import load_tensors  # noqa: E402
+from parity import Build, assert_same_tensors, run_mergekit  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16")
-
-# Same-sized integer views, so equality is on bits (-0.0 differs from 0.0, NaN equals NaN).
-BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float64: torch.int64}
 
 SLERP_T = [
     {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
@@ -275,56 +268,14 @@ CHAIN_ARCHITECTURES = ("llama", "qwen2")
 # Helpers
 
 
-class Build:
-    """`mbuild all` on one Mergefile by the real CLI, in a background process, and its recipes.
-
-    The builds run while this process merges with mergekit, which needs only the sources;
-    `output` waits for the build.
-    """
-
-    def __init__(self, root: Path, mergefile: str, recipes: dict[str, dict]):
-        self.root = root
-        self.recipes = recipes
-        self.log: str | None = None
-        (root / "Mergefile").write_text(mergefile)
-        # As the `workspace` fixture runs it: a subprocess in the Mergefile's folder, its own cache.
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        env.pop("MBUILD_CACHE", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mbuild.cli", "all"],
-            cwd=root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-
-    def wait(self) -> None:
-        """Wait for the build; fail with mbuild's output unless it succeeded."""
-        if self.log is None:
-            stdout, stderr = self.process.communicate()
-            self.log = f"{stdout}\n{stderr}"
-        assert self.process.returncode == 0, f"mbuild all in {self.root} failed:\n{self.log}"
-
-    def stop(self) -> None:
-        """End the build if it still runs (a test run cut short)."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.communicate()
-
-    def output(self, target: str) -> Path:
-        """The folder `target` was built in: mbuild's default, build/<target> beside the Mergefile."""
-        self.wait()
-        return self.root / "build" / target
-
-    def mergekit_body(self, target: str) -> dict:
-        """The recipe as mergekit takes it: target names replaced by the folders mbuild built them in."""
-        found: set[str] = set()
-        outputs = {name: str(self.root / "build" / name) for name in self.recipes}
-        body = _replace_targets(self.recipes[target], outputs, found)
-        if found:
-            self.wait()  # mergekit reads mbuild's upstream outputs
-        return body
+def mergekit_body(build: Build, target: str) -> dict:
+    """The recipe as mergekit takes it: target names replaced by the folders mbuild built them in."""
+    found: set[str] = set()
+    outputs = {name: str(build.root / "build" / name) for name in build.targets}
+    body = _replace_targets(build.targets[target], outputs, found)
+    if found:
+        build.wait()  # mergekit reads mbuild's upstream outputs
+    return body
 
 
 def _replace_targets(value, outputs: dict[str, str], found: set[str], key: str | None = None):
@@ -337,56 +288,6 @@ def _replace_targets(value, outputs: dict[str, str], found: set[str], key: str |
         found.add(value)
         return outputs[value]
     return value
-
-
-def run_mergekit(body: dict, out: Path) -> dict:
-    """Run mergekit in-process on a recipe body; return the config it wrote (or meant to write)."""
-    from huggingface_hub.errors import StrictDataclassClassValidationError
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    from mbuild.engine import torch_single_threaded
-
-    config = MergeConfiguration.model_validate(body)
-    try:
-        with torch_single_threaded():  # the reference bytes: mergekit's follow its thread count
-            run_merge(config, str(out), MergeOptions(quiet=True))
-    except StrictDataclassClassValidationError as error:
-        # mergekit 0.1.5 sets num_hidden_layers but leaves Qwen2's per-layer `layer_types` at
-        # the input's length, which transformers 5 refuses to save. The tensors are written by
-        # then; rebuild the config mergekit meant to save, in memory.
-        if "layer_types" not in str(error):
-            raise
-        from mergekit.architecture import get_architecture_info
-        from mergekit.merge import _model_out_config
-
-        return _model_out_config(config, get_architecture_info(config, MergeOptions())).to_dict()
-    return json.loads((out / "config.json").read_text())
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().view(BITS[tensor.dtype]) if tensor.dtype in BITS else tensor
-
-
-def assert_same_tensors(ours: Path, theirs: Path) -> None:
-    """Same tensor names, dtypes, shapes and bits in two model folders."""
-    mine, reference = load_tensors(ours), load_tensors(theirs)
-    assert sorted(mine) == sorted(reference), (
-        f"only in mbuild: {sorted(set(mine) - set(reference))}; only in mergekit: {sorted(set(reference) - set(mine))}"
-    )
-    assert mine, f"no tensors in {ours}"
-    problems = []
-    for name in sorted(reference):
-        a, b = mine[name], reference[name]
-        if a.dtype != b.dtype or a.shape != b.shape:
-            problems.append(f"{name}: mbuild {a.dtype} {tuple(a.shape)}, mergekit {b.dtype} {tuple(b.shape)}")
-        elif not (torch.equal(a, b) and torch.equal(_bits(a), _bits(b))):
-            diff = (a.double() - b.double()).abs()
-            problems.append(
-                f"{name}: {int((diff > 0).sum())}/{diff.numel()} elements differ, max abs diff {diff.max().item():.3g}"
-            )
-    assert not problems, f"{len(problems)} of {len(reference)} tensors differ:\n" + "\n".join(problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,13 +303,11 @@ def builds(families, tmp_path_factory):
             family = families(architecture)
             every = all_recipes(family)
             recipes = {name: every[name] for name in COVERAGE[architecture]}
-            text = yaml.safe_dump({"targets": recipes}, sort_keys=False)
-            started["recipes", architecture] = Build(tmp_path_factory.mktemp(f"recipes-{architecture}"), text, recipes)
+            root = tmp_path_factory.mktemp(f"recipes-{architecture}")
+            started["recipes", architecture] = Build(root, recipes, "all", process=True)
             if architecture in CHAIN_ARCHITECTURES:
-                text = CHAIN.format(**family)
-                data = yaml.safe_load(text)
-                recipes = {name: {**data["defaults"], **body} for name, body in data["targets"].items()}
-                started["chain", architecture] = Build(tmp_path_factory.mktemp(f"chain-{architecture}"), text, recipes)
+                root = tmp_path_factory.mktemp(f"chain-{architecture}")
+                started["chain", architecture] = Build(root, CHAIN.format(**family), "all", process=True)
         yield started
     finally:
         for build in started.values():
@@ -423,7 +322,7 @@ def mergekit_outputs(builds, tmp_path_factory):
     def get(architecture: str, target: str) -> tuple[Path, dict]:
         if (architecture, target) not in made:
             out = tmp_path_factory.mktemp(f"mergekit-{architecture}-{target}")
-            config = run_mergekit(builds["recipes", architecture].mergekit_body(target), out)
+            config = run_mergekit(mergekit_body(builds["recipes", architecture], target), out)
             made[architecture, target] = (out, config)
         return made[architecture, target]
 
@@ -440,9 +339,9 @@ def mergekit_outputs(builds, tmp_path_factory):
 def test_target_matches_mergekit_bit_for_bit(builds, mergekit_outputs, architecture, target):
     reference, _ = mergekit_outputs(architecture, target)
     build = builds["recipes", architecture]
-    assert_same_tensors(build.output(target), reference)
+    assert_same_tensors(load_tensors(build.output(target)), load_tensors(reference))
     # Stored in out_dtype when given, else in the dtype the recipe computes in.
-    recipe = build.recipes[target]
+    recipe = build.targets[target]
     stored = {tensor.dtype for tensor in load_tensors(build.output(target)).values()}
     assert stored == {getattr(torch, recipe.get("out_dtype", recipe["dtype"]))}
 
@@ -450,10 +349,10 @@ def test_target_matches_mergekit_bit_for_bit(builds, mergekit_outputs, architect
 @pytest.mark.parametrize("architecture", CHAIN_ARCHITECTURES)
 def test_chain_each_stage_matches_mergekit_on_mbuilds_upstream_outputs(builds, tmp_path, architecture):
     build = builds["chain", architecture]
-    assert list(build.recipes) == list(CHAIN_ORDER)
+    assert list(build.targets) == list(CHAIN_ORDER)
     for target in CHAIN_ORDER:
-        run_mergekit(build.mergekit_body(target), tmp_path / target)
-        assert_same_tensors(build.output(target), tmp_path / target)
+        run_mergekit(mergekit_body(build, target), tmp_path / target)
+        assert_same_tensors(load_tensors(build.output(target)), load_tensors(tmp_path / target))
     assert json.loads((build.output("final") / "config.json").read_text())["num_hidden_layers"] == 12
 
 

@@ -13,7 +13,6 @@ import pytest
 from conftest import build_json
 from mbuild import engine, mergefile, plan, staleness
 from mbuild.cache import State
-from mbuild.cli import main
 from mbuild.errors import MbuildError, MergefileError
 
 CHAIN = """
@@ -68,10 +67,6 @@ def status(path: Path) -> dict[str, staleness.Decision]:
         store=state.folder,
     )
     return staleness.decide_all(the_plan, state)
-
-
-def build(path: Path, *args: str) -> dict:
-    return build_json(path, *args)
 
 
 def test_expansion_renumbers_passthrough_layers_and_resolves_gradients(llama, tmp_path):
@@ -195,12 +190,33 @@ def test_pickled_checkpoints_are_refused_unless_allowed(llama, tmp_path):
     assert len(allowed.targets["x"].tasks) == len(state)
 
 
+def test_each_target_is_expanded_once_per_change_not_once_per_target(llama, tmp_path, monkeypatch):
+    from mbuild.plan import planner
+
+    names = [f"t{i}" for i in range(6)]
+    path = tmp_path / "Mergefile"
+    path.write_text("targets:\n" + "".join(
+        f"  {name}:\n    merge_method: linear\n    models:\n"
+        f"      - {{model: {llama['base']}, parameters: {{weight: {i + 1}}}}}\n"
+        f"      - {{model: {llama['math']}, parameters: {{weight: 1}}}}\n"
+        for i, name in enumerate(names)
+    ))
+    build_json(path, "-j", "1")  # sources hashed: the plan over remembered digests is then the build's plan
+    path.write_text(path.read_text().replace("weight: 1}}", "weight: 0.5}}"))
+    calls = []
+    real = planner.expand
+    monkeypatch.setattr(planner, "expand", lambda target, *a, **k: calls.append(target.name) or real(target, *a, **k))
+    report = build_json(path, "-j", "1")
+    assert all(report[n]["status"] == "built" for n in names)
+    assert sorted(calls) == sorted(names)  # independent targets: nothing to re-expand after each build
+
+
 class TestStaleness:
     def test_fresh_after_build_then_one_edit_makes_exactly_it_and_dependents_stale(self, llama, tmp_path):
         path = tmp_path / "Mergefile"
         path.write_text(chain(llama))
         assert all(d.stale for d in status(path).values())
-        build(path)
+        build_json(path)
         assert not any(d.stale for d in status(path).values())
         path.write_text(chain(llama, attn_t="0.7"))
         decisions = status(path)
@@ -210,7 +226,7 @@ class TestStaleness:
     def test_an_upstream_edit_cascades_with_the_reason(self, llama, tmp_path):
         path = tmp_path / "Mergefile"
         path.write_text(chain(llama))
-        build(path)
+        build_json(path)
         path.write_text(chain(llama).replace("density: 0.5", "density: 0.6"))
         decisions = status(path)
         assert {n for n, d in decisions.items() if d.stale} == {"tuned", "final"}
@@ -225,7 +241,7 @@ class TestStaleness:
             shutil.copytree(families("llama")[name], folder)
         path = tmp_path / "Mergefile"
         path.write_text(chain(family))
-        build(path)
+        build_json(path)
         weights = family["code"] / "model.safetensors"
         data = bytearray(weights.read_bytes())
         data[-2] ^= 0x40  # flip a bit of the last tensor
@@ -233,7 +249,7 @@ class TestStaleness:
         decisions = status(path)
         assert {n for n, d in decisions.items() if d.stale} == {"side"}
         assert any("source code: changed on disk" in r for r in decisions["side"].reasons)
-        report = build(path)
+        report = build_json(path)
         assert report["side"]["status"] == "built"
         assert not any(d.stale for d in status(path).values())
 
@@ -242,7 +258,7 @@ class TestStaleness:
 
         path = tmp_path / "Mergefile"
         path.write_text(chain(llama))
-        build(path)
+        build_json(path)
         weights = tmp_path / "build" / "side" / "model.safetensors"
         os.utime(weights, ns=(1, 1))
         shutil.rmtree(tmp_path / "build" / "franken-math")
@@ -255,9 +271,9 @@ class TestStaleness:
     def test_an_edit_recomputes_only_the_tensors_it_touches(self, llama, tmp_path):
         path = tmp_path / "Mergefile"
         path.write_text(chain(llama))
-        build(path)
+        build_json(path)
         path.write_text(chain(llama, attn_t="0.9"))
-        report = build(path, "final")
+        report = build_json(path, "final")
         final = report["final"]
         assert final["reasons"] == ["parameters.t[0].value: 0.3 → 0.9"]
         # Only the self_attn tensors change: 4 per layer x 10 layers, of which output
@@ -265,14 +281,14 @@ class TestStaleness:
         assert final["tensors_computed"] == 32
         assert final["tensors_reused"] == len(_names(tmp_path / "build/final")) - 32
         path.write_text(chain(llama))
-        undone = build(path, "final")["final"]
+        undone = build_json(path, "final")["final"]
         assert undone["status"] == "built"
         assert undone["tensors_computed"] == 0  # undoing an edit: everything comes from the cache
 
     def test_noop_reads_no_tensor_and_imports_no_torch(self, llama, tmp_path):
         path = tmp_path / "Mergefile"
         path.write_text(chain(llama))
-        build(path)
+        build_json(path)
         script = (
             "import sys, json; from mbuild.cli import main; "
             f"code = main(['all', '-f', {str(path)!r}, '--json']); "

@@ -10,6 +10,7 @@ import torch
 
 import make_models
 from conftest import load_tensors
+from parity import run_mergekit
 from mbuild import mergefile, plan
 from mbuild.cli import main
 from mbuild.errors import MergefileError
@@ -55,19 +56,6 @@ def build(tmp_path: Path, body: dict) -> Path:
     return tmp_path / "build" / "merged"
 
 
-def mergekit_build(tmp_path: Path, body: dict) -> Path:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    from mbuild.engine import torch_single_threaded
-
-    out = tmp_path / "mergekit"
-    with torch_single_threaded():  # the reference bytes: mergekit's follow its thread count
-        run_merge(MergeConfiguration.model_validate(body), str(out), MergeOptions())
-    return out
-
-
 TOKENIZERS = [
     "union",
     "base",
@@ -85,7 +73,8 @@ def test_aligned_vocabularies_match_mergekit(grown, tmp_path, tokenizer, method)
     tokenizer = tokenizer.replace("TOOLS", str(grown["tools"])).replace("BASE", str(grown["base"]))
     body = recipe(grown, tokenizer, method)
     ours = build(tmp_path / "mbuild", body)
-    theirs = mergekit_build(tmp_path, body)
+    theirs = tmp_path / "mergekit"
+    run_mergekit(body, theirs)
     a, b = load_tensors(ours), load_tensors(theirs)
     assert a.keys() == b.keys()
     for name in b:

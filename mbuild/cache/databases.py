@@ -7,8 +7,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-
-
+# The kind of digest state.db and links.db hold, kept as SQLite's user_version: 2 is BLAKE3 of
+# tensor bytes (`keys.tensor_hasher`). Tables of an older kind are dropped (see `lock.LOCK_VERSION`).
 DIGESTS = 2
 
 
@@ -16,9 +16,9 @@ def forget_old_digests(db: sqlite3.Connection, tables: tuple[str, ...]) -> None:
     """Drop ``tables`` if their digests are of an older kind (recreated empty by the caller).
 
     They only remember what can be computed again: file hashes, task outputs, cache places
-    (whose blobs `prune` then deletes). Task keys changed with the digests (`keys.KEY_SCHEMA`),
-    so no old entry could be found anyway. Checked again inside the write lock, so two
-    processes opening an old file at once drop the tables once.
+    (whose blobs `prune` then deletes). Their entries are under keys of an older
+    `keys.KEY_SCHEMA`, so none could be found anyway. Checked again inside the write lock,
+    so two processes opening an old file at once drop the tables once.
     """
     if db.execute("PRAGMA user_version").fetchone()[0] >= DIGESTS:
         return
@@ -38,8 +38,8 @@ def connect_wal(path: Path, wait: float = 60.0) -> sqlite3.Connection:
     """A connection to an SQLite file in WAL mode, shared safely with other processes.
 
     Two processes opening a new file at once both ask for WAL; while one switches the file
-    over, SQLite can answer the other "database is locked" at once, without its busy timeout
-    (seen in about 1 of 5 runs of two builds started together). So that step is retried.
+    over, SQLite can answer the other "database is locked" at once, without its busy timeout,
+    as it does when two builds start together. So that step is retried.
     """
     db = sqlite3.connect(path, timeout=wait, check_same_thread=False)
     deadline = time.monotonic() + wait
@@ -68,7 +68,7 @@ def damaged(error: Exception) -> bool:
 
 
 def damage(path: Path) -> str | None:
-    """What is wrong with an SQLite file, if SQLite's quick check finds it damaged (60 ms for 60 MB)."""
+    """What is wrong with an SQLite file, if SQLite's quick check (cheap enough for every open) finds it damaged."""
     if not path.exists():
         return None
     try:

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from mbuild import io
+from mbuild import io, keys
 from mbuild.cache import databases
 
 
@@ -195,7 +195,7 @@ class TensorCache:
         if place is not None:
             blob, offset, length, digest = place
             data = self._read(blob, offset, length)
-            if data is None or io.bytes_digest(data) != digest:
+            if data is None or keys.tensor_digest(data) != digest:
                 self._change([("DELETE FROM places WHERE key = ?", (key,))])
                 return None
             self._change([("UPDATE blobs SET used = ? WHERE id = ?", (time.time(), blob))])
@@ -203,7 +203,7 @@ class TensorCache:
         value, digest = self.store.get(key, default=None, tag=True, retry=True)
         if value is None:
             return None
-        if io.bytes_digest(value) != digest:
+        if keys.tensor_digest(value) != digest:
             self.store.delete(key, retry=True)
             return None
         return value, digest
@@ -335,7 +335,6 @@ def open_tensor_cache(
         return None
 
 
-# What the digests in state.db and links.db are: 2 is BLAKE3 (`io.bytes_hasher`), 1 was sha256.
 def _delete_copies(index: Path) -> bool:
     """Delete diskcache's index and the copies it indexed (files under two-hex-digit folders)."""
     if not databases.delete_database(index):
@@ -343,7 +342,6 @@ def _delete_copies(index: Path) -> bool:
     for folder in index.parent.glob("[0-9a-f][0-9a-f]"):
         shutil.rmtree(folder, ignore_errors=True)
     return True
-
 
 
 def _unwritten(writer: int | None) -> bool:

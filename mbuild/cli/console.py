@@ -17,18 +17,16 @@ class SideImport:
     """A module imported on a side thread, started on demand.
 
     A cold build hashes its sources before it computes anything. Hashing mostly waits on
-    hashlib and reads, which release the GIL, so torch (about a second to import) is
-    imported meanwhile: a cold linear build of two 379 MB models then starts computing
-    about 0.1 s later than one whose hashes are remembered, instead of the 0.4 s the
-    hashing takes. It starts once some source needs hashing, or once planning finds a stale
-    target, so a no-op build never pays for it. (Starting it before planning was tried: the
-    import and planning then share the GIL, so hashing starts later; a cold linear build of
-    two 0.76 GB models took 0.1 s longer, a warm --force one 0.1 s less.) `main` joins it
-    before returning, after any error message, so no import is still running at exit.
+    the hash and on reads, which release the GIL, so torch (slow to import) is imported
+    meanwhile, and most of its import time is hidden behind the hashing. It starts once
+    some source needs hashing, or once planning finds a stale target, so a no-op build
+    never pays for it; not before planning, whose work would share the GIL with the import
+    and so start the hashing later. `main` joins it before returning, after any error
+    message, so no import is still running at exit.
 
     The cyclic garbage collector is off during the import and the objects it made are then
-    frozen (`gc.freeze`): importing torch leaves about 160,000 objects that live until exit,
-    and collecting while they pile up took 10-20% of its import time here.
+    frozen (`gc.freeze`): importing torch leaves a great many objects that live until exit,
+    and collecting while they pile up would only slow the import down.
     """
 
     started: list[SideImport] = []

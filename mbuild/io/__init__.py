@@ -45,8 +45,6 @@ from mbuild.io.outputs import (
 )
 from mbuild.io.reading import (
     TensorReader,
-    bytes_digest,
-    bytes_hasher,
     file_identity,
     hash_file,
     hash_tensor_bytes,
@@ -65,8 +63,6 @@ __all__ = [
     "ShardedWriter",
     "TensorInfo",
     "TensorReader",
-    "bytes_digest",
-    "bytes_hasher",
     "companion_files",
     "config_int",
     "discard",

@@ -9,7 +9,6 @@ It knows nothing of tensors, so the model readers may ask it which files are its
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping
 
+from mbuild import keys
 from mbuild.errors import BuildError
 from mbuild.io.files import read_small_file
 
@@ -92,7 +92,7 @@ def store_text(folder: Path, text: str, suffix: str) -> Path:
     ``folder`` is in the cache: where that cannot be written (a read-only or full disk), the
     text is kept in the system's temporary folder instead, so a build never fails for it.
     """
-    name = hashlib.sha256(text.encode()).hexdigest()[:32] + suffix
+    name = keys.text_name(text) + suffix
     try:
         return _keep_text(Path(folder) / name, text)
     except OSError:

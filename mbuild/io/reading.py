@@ -1,5 +1,5 @@
-"""Tensor bytes read from source files, and the digests keys are made of: BLAKE3 of tensor
-bytes, sha256 of whole small files.
+"""Tensor bytes read from source files: to compute with, and to hash into the digests keys
+are made of (the hashes are `keys.tensor_hasher` and `keys.file_hasher`; here they are fed).
 
 Apart from `models` because these read data, not headers; torch and blake3 are imported
 only when a tensor is first read or hashed.
@@ -7,12 +7,12 @@ only when a tensor is first read or hashed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
 from typing import Iterable
 
+from mbuild import keys
 from mbuild.errors import BuildError, ModelError
 from mbuild.io.files import read_into
 from mbuild.io.models import TensorInfo
@@ -26,27 +26,8 @@ def file_identity(path: str | Path) -> tuple[int, int, int]:
     return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-def bytes_hasher(data: bytes | memoryview = b""):
-    """An incremental hasher of tensor bytes (``update``, ``hexdigest``), started on ``data``.
-
-    Tensor bytes are known by their BLAKE3 digest: a cryptographic hash that runs about
-    2.5 times as fast per core as sha256 (4.6 against 1.8 GB/s on a Zen CPU that has the
-    SHA extensions), and that, like pread, releases the GIL, so threads hash in parallel.
-    Every tensor's bytes are hashed once (sources when first seen, outputs as written),
-    and verified again on each reuse from the cache: on a 70B merge, tens of seconds.
-    """
-    import blake3
-
-    return blake3.blake3(data)
-
-
-def bytes_digest(data: bytes | memoryview) -> str:
-    """The digest of some tensor bytes (hex), as ``bytes_hasher`` gives it."""
-    return bytes_hasher(data).hexdigest()
-
-
 def hash_tensor_bytes(tensors: Iterable[TensorInfo], workers: int = 2, progress=None) -> dict[str, str]:
-    """The digest of each tensor's bytes (`bytes_hasher`), read in chunks straight from its file.
+    """The digest of each tensor's bytes (`keys.tensor_hasher`), read in chunks straight from its file.
 
     Tensors are split between ``workers`` threads (hashing and pread release the GIL).
     """
@@ -77,7 +58,7 @@ def _hash_share(tensors: list[TensorInfo], progress=None) -> dict[str, str]:
             fd = handles.get(info.file)
             if fd is None:
                 fd = handles[info.file] = os.open(info.file, os.O_RDONLY)
-            digest = bytes_hasher()
+            digest = keys.tensor_hasher()
             for chunk in _pieces(fd, info, buffer, ModelError):
                 digest.update(chunk)
                 if progress is not None:
@@ -104,8 +85,8 @@ def _pieces(fd: int, info: TensorInfo, buffer: memoryview, error: type[Exception
 
 
 def hash_file(path: str | Path) -> str:
-    """sha256 of a whole (small) file."""
-    digest = hashlib.sha256()
+    """The digest of a whole (small) file (`keys.file_hasher`)."""
+    digest = keys.file_hasher()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(READ_CHUNK), b""):
             digest.update(chunk)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from mbuild import keys
 from mbuild.errors import BuildError
 from mbuild.io.models import DTYPE_CODES, TensorInfo
 from mbuild.io.outputs import write_json
-from mbuild.io.reading import bytes_digest
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class ShardedWriter:
         if len(data) != slot.end - slot.start:
             raise BuildError(f"tensor {name}: {len(data)} bytes computed, {slot.end - slot.start} expected")
         if digest is None:
-            digest = bytes_digest(data)
+            digest = keys.tensor_digest(data)
         self.write_part(name, 0, data)
         return self.finish(name, digest)
 
