@@ -1,4 +1,5 @@
-"""The exceptions mbuild raises for user mistakes, each carrying where the mistake is."""
+"""The exceptions mbuild raises for user mistakes, each carrying where the mistake is, and the
+warnings it gives for what it ignores."""
 
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ class Location:
         if self.target:
             where += f": target '{self.target}'"
         return where
+
+
+@dataclass(frozen=True)
+class MergefileWarning:
+    """Something a Mergefile says that mbuild ignores, as mergekit does, and where it is written."""
+
+    message: str
+    location: Location
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
 
 
 class MbuildError(Exception):

@@ -103,11 +103,6 @@ targets:
             6,
             "listed twice",
         ),
-        (
-            "targets:\n  x:\n    merge_method: slerp\n    base_model: a\n    models:\n      - model: a\n        parameters: {t: 0.5}\n      - model: b\n",
-            7,
-            "one value per tensor",
-        ),
         ("targets:\n  x:\n    merge_method: ties\n    models: [{model: a, parameters: {weight: 1}}]\n", 4, "needs a 'base_model'"),
         ("targets:\n  x:\n    merge_method: linear\n    models: [{model: a, parameters: {wieght: 1}}]\n", 4, "unknown parameter 'wieght'"),
         ("targets:\n  x:\n    merge_method: linear\n    dtype: float8\n    models: [{model: a}]\n", 4, "unknown dtype"),

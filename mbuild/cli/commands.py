@@ -190,6 +190,8 @@ def _import(args) -> int:
             folder.rmdir()
         raise
     io.replace_text(output, imported.text)
+    for warning in imported.warnings:
+        shared.warn(str(warning))
     if args.json:
         print(json.dumps({"mergefile": str(output), "targets": list(imported.targets)}, indent=2))
     else:

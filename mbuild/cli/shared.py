@@ -15,6 +15,8 @@ def load(args):
     from mbuild.cache import State, default_cache_dir
 
     mergefile = mergefile_module.load(args.file)
+    for warning in mergefile.warnings:
+        warn(str(warning))
     damage = lock.damage(lock.lock_path(mergefile.path))
     if damage:
         warn(f"{damage}: ignored, and rewritten by the next build")
@@ -23,7 +25,8 @@ def load(args):
 
 
 def warn(text: str) -> None:
-    """One line on stderr, even with --quiet, for a fault in mbuild's own state that it works around."""
+    """One line on stderr, even with --quiet: a fault in mbuild's own state that it works around, or
+    what a Mergefile says that mbuild ignores (as mergekit does)."""
     print(f"mbuild: warning: {text}", file=sys.stderr, flush=True)
 
 

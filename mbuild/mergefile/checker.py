@@ -72,6 +72,7 @@ class Checker(ValueChecker):
 
     def target(self, name: str, body: Any, defaults: dict, target_names: set[str]) -> Target:
         self.target_name = name
+        self.ignored = []
         path = ("targets", name)
         if not isinstance(body, dict):
             raise self.error(path, "a target is a mapping (merge_method, models or slices, ...)")
@@ -133,7 +134,15 @@ class Checker(ValueChecker):
             for index, entry in enumerate(entries):
                 slices.append(self.output_slice(method, entry, where("slices") + (index,), refs))
 
-        parameters = self.parameters(method, recipe.get("parameters"), where("parameters"), per_model=None)
+        if isinstance(defaults.get("parameters"), dict) and isinstance(body.get("parameters"), dict):
+            # Merged above; each setting is checked (and reported) where it is written.
+            unset = {k: v for k, v in defaults["parameters"].items() if k not in body["parameters"]}
+            parameters = {
+                **self.parameters(method, unset, ("defaults", "parameters"), per_model=None),
+                **self.parameters(method, body["parameters"], path + ("parameters",), per_model=None),
+            }
+        else:
+            parameters = self.parameters(method, recipe.get("parameters"), where("parameters"), per_model=None)
         dtype = self.dtype(recipe.get("dtype"), where("dtype"))
         out_dtype = self.dtype(recipe.get("out_dtype"), where("out_dtype"))
 
@@ -189,10 +198,11 @@ class Checker(ValueChecker):
             chat_template=chat_template,
             output=output_path,
             seed=seed,
-            recipe=recipe,
+            recipe=_without_ignored(recipe, [ignored_path for ignored_path, _ in self.ignored]),
             mergefile=self.mergefile,
             tokenizer=tokenizer,
             mixed_architectures=mixed,
+            warnings=tuple(warning for _, warning in self.ignored),
         )
         self.target_name = None
         return target
@@ -371,3 +381,31 @@ class Checker(ValueChecker):
                 raise self.error(group_path, f"{method.name} needs at least {method.min_models} models, got {count}")
             if method.max_models is not None and count > method.max_models:
                 raise self.error(group_path, f"{method.name} takes at most {method.max_models} model(s) per slice, got {count}")
+
+
+def _without_ignored(recipe: dict, paths: list[tuple]) -> dict:
+    """The recipe without the settings at ``paths`` (absolute Mergefile paths), as if never written.
+
+    An ignored setting changes no byte, so it enters neither the lock, the model card nor any
+    key: the target builds, and stays fresh, exactly as the same target without it. Only what
+    lies along each path is copied; the parsed YAML, shared by targets through defaults, is kept.
+    """
+    for path in paths:
+        # A path starts at ('targets', name) or at ('defaults',); the recipe holds both merged.
+        recipe = _without(recipe, path[2:] if path[0] == "targets" else path[1:])
+    return recipe
+
+
+def _without(data: Any, path: tuple) -> Any:
+    """A copy of ``data`` without the entry at ``path``, and without a ``parameters`` mapping left empty."""
+    head, rest = path[0], path[1:]
+    copy = list(data) if isinstance(data, list) else dict(data)
+    if not rest:
+        del copy[head]
+        return copy
+    inner = _without(copy[head], rest)
+    if head == "parameters" and not inner:
+        del copy[head]
+    else:
+        copy[head] = inner
+    return copy

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from mbuild import io
-from mbuild.errors import Location, MbuildError, MergefileError
+from mbuild.errors import Location, MbuildError, MergefileError, MergefileWarning
 from mbuild.mergefile import parse
 from mbuild.mergefile.dependencies import build_graph
 from mbuild.mergefile.recipe import TARGET_NAME, Mergefile
@@ -53,6 +53,8 @@ class ImportedMergefile:
     text: str
     targets: tuple[str, ...]
     mergefile: Mergefile
+    # What the config says that mbuild ignores, as mergekit does, at the config's lines.
+    warnings: tuple[MergefileWarning, ...] = ()
 
 
 @dataclass
@@ -116,17 +118,19 @@ def import_config(
             body.pop()
         numbered.extend((BODY_INDENT + text if text.strip() else "", line) for text, line in body)
     result = "\n".join(text for text, _ in numbered) + "\n"
+
+    def in_config(location: Location | None) -> Location:
+        """Where the user wrote what is at ``location`` in the made text: the config's line."""
+        line = numbered[location.line - 1][1] if location is not None and location.line else None
+        return Location(config, line, location.target if location is not None else None)
+
     try:
         parsed = parse(result, output)
         build_graph(parsed)  # a cycle between stages, which parsing alone lets through
     except MergefileError as error:
-        # Report the mistake where the user wrote it: the config's line, not the made text's.
-        line = None
-        if error.location is not None and error.location.line:
-            line = numbered[error.location.line - 1][1]
-        target = error.location.target if error.location is not None else None
-        raise MergefileError(error.message, Location(config, line, target)) from None
-    return ImportedMergefile(result, tuple(document.name for document in documents), parsed)
+        raise MergefileError(error.message, in_config(error.location)) from None
+    warnings = tuple(MergefileWarning(warning.message, in_config(warning.location)) for warning in parsed.warnings)
+    return ImportedMergefile(result, tuple(document.name for document in documents), parsed, warnings)
 
 
 def _split_documents(text: str, config: Path) -> list[_Document]:

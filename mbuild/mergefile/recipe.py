@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from mbuild.errors import Location
+from mbuild.errors import Location, MergefileWarning
 
 TOP_LEVEL_KEYS = ("targets", "defaults")
 TARGET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -128,6 +128,9 @@ class Target:
     # Inputs of other architectures may be merged (their tensors no output takes are then
     # named in a warning); without it, mbuild refuses, as mergekit does without --allow-crimes.
     mixed_architectures: bool = False
+    # What the recipe says that mbuild ignores, as mergekit does (a parameter its method does
+    # not read): left out of the recipe above and of every key, and shown by the CLI.
+    warnings: tuple[MergefileWarning, ...] = field(default=(), compare=False)
 
     def references(self) -> list[ModelRef]:
         """Every model reference in the recipe, in order of appearance, repeats removed."""
@@ -177,6 +180,11 @@ class Mergefile:
     @property
     def folder(self) -> Path:
         return self.path.parent
+
+    @property
+    def warnings(self) -> tuple[MergefileWarning, ...]:
+        """What the targets say that mbuild ignores, in written order."""
+        return tuple(warning for target in self.targets.values() for warning in target.warnings)
 
     def location(self, path: tuple, target: str | None = None) -> Location:
         """The line of the deepest written part of ``path``."""

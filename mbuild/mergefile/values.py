@@ -8,9 +8,11 @@ apart so the rule for one value is found without reading the walk over a target.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Any, Iterable
 
-from mbuild.errors import MergefileError
+from mbuild import methods
+from mbuild.errors import MergefileError, MergefileWarning
 from mbuild.mergefile.recipe import Mergefile
 
 FILTER_KEYS = ("filter", "value")
@@ -36,15 +38,34 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+@dataclass(frozen=True)
+class UnreadParameter:
+    """A parameter the method does not read where it is written: mergekit still parses its
+    setting (a scalar, a gradient or filter rules) before ignoring it, so any well-formed one will do."""
+
+    name: str
+
+    def validate(self, value: Any) -> Any:
+        if isinstance(value, (bool, int, float, str)):
+            return value
+        raise ValueError(f"expected a number, a string or true/false, got {value!r}")
+
+
 class ValueChecker:
     """Checks one value at a time, failing at the first mistake with its line and target."""
 
     def __init__(self, mergefile: Mergefile):
         self.mergefile = mergefile
         self.target_name: str | None = None
+        # Settings the current target's method does not read: (path, warning), in written order.
+        self.ignored: list[tuple[tuple, MergefileWarning]] = []
 
     def error(self, path: tuple, message: str) -> MergefileError:
         return MergefileError(message, self.mergefile.location(path, self.target_name))
+
+    def ignore(self, path: tuple, message: str) -> None:
+        """Note a setting at ``path`` that is ignored, with the warning that says so."""
+        self.ignored.append((path, MergefileWarning(message, self.mergefile.location(path, self.target_name))))
 
     def unknown_keys(self, mapping: dict, allowed: Iterable[str], path: tuple) -> None:
         allowed = tuple(allowed)
@@ -74,31 +95,48 @@ class ValueChecker:
         return canonical
 
     def parameters(self, method, value: Any, path: tuple, per_model: bool | None) -> dict:
-        """Check a ``parameters:`` mapping: known names, well-formed settings, values in range.
+        """Check a ``parameters:`` mapping and return the settings ``method`` reads from it.
 
-        ``per_model`` is True under a model or slice source (only per-model parameters
-        make sense there) and None at target or slice level (both kinds allowed).
+        ``per_model`` is True under a model or slice source and None at target or slice level
+        (both kinds allowed there). mergekit reads only the parameters a method declares, and
+        a per-tensor one only from the target's or a slice's parameters; it ignores the rest
+        without a word. mbuild ignores the same settings, checked for form and named in a
+        warning (`ignore`), but a name no method has is a typo, and refused.
         """
         if value is None:
             return {}
         if not isinstance(value, dict):
             raise self.error(path, "'parameters' must be a mapping of parameter names to values")
+        read = {}
         for name, setting in value.items():
             try:
                 parameter = method.parameter(str(name))
             except KeyError:
+                parameter = None
+            if parameter is not None and not (per_model and not parameter.per_model):
+                self.setting(parameter, setting, (*path, name))
+                read[name] = setting
+                continue
+            if parameter is None and str(name) not in {p.name for m in methods.all_methods() for p in m.parameters}:
                 names = [p.name for p in method.parameters]
                 hint = suggest(str(name), names) or (
                     f" ({method.name} takes: {', '.join(names)})" if names else f" ({method.name} takes no parameters)"
                 )
-                raise self.error((*path, name), f"unknown parameter '{name}' for {method.name}{hint}") from None
-            if per_model and not parameter.per_model:
-                raise self.error(
-                    (*path, name),
-                    f"'{name}' is one value per tensor for {method.name}; set it under the target's (or slice's) parameters, not under a model",
+                raise self.error((*path, name), f"unknown parameter '{name}' for {method.name}{hint}")
+            self.setting(UnreadParameter(str(name)), setting, (*path, name))
+            if parameter is None:
+                names = ", ".join(p.name for p in method.parameters)
+                takes = f"it takes: {names}" if names else "it takes no parameters"
+                self.ignore(
+                    (*path, name), f"{method.name} does not take '{name}' ({takes}): ignored, as mergekit ignores it"
                 )
-            self.setting(parameter, setting, (*path, name))
-        return dict(value)
+            else:
+                self.ignore(
+                    (*path, name),
+                    f"'{name}' is one value per tensor for {method.name}, read from the target's or a slice's "
+                    "parameters, not a model's: ignored here, as mergekit ignores it",
+                )
+        return read
 
     def setting(self, parameter, setting: Any, path: tuple) -> None:
         """Check one setting: a scalar, a gradient list, or a list of filter rules."""

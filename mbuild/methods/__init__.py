@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     import torch
@@ -164,6 +164,11 @@ class Method:
     # True when the kernel takes `threads=`: how many threads it may split work between,
     # where the split cannot change a byte (torch itself runs single-threaded in tasks).
     threaded: bool = False
+    # Optionally, a rule over one input's resolved per-model values that no single parameter's
+    # range can say (DELLA: density ± epsilon inside (0, 1)): check_input(values) returns why
+    # the kernel would refuse them, or None. The planner asks it of every input with values,
+    # for every tensor, so the mistake is reported at plan time and not mid-build.
+    check_input: Callable[[Mapping[str, Any]], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.base not in _BASE_POLICIES:

@@ -141,6 +141,22 @@ def keep_between_outliers(
     return _masked(delta, mask.reshape_as(delta), rescale)
 
 
+def della_problem(settings: Mapping[str, Any]) -> str | None:
+    """Why DELLA cannot thin a task vector with these per-model values, or None.
+
+    mergekit's della_magprune refuses a density strictly between 0 and 1 unless
+    density - epsilon > 0 and density + epsilon < 1 (keep probabilities run from one to
+    the other); a density of 0 or 1 and above keeps nothing or everything, epsilon unread.
+    """
+    density, epsilon = settings["density"], settings["epsilon"]
+    if 0 < density < 1 and (density - epsilon <= 0 or density + epsilon >= 1):
+        return (
+            f"DELLA needs density - epsilon > 0 and density + epsilon < 1 (mergekit: 'density +/- epsilon "
+            f"is in (0, 1)'); got density {density:g}, epsilon {epsilon:g}"
+        )
+    return None
+
+
 def keep_by_magnitude_rank(
     delta: torch.Tensor, settings: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -154,11 +170,9 @@ def keep_by_magnitude_rank(
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    if density - epsilon <= 0 or density + epsilon >= 1:
-        raise ValueError(
-            f"DELLA needs density - epsilon and density + epsilon inside (0, 1); got density {density:g}, "
-            f"epsilon {epsilon:g}"
-        )
+    problem = della_problem(settings)
+    if problem:
+        raise ValueError(problem)
     work_dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
     # Ranks run along dim 1 (a 1-D or 0-D tensor is one row), as in mergekit. They and the
     # probabilities are computed where the generator lives and in float32, so one seed gives
@@ -188,6 +202,8 @@ class Sparsifier:
     keep: Callable[..., "torch.Tensor"]  # (delta, model settings, rescale, generator) -> thinned delta
     random: bool
     parameters: tuple[Parameter, ...] = ()
+    # Why one model's settings cannot be used together, or None (`Method.check_input`).
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
 
 
 SPARSIFIERS: dict[str, Sparsifier] = {
@@ -212,6 +228,7 @@ SPARSIFIERS: dict[str, Sparsifier] = {
     "della_magprune": Sparsifier(
         keep_by_magnitude_rank,
         random=True,
+        check=della_problem,
         parameters=(
             Parameter(
                 "epsilon",
@@ -364,6 +381,7 @@ class TaskArithmeticVariant:
             # Thinning ranks or draws over a whole task vector; without it all is per element.
             elementwise=sparsifier is None,
             stored_inputs=True,
+            check_input=sparsifier.check if sparsifier else None,
         )
 
     def merge(

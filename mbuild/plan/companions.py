@@ -18,6 +18,7 @@ from mbuild import io, keys
 from mbuild.errors import MergefileError, ModelError
 from mbuild.mergefile import ModelRef, Target
 from mbuild.nodes import Node
+from mbuild.plan.layers import OUTPUT_HEAD
 from mbuild.plan.tasks import TargetPlan, node_of
 
 TOKENIZER_FILE = re.compile(
@@ -87,6 +88,25 @@ def output_config(donor: Mapping[str, Any], infos, layer_origin, tasks) -> dict[
     return config
 
 
+def fit_tying(config: dict[str, Any], donor: io.ModelInfo, tasks) -> None:
+    """Make the config's `tie_word_embeddings` say whether the output stores a head of its own.
+
+    In a tied/untied mix the donor's flag can be wrong. mergekit copies it: a tied donor over a
+    merged head makes loaders that honour the flag (vLLM, transformers before 5) tie the two and
+    lose one, and an untied donor over a headless output (a last slice of tied models) leaves
+    the head missing, initialised at random.
+    """
+    holder = config
+    if "tie_word_embeddings" not in config and isinstance(config.get("text_config"), dict):
+        if "tie_word_embeddings" in config["text_config"]:
+            holder = config["text_config"]
+    has_head = any(task.name == OUTPUT_HEAD for task in tasks)
+    if has_head and holder.get("tie_word_embeddings") is True:
+        holder["tie_word_embeddings"] = False
+    elif not has_head and OUTPUT_HEAD in donor.tensors and holder.get("tie_word_embeddings") is not True:
+        holder["tie_word_embeddings"] = True
+
+
 def companions_of(node: str, infos, plans) -> dict[str, str]:
     """A model's non-weight files by name: a source's own, or what a target's output will hold."""
     if Node(node).is_target:
@@ -108,7 +128,7 @@ def companion_files_for(target: Target, config_node: str, infos, plans) -> dict[
 
 
 def file_digest(path: str) -> str | None:
-    """sha256 of a (small) file, None if it cannot be read."""
+    """The digest of a (small) file (`keys.file_hasher`), None if it cannot be read."""
     try:
         return io.hash_file(path)
     except OSError:

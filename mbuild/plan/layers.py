@@ -14,6 +14,9 @@ from mbuild import io
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<suffix>.+)$")
 # Non-layer tensors that sit before the layer stack (the rest come after it).
 PRE_LAYER = re.compile(r"(embed|wte|wpe|word_embeddings)")
+# A causal LM's output head; a tied model (`tie_word_embeddings`) stores none and reads its
+# input embedding in its place.
+OUTPUT_HEAD = "lm_head.weight"
 
 
 def layer_table(info: io.ModelInfo) -> tuple[dict[int, dict[str, str]], list[str]]:

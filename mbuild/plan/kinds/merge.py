@@ -24,12 +24,13 @@ from mbuild.plan.companions import (
     chat_template_file,
     companion_files_for,
     finish_target_plan,
+    fit_tying,
     output_config,
     set_vocab_size,
     vocab_size,
 )
 from mbuild.plan.kinds.registry import TargetKind, register
-from mbuild.plan.layers import LAYER_NAME, PRE_LAYER, embedding_name, layer_table
+from mbuild.plan.layers import LAYER_NAME, OUTPUT_HEAD, PRE_LAYER, embedding_name, layer_table
 from mbuild.plan.tasks import OutputLookup, TargetPlan, TensorInput, TensorTask, input_key, node_of
 
 
@@ -147,7 +148,7 @@ def expand(
         for ref, in_name, path in zip(group.refs, in_names, group.paths):
             info = infos[node_of(ref)]
             found = info.tensors.get(in_name)
-            if found is None and in_name == "lm_head.weight" and info.config.get("tie_word_embeddings", False):
+            if found is None and in_name == OUTPUT_HEAD and info.config.get("tie_word_embeddings", False):
                 # A tied model's output head is its input embedding.
                 in_name = embedding_name(info)
                 found = info.tensors.get(in_name) if in_name else None
@@ -253,11 +254,17 @@ def expand(
                 add_task(out_name, group, in_names, t)
             layer_origin.append((lead_node, source_layer))
             out_layer += 1
-    for name in sorted(n for n in last_others if not PRE_LAYER.search(n)):
+    post_layer = {n for n in last_others if not PRE_LAYER.search(n)}
+    if any(OUTPUT_HEAD in infos[node_of(ref)].tensors for ref in last.refs):
+        # A tied/untied mix has a head whichever model leads, as in mergekit: the untied models'
+        # heads merge with the tied ones' embeddings (add_task reads those in their place).
+        post_layer.add(OUTPUT_HEAD)
+    for name in sorted(post_layer):
         add_task(name, last, [name] * len(last.refs), 0.0)
 
     dropped = _untaken(target, groups, infos, taken)
     config = output_config(infos[config_node].config, infos, layer_origin, tasks)
+    fit_tying(config, infos[config_node], tasks)
     files = companion_files_for(target, config_node, infos, plans)
     if vocab is not None:
         files = {n: p for n, p in files.items() if not TOKENIZER_FILE.match(n) and n != "tokenizer_config.json"}
@@ -305,6 +312,9 @@ def _resolve(method, target: Target, group: _Group, out_name, in_names, t, base_
                 raise error(
                     group.paths[index], f"{method.name} needs '{parameter.name}' for model '{ref}' (tensor '{in_name}')"
                 ) from None
+        problem = method.check_input(dict(values)) if method.check_input is not None and values else None
+        if problem:
+            raise error(group.paths[index], f"{problem}, for model '{ref}' (tensor '{in_name}')")
         model_params.append(tuple(values))
     return tuple(params), tuple(model_params)
 
