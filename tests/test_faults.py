@@ -318,6 +318,10 @@ def test_two_architectures_are_refused_unless_the_target_says_so(families, tmp_p
     qwen_names = set(load_tensors(qwen["math"]))
     built = set(load_tensors(tmp_path / "build" / "merged"))
     assert {d.split(": ", 1)[1] for d in dropped} == qwen_names - built  # all of them, and only them
+    code, out, _ = run_cli("explain", "merged", "-f", str(path), "--json")
+    assert json.loads(out)["targets"]["merged"]["dropped_inputs"] == dropped
+    code, out, _ = run_cli("explain", "merged", "-f", str(path))
+    assert out.count("left out (allow_mixed_architectures):") == len(dropped) > 0
 
 
 def test_an_input_tensor_no_output_takes_is_an_error(llama, tmp_path):

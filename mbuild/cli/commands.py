@@ -89,6 +89,8 @@ def _explain(args) -> int:
             "tensors_changed": sum(1 for t in target_plan.tasks if not manifest or (manifest.get("tensors", {}).get(t.name) or {}).get("key") != t.key),
             "tensors": len(target_plan.tasks),
             "changes": groups,
+            # Every input tensor is taken by a task, or left out by the target's own leave.
+            "dropped_inputs": list(target_plan.dropped),
         }
     if args.json:
         print(json.dumps({"targets": report}, indent=2))
@@ -98,6 +100,8 @@ def _explain(args) -> int:
         print(f"  key   {(row['key'] or 'unknown (sources not hashed yet)')[:16]}   built {str(row['built_key'])[:16]}")
         for input_name, input_state in row["inputs"].items():
             print(f"  input {input_name}: {input_state}")
+        for dropped in row["dropped_inputs"]:
+            print(f"  left out (allow_mixed_architectures): {dropped}")
         if row["stale"]:
             print(f"  {row['tensors_changed']} of {row['tensors']} tensors change:")
             for reason, names in sorted(row["changes"].items(), key=lambda item: -len(item[1])):
