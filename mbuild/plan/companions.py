@@ -63,18 +63,25 @@ def output_config(donor: Mapping[str, Any], infos, layer_origin, tasks) -> dict[
     holder = config.get("text_config") if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict) else config
     old_count = io.layer_count(config)
     new_count = len(layer_origin)
+    # Published multimodal configs (Qwen2-VL) repeat the text model's count at top level and in
+    # text_config; transformers reads the latter, so both must change.
+    holders = [holder]
+    text_config = config.get("text_config")
+    if holder is config and isinstance(text_config, dict) and io.layer_count(text_config) == old_count:
+        holders.append(text_config)
     if old_count is not None and new_count != old_count:
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(holder.get(key), int):
-                holder[key] = new_count
-        for key, value in list(holder.items()):
-            if isinstance(value, list) and len(value) == old_count and key != "architectures":
-                rebuilt = []
-                for node, layer in layer_origin:
-                    source_config = infos[node].config
-                    source_list = source_config.get(key) if isinstance(source_config.get(key), list) else value
-                    rebuilt.append(source_list[layer % len(source_list)])
-                holder[key] = rebuilt
+        for counted in holders:
+            for key in ("num_hidden_layers", "n_layer", "num_layers"):
+                if isinstance(counted.get(key), int):
+                    counted[key] = new_count
+            for key, value in list(counted.items()):
+                if isinstance(value, list) and len(value) == old_count and key != "architectures":
+                    rebuilt = []
+                    for node, layer in layer_origin:
+                        source = infos[node].config if counted is holder else infos[node].config.get("text_config") or {}
+                        source_list = source.get(key) if isinstance(source.get(key), list) else value
+                        rebuilt.append(source_list[layer % len(source_list)])
+                    counted[key] = rebuilt
     float_dtypes = [t.dtype for t in tasks if t.dtype in io.FLOAT_DTYPES]
     if float_dtypes:
         dtype = max(set(float_dtypes), key=float_dtypes.count)

@@ -30,7 +30,16 @@ from mbuild.plan.companions import (
     vocab_size,
 )
 from mbuild.plan.kinds.registry import TargetKind, register
-from mbuild.plan.layers import LAYER_NAME, OUTPUT_HEAD, PRE_LAYER, embedding_name, layer_table
+from mbuild.plan.layers import (
+    LAYER_NAME,
+    OUTPUT_HEAD,
+    PRE_LAYER,
+    embedding_name,
+    stack_length,
+    stack_of,
+    stack_table,
+    text_stack,
+)
 from mbuild.plan.tasks import OutputLookup, TargetPlan, TensorInput, TensorTask, input_key, node_of
 
 
@@ -102,19 +111,24 @@ def expand(
     """
     method = methods.get(target.method)
     groups = _groups(target)
-    layer_tables = {node: layer_table(info) for node, info in infos.items()}
+    stack_tables = {node: stack_table(info) for node, info in infos.items()}
 
     def error(path: tuple, message: str) -> MergefileError:
         return MergefileError(message, target.location(*path))
+
+    # Which stack layer ranges and renumbering address in each model (the text stack).
+    used = {node_of(ref) for group in groups for ref in group.refs}
+    ranged = {node: _ranged_stack(target, node, infos[node], stack_tables[node][0], error) for node in sorted(used)}
 
     # Layer ranges against each source's real layer count.
     for group in groups:
         for index, (ref, layer_range) in enumerate(zip(group.refs, group.ranges)):
             info = infos[node_of(ref)]
-            count = info.num_layers
-            layer_ids = layer_tables[node_of(ref)][0]
+            stacks = stack_tables[node_of(ref)][0]
+            layer_ids = stacks.get(ranged[node_of(ref)], {})
+            count = info.num_layers if len(stacks) <= 1 else stack_length(layer_ids)
             if count is None:
-                count = (max(layer_ids) + 1) if layer_ids else 0
+                count = stack_length(layer_ids)
             if layer_range is None:
                 group.ranges[index] = (0, count)
             elif layer_range[1] > count:
@@ -230,23 +244,24 @@ def expand(
         )
 
     first, last = groups[0], groups[-1]
-    first_others = layer_tables[node_of(first.refs[0])][1]
-    last_others = layer_tables[node_of(last.refs[0])][1]
-    for name in sorted(n for n in first_others if PRE_LAYER.search(n)):
+    first_node, last_node = node_of(first.refs[0]), node_of(last.refs[0])
+    first_stacks, first_others = stack_tables[first_node]
+    last_stacks, last_others = stack_tables[last_node]
+    for name in sorted(n for n in first_others if _goes_first(n, first_stacks, ranged[first_node])):
         add_task(name, first, [name] * len(first.refs), 0.0)
     for group in groups:
         length = group.ranges[0][1] - group.ranges[0][0]
         for offset in range(length):
             t = offset / (length - 1) if length > 1 else 1.0
             lead_node = node_of(group.refs[0])
-            lead_layers, _ = layer_tables[lead_node]
+            lead_layers = stack_tables[lead_node][0].get(ranged[lead_node], {})
             source_layer = group.ranges[0][0] + offset
             suffixes = lead_layers.get(source_layer, {})
             for suffix in sorted(suffixes):
                 out_name = LAYER_NAME.sub(lambda m: f"{m['prefix']}{out_layer}.{m['suffix']}", suffixes[suffix])
                 in_names = []
                 for ref, layer_range in zip(group.refs, group.ranges):
-                    layers, _ = layer_tables[node_of(ref)]
+                    layers = stack_tables[node_of(ref)][0].get(ranged[node_of(ref)], {})
                     in_layer = layers.get(layer_range[0] + offset, {})
                     if suffix not in in_layer:
                         raise error(group.path, f"model '{ref}' has no '{suffix}' in layer {layer_range[0] + offset}")
@@ -254,7 +269,29 @@ def expand(
                 add_task(out_name, group, in_names, t)
             layer_origin.append((lead_node, source_layer))
             out_layer += 1
-    post_layer = {n for n in last_others if not PRE_LAYER.search(n)}
+    # The other stacks (a vision tower, an encoder) whole, from the first slice, each with
+    # gradients over its own layers, as mergekit merges each module of a `models:` merge.
+    for prefix in sorted(p for p in first_stacks if p != ranged[first_node]):
+        length = stack_length(first_stacks[prefix])
+        for ref in first.refs:
+            theirs = stack_tables[node_of(ref)][0].get(prefix, {})
+            if stack_length(theirs) != length:
+                raise error(
+                    first.path,
+                    f"models have different layer counts in '{prefix}' ('{first.refs[0]}': {length}, '{ref}': {stack_length(theirs)})",
+                )
+        for index in range(length):
+            t = index / (length - 1) if length > 1 else 1.0
+            suffixes = first_stacks[prefix].get(index, {})
+            for suffix in sorted(suffixes):
+                in_names = []
+                for ref in first.refs:
+                    in_layer = stack_tables[node_of(ref)][0][prefix].get(index, {})
+                    if suffix not in in_layer:
+                        raise error(first.path, f"model '{ref}' has no '{suffix}' in layer {index} of '{prefix}'")
+                    in_names.append(in_layer[suffix])
+                add_task(suffixes[suffix], first, in_names, t)
+    post_layer = {n for n in last_others if not _goes_first(n, last_stacks, ranged[last_node])}
     if any(OUTPUT_HEAD in infos[node_of(ref)].tensors for ref in last.refs):
         # A tied/untied mix has a head whichever model leads, as in mergekit: the untied models'
         # heads merge with the tied ones' embeddings (add_task reads those in their place).
@@ -262,7 +299,7 @@ def expand(
     for name in sorted(post_layer):
         add_task(name, last, [name] * len(last.refs), 0.0)
 
-    dropped = _untaken(target, groups, infos, taken)
+    dropped = _untaken(target, groups, infos, taken, stack_tables, ranged)
     config = output_config(infos[config_node].config, infos, layer_origin, tasks)
     fit_tying(config, infos[config_node], tasks)
     files = companion_files_for(target, config_node, infos, plans)
@@ -346,24 +383,71 @@ def _check_architectures(target: Target, groups: list[_Group], infos: Mapping[st
         )
 
 
-def _untaken(target: Target, groups: list[_Group], infos, taken: set[tuple[str, str]]) -> tuple[str, ...]:
+def _ranged_stack(target: Target, node: str, info: io.ModelInfo, stacks, error) -> str | None:
+    """The stack of a model that layer ranges address: its text stack.
+
+    Slices of a model with several stacks are refused where the text stack is ambiguous
+    (an encoder-decoder, or no stack under `language_model` or of the config's layer count).
+    A `models:` merge takes every stack alike, so there any stack of that count serves.
+    """
+    prefix = text_stack(stacks, info.config)
+    if len(stacks) > 1 and target.slices and (prefix is None or info.config.get("is_encoder_decoder") is True):
+        names = ", ".join(f"'{p}' ({stack_length(layers)} layers)" for p, layers in sorted(stacks.items()))
+        raise error(
+            ("slices",),
+            f"model '{Node(node).label}' has several layer stacks ({names}) and which one layer_range addresses "
+            "is ambiguous: merge it with 'models:' (every stack merged whole)",
+        )
+    if prefix is None and stacks:
+        count = io.layer_count(info.config)
+        prefix = next((p for p in sorted(stacks) if stack_length(stacks[p]) == count), sorted(stacks)[0])
+    return prefix
+
+
+def _goes_first(name: str, stacks, text_prefix: str | None) -> bool:
+    """Whether a non-layer tensor comes from the first slice (else from the last).
+
+    The text stack's own tensors sit before it (embeddings) or after it (norm, head); every
+    other stack's tensors, and glue such as a vision projector, go with those stacks, which a
+    frankenmerge takes from its first slice.
+    """
+    if len(stacks) <= 1 or text_prefix is None:
+        return bool(PRE_LAYER.search(name))
+    if name.endswith(OUTPUT_HEAD):
+        return False
+    if stack_of(name, stacks) == text_prefix:
+        return bool(PRE_LAYER.search(name))
+    return True
+
+
+def _untaken(
+    target: Target, groups: list[_Group], infos, taken: set[tuple[str, str]], stack_tables, ranged
+) -> tuple[str, ...]:
     """Input tensors the target should read but no task does: refused unless the target allows it.
 
     A `models:` merge takes every tensor of every model; a slice takes its layers and, in the
-    first and last slices, the tensors before and after the layer stack.
+    first and last slices, the tensors before and after the layer stack (the first also every
+    other stack, whole).
     """
     expected: dict[str, set[str]] = {}
     for position, group in enumerate(groups):
         for ref, (start, end) in zip(group.refs, group.ranges):
-            wanted = expected.setdefault(node_of(ref), set())
-            for name in infos[node_of(ref)].tensors:
+            node = node_of(ref)
+            wanted = expected.setdefault(node, set())
+            stacks = stack_tables[node][0]
+            for name in infos[node].tensors:
                 match = LAYER_NAME.match(name)
                 if target.models:
                     wanted.add(name)
-                elif match:
+                elif match and match["prefix"] == ranged[node]:
                     if start <= int(match["index"]) < end:
                         wanted.add(name)
-                elif (position == 0 and PRE_LAYER.search(name)) or (position == len(groups) - 1 and not PRE_LAYER.search(name)):
+                elif match:
+                    if position == 0:
+                        wanted.add(name)
+                elif position == 0 and _goes_first(name, stacks, ranged[node]):
+                    wanted.add(name)
+                elif position == len(groups) - 1 and not _goes_first(name, stacks, ranged[node]):
                     wanted.add(name)
     dropped: list[str] = []
     for node, names in expected.items():
