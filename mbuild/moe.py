@@ -32,14 +32,22 @@ class GateContext:
 
 
 def compute_gate(task, models: Mapping[str, io.ModelInfo], reader: io.TensorReader, context: GateContext, base_folder):
-    """One layer's router rows [experts, hidden] in float32, from the experts' prompts."""
+    """One layer's router rows [experts, hidden] from the experts' prompts (some of them with `rows`).
+
+    Float32 from embeddings or random; from hidden states they stay in the model's bfloat16
+    through the difference and the norm, as mergekit-moe computes them.
+    """
     params = dict(task.params)
     mode, layer, layers, prompts = params["mode"], params["layer"], params["layers"], params["prompts"]
     experts = len(prompts)
     hidden = task.shape[1]
     memo_key = (mode, keys.digest([params["prompts"], [i.key for i in task.inputs], task.seed, layers, hidden]))
     with context.lock:  # every layer's task needs the same vectors: compute them once
-        return _vectors(context, memo_key, mode, prompts, task, models, reader, layers, experts, hidden, base_folder)[layer]
+        rows = _vectors(context, memo_key, mode, prompts, task, models, reader, layers, experts, hidden, base_folder)[layer]
+    if "rows" in params:  # the experts' or the shared expert's part of rows computed together
+        start, stop = params["rows"]
+        rows = rows[start:stop]
+    return rows
 
 
 def _vectors(context, memo_key, mode, prompts, task, models, reader, layers, experts, hidden, base_folder):
@@ -94,7 +102,7 @@ def _prompt_vectors(mode, prompts, task, models, reader, layers, base_folder, de
                 output = model(**batch.to(device), output_hidden_states=True, return_dict=True)
             states = torch.stack(output.hidden_states[:-1])
             states = states.sum(dim=2) / states.shape[2] if mode == "hidden_avg" else states[:, :, -1, :]
-            return (states.sum(dim=1) / states.shape[1]).float().cpu()
+            return (states.sum(dim=1) / states.shape[1]).cpu()  # bfloat16, as mergekit-moe keeps it
 
     rows = []
     for positive, negative in prompts:

@@ -183,7 +183,7 @@ def test_a_shape_mismatched_expert_is_a_clear_error(llama, tmp_path):
         ("    gate_mode: cheap_embed\n    experts:\n      - source_model: {math}\n", "needs 'positive_prompts'"),
         ("    gate_mode: hiden\n    experts:\n      - source_model: {math}\n", "did you mean 'hidden'"),
         ("    experts_per_token: 3\n    gate_mode: random\n    experts:\n      - source_model: {math}\n", "experts_per_token is 3"),
-        ("    gate_mode: random\n    shared_experts: [{{source_model: {math}}}]\n    experts:\n      - source_model: {math}\n", "not supported yet"),
+        ("    gate_mode: random\n    experts:\n      - {{source_model: {math}, noise_scale: 0.1}}\n", "noise_scale is refused"),
     ],
 )
 def test_moe_recipe_mistakes(llama, tmp_path, body, fragment):

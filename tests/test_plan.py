@@ -113,7 +113,7 @@ def test_each_target_is_taken_by_the_kind_registered_for_it(llama, tmp_path):
         "franken": "merge", "franken-math": "merge", "tuned": "merge", "final": "merge", "side": "merge", "moe": "moe",
     }
     assert plan.recipe_method(targets["tuned"])[0] == "ties"
-    assert plan.recipe_method(targets["moe"]) == ("moe", 1, "https://arxiv.org/abs/2401.04088")
+    assert plan.recipe_method(targets["moe"]) == ("moe", 2, "https://arxiv.org/abs/2401.04088")
     with pytest.raises(ValueError, match="already registered"):
         kinds.register(kinds.kind_of(targets["moe"]))
 

@@ -62,6 +62,8 @@ MOE_KEYS = (
 )
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
+# mergekit-moe's output architectures, by its names, in the order it prefers them.
+MOE_OUTPUTS = ("Mixtral", "DeepSeek MoE", "Qwen MoE", "Qwen3 MoE")
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -208,7 +210,7 @@ class Checker(ValueChecker):
         return target
 
     def moe_target(self, name: str, body: dict, defaults: dict, target_names: set[str]) -> Target:
-        """A mergekit-moe config: dense experts (sources or targets) into a Mixtral-style MoE."""
+        """A mergekit-moe config: dense experts (sources or targets) into a Mixtral, Qwen2-MoE or Qwen3-MoE."""
         path = ("targets", name)
         self.unknown_keys(body, MOE_KEYS, path)
         recipe = {k: v for k, v in defaults.items() if k in ("dtype", "seed")}
@@ -218,11 +220,6 @@ class Checker(ValueChecker):
         if recipe.get("base_model") is None:
             raise self.error(path, "an MoE target needs 'base_model' (attention, embeddings and norms come from it)")
         base_model = refs.resolve(recipe["base_model"], where("base_model"))
-        if recipe.get("shared_experts"):
-            raise self.error(
-                where("shared_experts"),
-                "shared_experts (Qwen MoE / DeepSeek output) are not supported yet: mbuild builds Mixtral-style MoEs",
-            )
         gate_mode = recipe.get("gate_mode", "hidden")
         if gate_mode not in GATE_MODES:
             raise self.error(where("gate_mode"), f"unknown gate_mode '{gate_mode}'{suggest(str(gate_mode), GATE_MODES)}")
@@ -232,32 +229,17 @@ class Checker(ValueChecker):
         raw_experts = recipe.get("experts")
         if not isinstance(raw_experts, list) or not raw_experts:
             raise self.error(where("experts"), "'experts' must be a non-empty list")
-        experts = []
-        for index, raw in enumerate(raw_experts):
-            expert_path = where("experts") + (index,)
-            if not isinstance(raw, dict) or "source_model" not in raw:
-                raise self.error(expert_path, "each expert needs 'source_model:'")
-            self.unknown_keys(raw, EXPERT_KEYS, expert_path)
-            if raw.get("noise_scale") is not None:
-                raise self.error(expert_path + ("noise_scale",), "noise_scale is not supported yet")
-            prompts = {}
-            for key in ("positive_prompts", "negative_prompts"):
-                value = raw.get(key) or []
-                if isinstance(value, str):
-                    value = [value]
-                if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-                    raise self.error(expert_path + (key,), f"'{key}' must be a list of strings")
-                prompts[key] = tuple(value)
-            if gate_mode not in ("random", "uniform_random") and not prompts["positive_prompts"]:
-                raise self.error(expert_path, f"gate_mode {gate_mode} needs 'positive_prompts' for every expert")
-            residual = raw.get("residual_scale")
-            if residual is not None and (isinstance(residual, bool) or not isinstance(residual, (int, float))):
-                raise self.error(expert_path + ("residual_scale",), "'residual_scale' must be a number")
-            model = refs.resolve(raw["source_model"], expert_path + ("source_model",))
-            experts.append(
-                Expert(model, prompts["positive_prompts"], prompts["negative_prompts"],
-                       float(residual) if residual is not None else None, expert_path)
-            )
+        experts = [self.moe_expert(raw, where("experts") + (index,), refs) for index, raw in enumerate(raw_experts)]
+        for expert in experts:
+            if gate_mode not in ("random", "uniform_random") and not expert.positive_prompts:
+                raise self.error(expert.path, f"gate_mode {gate_mode} needs 'positive_prompts' for every expert")
+        raw_shared = recipe.get("shared_experts") or []
+        if not isinstance(raw_shared, list):
+            raise self.error(where("shared_experts"), "'shared_experts' must be a list of experts")
+        shared = [self.moe_expert(raw, where("shared_experts") + (index,), refs) for index, raw in enumerate(raw_shared)]
+        if len({bool(e.positive_prompts) for e in shared}) > 1:
+            # mergekit-moe asserts the same: one router row per shared expert, or none at all.
+            raise self.error(where("shared_experts"), "give 'positive_prompts' to every shared expert or to none")
         if len(experts) < per_token:
             raise self.error(where("experts"), f"{len(experts)} expert(s) but experts_per_token is {per_token}")
         if gate_mode not in ("random", "uniform_random"):
@@ -275,8 +257,13 @@ class Checker(ValueChecker):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise self.error(where("seed"), f"'seed' must be a non-negative integer, not {seed!r}")
         architecture = recipe.get("architecture")
-        if architecture not in (None, "mixtral"):
-            raise self.error(where("architecture"), f"architecture '{architecture}' is not supported: mbuild builds Mixtral MoEs")
+        if architecture is not None and (
+            not isinstance(architecture, str) or not any(n.lower().startswith(architecture.lower()) for n in MOE_OUTPUTS)
+        ):
+            # mergekit-moe picks the outputs whose name starts with this, ignoring case.
+            raise self.error(
+                where("architecture"), f"unknown MoE architecture {architecture!r}: one of {', '.join(MOE_OUTPUTS)}"
+            )
         target = Target(
             name=name,
             method="moe",
@@ -292,10 +279,37 @@ class Checker(ValueChecker):
             seed=seed,
             recipe=recipe,
             mergefile=self.mergefile,
-            moe=MoE(tuple(experts), gate_mode, per_token, architecture),
+            moe=MoE(tuple(experts), gate_mode, per_token, architecture, tuple(shared)),
         )
         self.target_name = None
         return target
+
+    def moe_expert(self, raw: Any, path: tuple, refs: ReferenceResolver) -> Expert:
+        """One expert (or shared expert) of an MoE recipe."""
+        if not isinstance(raw, dict) or "source_model" not in raw:
+            raise self.error(path, "each expert needs 'source_model:'")
+        self.unknown_keys(raw, EXPERT_KEYS, path)
+        if raw.get("noise_scale") is not None:
+            raise self.error(
+                path + ("noise_scale",),
+                "noise_scale is refused: mergekit-moe draws the noise from torch's unseeded global generator, so its "
+                "values depend on every random draw made before in the process, not on the recipe, and no build "
+                "could reproduce or cache them",
+            )
+        prompts = {}
+        for key in ("positive_prompts", "negative_prompts"):
+            value = raw.get(key) or []
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise self.error(path + (key,), f"'{key}' must be a list of strings")
+            prompts[key] = tuple(value)
+        residual = raw.get("residual_scale")
+        if residual is not None and (isinstance(residual, bool) or not isinstance(residual, (int, float))):
+            raise self.error(path + ("residual_scale",), "'residual_scale' must be a number")
+        model = refs.resolve(raw["source_model"], path + ("source_model",))
+        return Expert(model, prompts["positive_prompts"], prompts["negative_prompts"],
+                      float(residual) if residual is not None else None, path)
 
     def tokenizer_block(self, value: Any, path: tuple, refs: ReferenceResolver) -> TokenizerSpec:
         """mergekit's `tokenizer:` block: source, per-token embedding sources, padding."""

@@ -103,6 +103,7 @@ class MoE:
     gate_mode: str
     experts_per_token: int
     architecture: str | None
+    shared_experts: tuple[Expert, ...] = ()  # always-on experts (Qwen2-MoE's one shared expert)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class Target:
         """Every model reference in the recipe, in order of appearance, repeats removed."""
         refs: list[ModelRef] = []
         if self.moe:
-            refs.extend(expert.model for expert in self.moe.experts)
+            refs.extend(expert.model for expert in self.moe.experts + self.moe.shared_experts)
         for model in self.models:
             refs.append(model.model)
         for output_slice in self.slices:
