@@ -296,3 +296,14 @@ def test_state_carries_on_in_memory_when_its_file_cannot_be_written(tmpfs):
     assert state.output_digest("key") == "digest"
     assert len(told) == 1 and "kept in memory this run" in told[0]
     state.close()
+
+
+def test_a_cache_dir_that_is_a_file_costs_only_caching_and_says_so(llama, tmp_path):
+    path = linear_mergefile(tmp_path, llama, {"merged": None})
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("mine")
+    code, _, err = run_to_the_end("-f", str(path), "-q", "--cache-dir", str(not_a_folder))
+    assert code == 0, err
+    assert warnings(err) and all("a file stands where the cache needs a folder" in w for w in warnings(err))
+    assert not_a_folder.read_text() == "mine"
+    assert (tmp_path / "build" / "merged" / "mbuild.json").is_file()

@@ -91,4 +91,6 @@ def delete_database(path: Path) -> bool:
 
 def reason(error: Exception) -> str:
     """An error in a few words: the system's message without its number, or SQLite's."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        return "a file stands where the cache needs a folder"
     return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
