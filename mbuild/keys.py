@@ -138,14 +138,18 @@ def task_key(
     seed: int | None,
     input_keys: Sequence[str],
     platform: str,
+    fuse: Sequence[int] | None = None,
 ) -> str:
     """The key of one output tensor's computation.
 
     ``platform``: where the bytes are computed (`compute_platform.identify`); left out of the
     key of a task that only moves bytes (`BYTE_MOVES`), whose result is the same anywhere.
+    ``fuse``: (experts, parts) when each model's inputs are fused into one tensor first.
     """
+    extra = {} if fuse is None else {"fuse": list(fuse)}
     return digest(
         {
+            **extra,
             "schema": KEY_SCHEMA,
             "method": method,
             "version": version,

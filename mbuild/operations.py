@@ -107,6 +107,8 @@ def compute_task(
         tensors.append(reader.read(info))
     if task.method == "copy":
         return tensors[0]
+    if task.fuse is not None:
+        tensors = fuse_experts(tensors, *task.fuse)
     compute_dtype = io.torch_dtype(task.compute_dtype)
     method = methods.get(task.method)
     options = {
@@ -143,6 +145,24 @@ def compute_task(
         raise _non_finite(task, target) from None
     del inputs
     return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
+
+
+def fuse_experts(tensors, experts: int, parts: int):
+    """Each model's per-expert tensors as one: parts concatenated per expert, experts stacked.
+
+    ``tensors`` is model-major (each model's experts in order, each expert's parts in order);
+    the result has one tensor per model, laid out as transformers 5 fuses them on loading and
+    as mergekit merges them.
+    """
+    import torch
+
+    per_model = experts * parts
+    fused = []
+    for start in range(0, len(tensors), per_model):
+        mine = tensors[start : start + per_model]
+        stacked = [torch.cat(mine[e * parts : (e + 1) * parts], dim=0) if parts > 1 else mine[e * parts] for e in range(experts)]
+        fused.append(torch.stack(stacked, dim=0))
+    return fused
 
 
 # Elements per slice of an element-wise method: 1 MiB per float32 input, so a slice's

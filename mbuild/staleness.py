@@ -253,10 +253,11 @@ def estimate_work(target_plan: TargetPlan, reusable: Callable[[TensorTask], bool
         for size in task.shape:
             count *= size
         stored = count * io.DTYPE_SIZES[task.dtype]
-        read_here = stored * len(task.inputs)
+        models = len(task.inputs) // task.inputs_per_model  # fused experts: each model's inputs make one tensor
+        read_here = stored * models
         compute += 1
         read += read_here
-        working = read_here + count * io.DTYPE_SIZES[task.compute_dtype] * (2 * len(task.inputs) + 2) + stored
+        working = read_here + count * io.DTYPE_SIZES[task.compute_dtype] * (2 * models + 2) + stored
         peak = max(peak, working)
     return {"tensors_to_compute": compute, "bytes_to_read": read, "peak_memory": peak * max(1, jobs)}
 
@@ -294,11 +295,12 @@ def _tensor_reasons(task: TensorTask, old: Mapping[str, Any] | None) -> list[str
             reasons.append(f"parameters.{name}: {_short(before_params.get(name))} → {_short(value)}")
     before_models = old.get("model_params", [])
     labels = [f"{i.node.split(':', 1)[1]}" for i in task.inputs]
+    model_labels = labels[:: task.inputs_per_model]
     for index, values in enumerate(task.model_params):
         before = before_models[index] if index < len(before_models) else {}
         for name, value in values:
             if before.get(name) != value:
-                reasons.append(f"{labels[index]}.{name}: {_short(before.get(name))} → {_short(value)}")
+                reasons.append(f"{model_labels[index]}.{name}: {_short(before.get(name))} → {_short(value)}")
     before_keys = old.get("input_keys", [])
     for index, item in enumerate(task.inputs):
         before = before_keys[index] if index < len(before_keys) else None

@@ -41,7 +41,11 @@ RECIPE_KEYS = (
     "seed",
     "description",
     "allow_mixed_architectures",
+    "expert_tensors",
 )
+# How a merge takes an MoE checkpoint stored one tensor per expert (README: "Per-expert MoE
+# checkpoints"): fused into one tensor per module first, as mergekit does, or each alone.
+EXPERT_TENSORS = ("fused", "separate")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 TOKEN_KEYS = ("source", "force")
 # Chat templates mbuild knows by name (written here from each format's public description).
@@ -185,6 +189,9 @@ class Checker(ValueChecker):
         mixed = recipe.get("allow_mixed_architectures", False)
         if not isinstance(mixed, bool):
             raise self.error(where("allow_mixed_architectures"), "'allow_mixed_architectures' must be true or false")
+        expert_tensors = recipe.get("expert_tensors", "fused")
+        if expert_tensors not in EXPERT_TENSORS:
+            raise self.error(where("expert_tensors"), f"'expert_tensors' must be fused or separate, not {expert_tensors!r}")
 
         self._check_method_shape(method, models, slices, base_model, path)
         target = Target(
@@ -204,6 +211,7 @@ class Checker(ValueChecker):
             mergefile=self.mergefile,
             tokenizer=tokenizer,
             mixed_architectures=mixed,
+            expert_tensors=expert_tensors,
             warnings=tuple(warning for _, warning in self.ignored),
         )
         self.target_name = None

@@ -129,6 +129,9 @@ class Target:
     # Inputs of other architectures may be merged (their tensors no output takes are then
     # named in a warning); without it, mbuild refuses, as mergekit does without --allow-crimes.
     mixed_architectures: bool = False
+    # "fused": a per-expert MoE checkpoint's experts merged as one tensor per module, as
+    # mergekit does; "separate": each expert tensor merged alone.
+    expert_tensors: str = "fused"
     # What the recipe says that mbuild ignores, as mergekit does (a parameter its method does
     # not read): left out of the recipe above and of every key, and shown by the CLI.
     warnings: tuple[MergefileWarning, ...] = field(default=(), compare=False)

@@ -99,3 +99,19 @@ def embedding_name(info: io.ModelInfo) -> str | None:
         if PRE_LAYER.search(name) and name.endswith("weight") and "position" not in name:
             return name
     return None
+
+
+def goes_first(name: str, stacks, text_prefix: str | None) -> bool:
+    """Whether a non-layer tensor comes from the first slice (else from the last).
+
+    The text stack's own tensors sit before it (embeddings) or after it (norm, head); every
+    other stack's tensors, and glue such as a vision projector, go with those stacks, which a
+    frankenmerge takes from its first slice.
+    """
+    if len(stacks) <= 1 or text_prefix is None:
+        return bool(PRE_LAYER.search(name))
+    if name.endswith(OUTPUT_HEAD):
+        return False
+    if stack_of(name, stacks) == text_prefix:
+        return bool(PRE_LAYER.search(name))
+    return True

@@ -53,10 +53,19 @@ class TensorTask:
     inputs: tuple[TensorInput, ...]
     key: str | None
     vocabulary: bool = False  # inputs are re-indexed into the target's output vocabulary first
+    # (experts, parts) when each model gives experts × parts inputs (model-major, then expert,
+    # then part), fused before the method runs: per expert its parts concatenated on the first
+    # axis, the experts stacked on a new first axis (transformers 5's `gate_up_proj` layout).
+    fuse: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
         return io.TensorInfo(self.name, self.dtype, self.shape, None).nbytes
+
+    @property
+    def inputs_per_model(self) -> int:
+        """How many inputs each model gives: its expert tensors when fused, else one."""
+        return self.fuse[0] * self.fuse[1] if self.fuse else 1
 
     @property
     def pending(self) -> bool:

@@ -5,11 +5,12 @@ one task per output tensor: layers renumbered through the slices, every paramete
 for that tensor (`_resolve`), integer buffers copied, and embeddings re-indexed into the
 output vocabulary when the target aligns tokenizers. Before any task, the layer ranges,
 architectures and shapes are checked, and afterwards every input tensor no task takes is
-refused unless the target allows it (`_untaken`): nothing is dropped silently.
+refused unless the target allows it (`accounting`): nothing is dropped silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,14 +30,16 @@ from mbuild.plan.companions import (
     set_vocab_size,
     vocab_size,
 )
+from mbuild.plan.kinds.accounting import check_architectures, untaken
+from mbuild.plan.kinds.experts import FUSED_RENAMES, fused_experts
 from mbuild.plan.kinds.registry import TargetKind, register
 from mbuild.plan.layers import (
     LAYER_NAME,
     OUTPUT_HEAD,
     PRE_LAYER,
     embedding_name,
+    goes_first,
     stack_length,
-    stack_of,
     stack_table,
     text_stack,
 )
@@ -141,7 +144,7 @@ def expand(
             counts = ", ".join(f"'{r}': {rg[1] - rg[0]}" for r, rg in zip(group.refs, group.ranges))
             raise error(group.path, f"models have different layer counts ({counts}); merge them with slices and layer_range")
 
-    _check_architectures(target, groups, infos)
+    check_architectures(target, groups, infos)
     config_node = node_of(target.base_model) if target.base_model else node_of(groups[0].refs[0])
     vocab = None
     if target.tokenizer is not None:
@@ -211,35 +214,80 @@ def expand(
         if on_vocabulary:
             shape = (vocab.size, *shape[1:])
         version = method.version if op != "copy" else 1
-        key = None
-        if all(i.key is not None for i in inputs):
-            key = keys.task_key(
-                method=op,
-                version=version,
-                params=dict(params),
-                model_params=[dict(p) for p in model_params],
-                base_index=base_index,
-                compute_dtype=compute_dtype,
-                out_dtype=out_dtype,
-                shape=shape,
-                seed=seed,
-                input_keys=[i.key for i in inputs],
-                platform=platform,
-            )
         tasks.append(
-            TensorTask(
-                name=out_name,
-                shape=shape,
-                dtype=out_dtype,
-                compute_dtype=compute_dtype,
-                method=op,
-                params=params,
-                model_params=model_params,
-                base_index=base_index,
-                seed=seed,
-                inputs=tuple(inputs),
-                key=key,
-                vocabulary=on_vocabulary,
+            keyed_task(
+                TensorTask(
+                    name=out_name,
+                    shape=shape,
+                    dtype=out_dtype,
+                    compute_dtype=compute_dtype,
+                    method=op,
+                    params=params,
+                    model_params=model_params,
+                    base_index=base_index,
+                    seed=seed,
+                    inputs=tuple(inputs),
+                    key=None,
+                    vocabulary=on_vocabulary,
+                ),
+                version,
+                platform,
+            )
+        )
+
+    def add_fused_task(out_name: str, group: _Group, part_names: list[list[str]], t: float, fuse: tuple[int, int]) -> None:
+        """One fused expert tensor: each model's per-expert tensors (``part_names``) fused, then merged once."""
+        if out_name in seen_names:
+            raise error(group.path, f"two slices produce tensor '{out_name}'")
+        seen_names.add(out_name)
+        experts, parts = fuse
+        part_infos = []
+        for ref, names in zip(group.refs, part_names):
+            found = [infos[node_of(ref)].tensors[name] for name in names]
+            part_infos.append(found)
+            taken.update((node_of(ref), f.name) for f in found)
+        layouts = {tuple(tuple(f.shape) for f in found) for found in part_infos}
+        per_expert = {tuple(tuple(f.shape) for f in part_infos[0][e * parts : (e + 1) * parts]) for e in range(experts)}
+        if len(layouts) > 1 or len(per_expert) > 1:
+            raise error(group.path, f"expert tensors of '{out_name}' differ in shape between experts or models")
+        lead = part_infos[0]
+        shape = (experts, sum(lead[p].shape[0] for p in range(parts)), *lead[0].shape[1:])
+        in_dtypes = [f.dtype for found in part_infos for f in found]
+        if not all(d in io.FLOAT_DTYPES for d in in_dtypes):
+            raise error(group.path, f"expert tensors of '{out_name}' are not floating point")
+        base_index = None
+        if group.base is not None:
+            for index, ref in enumerate(group.refs):
+                if node_of(ref) == node_of(group.base):
+                    base_index = index
+        out_dtype = target.out_dtype or target.dtype or _promote(in_dtypes)
+        compute_dtype = target.dtype or ("float64" if "float64" in in_dtypes else "float32")
+        # Parameters resolve by the fused name, as mergekit resolves them for the fused tensor.
+        params, model_params = _resolve(method, target, group, out_name, [out_name] * len(group.refs), t, base_index, error)
+        seed = target.seed if method.random else None
+        inputs = [
+            TensorInput(node_of(ref), f.name, input_key(node_of(ref), f, plans, source_digests, output_digest))
+            for ref, found in zip(group.refs, part_infos)
+            for f in found
+        ]
+        tasks.append(
+            keyed_task(
+                TensorTask(
+                    name=out_name,
+                    shape=shape,
+                    dtype=out_dtype,
+                    compute_dtype=compute_dtype,
+                    method=method.name,
+                    params=params,
+                    model_params=model_params,
+                    base_index=base_index,
+                    seed=seed,
+                    inputs=tuple(inputs),
+                    key=None,
+                    fuse=fuse,
+                ),
+                method.version,
+                platform,
             )
         )
 
@@ -247,7 +295,7 @@ def expand(
     first_node, last_node = node_of(first.refs[0]), node_of(last.refs[0])
     first_stacks, first_others = stack_tables[first_node]
     last_stacks, last_others = stack_tables[last_node]
-    for name in sorted(n for n in first_others if _goes_first(n, first_stacks, ranged[first_node])):
+    for name in sorted(n for n in first_others if goes_first(n, first_stacks, ranged[first_node])):
         add_task(name, first, [name] * len(first.refs), 0.0)
     for group in groups:
         length = group.ranges[0][1] - group.ranges[0][0]
@@ -257,12 +305,26 @@ def expand(
             lead_layers = stack_tables[lead_node][0].get(ranged[lead_node], {})
             source_layer = group.ranges[0][0] + offset
             suffixes = lead_layers.get(source_layer, {})
-            for suffix in sorted(suffixes):
-                out_name = LAYER_NAME.sub(lambda m: f"{m['prefix']}{out_layer}.{m['suffix']}", suffixes[suffix])
+            in_layers = [
+                stack_tables[node_of(ref)][0].get(ranged[node_of(ref)], {}).get(layer_range[0] + offset, {})
+                for ref, layer_range in zip(group.refs, group.ranges)
+            ]
+            fused = fused_experts(target, group.refs, infos, in_layers)
+            fused_parts = {part for _, part_suffixes in fused.values() for part in part_suffixes}
+            rename = FUSED_RENAMES.get(infos[lead_node].config.get("model_type")) if fused else None
+            for suffix in sorted(set(suffixes) - fused_parts | set(fused)):
+                layer_prefix = LAYER_NAME.match(next(iter(suffixes.values())))["prefix"]
+                if suffix in fused:
+                    fuse, part_suffixes = fused[suffix]
+                    part_names = [[in_layer[part] for part in part_suffixes] for in_layer in in_layers]
+                    add_fused_task(f"{layer_prefix}{out_layer}.{suffix}", group, part_names, t, fuse)
+                    continue
+                out_suffix = suffix
+                if rename is not None and suffix.startswith(rename[0]):
+                    out_suffix = rename[1] + suffix[len(rename[0]) :]
+                out_name = f"{layer_prefix}{out_layer}.{out_suffix}"
                 in_names = []
-                for ref, layer_range in zip(group.refs, group.ranges):
-                    layers = stack_tables[node_of(ref)][0].get(ranged[node_of(ref)], {})
-                    in_layer = layers.get(layer_range[0] + offset, {})
+                for ref, layer_range, in_layer in zip(group.refs, group.ranges, in_layers):
                     if suffix not in in_layer:
                         raise error(group.path, f"model '{ref}' has no '{suffix}' in layer {layer_range[0] + offset}")
                     in_names.append(in_layer[suffix])
@@ -291,7 +353,7 @@ def expand(
                         raise error(first.path, f"model '{ref}' has no '{suffix}' in layer {index} of '{prefix}'")
                     in_names.append(in_layer[suffix])
                 add_task(suffixes[suffix], first, in_names, t)
-    post_layer = {n for n in last_others if not _goes_first(n, last_stacks, ranged[last_node])}
+    post_layer = {n for n in last_others if not goes_first(n, last_stacks, ranged[last_node])}
     if any(OUTPUT_HEAD in infos[node_of(ref)].tensors for ref in last.refs):
         # A tied/untied mix has a head whichever model leads, as in mergekit: the untied models'
         # heads merge with the tied ones' embeddings (add_task reads those in their place).
@@ -299,7 +361,7 @@ def expand(
     for name in sorted(post_layer):
         add_task(name, last, [name] * len(last.refs), 0.0)
 
-    dropped = _untaken(target, groups, infos, taken, stack_tables, ranged)
+    dropped = untaken(target, groups, infos, taken, stack_tables, ranged)
     config = output_config(infos[config_node].config, infos, layer_origin, tasks)
     fit_tying(config, infos[config_node], tasks)
     files = companion_files_for(target, config_node, infos, plans)
@@ -310,6 +372,27 @@ def expand(
     if target.chat_template is not None:
         files["chat_template.jinja"] = chat_template_file(target, files, infos, plans, store)
     return finish_target_plan(target, method_of(target), tasks, config, files, out_layer, shard_bytes, vocab, dropped)
+
+
+def keyed_task(task: TensorTask, version: int, platform: str) -> TensorTask:
+    """``task`` with its key: known once every input's key is (`keys.task_key`)."""
+    if any(i.key is None for i in task.inputs):
+        return task
+    key = keys.task_key(
+        method=task.method,
+        version=version,
+        params=dict(task.params),
+        model_params=[dict(p) for p in task.model_params],
+        base_index=task.base_index,
+        compute_dtype=task.compute_dtype,
+        out_dtype=task.dtype,
+        shape=task.shape,
+        seed=task.seed,
+        input_keys=[i.key for i in task.inputs],
+        platform=platform,
+        fuse=task.fuse,
+    )
+    return dataclasses.replace(task, key=key)
 
 
 def _is_vocabulary_tensor(name: str, tensor_infos, group, infos) -> bool:
@@ -356,33 +439,6 @@ def _resolve(method, target: Target, group: _Group, out_name, in_names, t, base_
     return tuple(params), tuple(model_params)
 
 
-def _architecture(info: io.ModelInfo) -> str | None:
-    """The architecture class a model's config names (its first), if any."""
-    names = info.config.get("architectures")
-    if isinstance(names, list) and names and isinstance(names[0], str):
-        return names[0]
-    return None
-
-
-def _check_architectures(target: Target, groups: list[_Group], infos: Mapping[str, io.ModelInfo]) -> None:
-    """Refuse inputs of different architectures unless the target allows them (mergekit's rule)."""
-    if target.mixed_architectures:
-        return
-    seen: dict[str, str] = {}
-    for ref in (ref for group in groups for ref in group.refs):
-        architecture = _architecture(infos[node_of(ref)])
-        if architecture is not None:
-            seen.setdefault(architecture, str(ref))
-    if len(seen) > 1:
-        shown = ", ".join(f"'{ref}' is {architecture}" for architecture, ref in seen.items())
-        raise MergefileError(
-            f"the models are of different architectures ({shown}); merging them can drop or misplace "
-            "tensors, so mbuild refuses. Say 'allow_mixed_architectures: true' in the target to merge them "
-            "anyway (the output takes the first model's architecture)",
-            target.location(),
-        )
-
-
 def _ranged_stack(target: Target, node: str, info: io.ModelInfo, stacks, error) -> str | None:
     """The stack of a model that layer ranges address: its text stack.
 
@@ -402,67 +458,6 @@ def _ranged_stack(target: Target, node: str, info: io.ModelInfo, stacks, error) 
         count = io.layer_count(info.config)
         prefix = next((p for p in sorted(stacks) if stack_length(stacks[p]) == count), sorted(stacks)[0])
     return prefix
-
-
-def _goes_first(name: str, stacks, text_prefix: str | None) -> bool:
-    """Whether a non-layer tensor comes from the first slice (else from the last).
-
-    The text stack's own tensors sit before it (embeddings) or after it (norm, head); every
-    other stack's tensors, and glue such as a vision projector, go with those stacks, which a
-    frankenmerge takes from its first slice.
-    """
-    if len(stacks) <= 1 or text_prefix is None:
-        return bool(PRE_LAYER.search(name))
-    if name.endswith(OUTPUT_HEAD):
-        return False
-    if stack_of(name, stacks) == text_prefix:
-        return bool(PRE_LAYER.search(name))
-    return True
-
-
-def _untaken(
-    target: Target, groups: list[_Group], infos, taken: set[tuple[str, str]], stack_tables, ranged
-) -> tuple[str, ...]:
-    """Input tensors the target should read but no task does: refused unless the target allows it.
-
-    A `models:` merge takes every tensor of every model; a slice takes its layers and, in the
-    first and last slices, the tensors before and after the layer stack (the first also every
-    other stack, whole).
-    """
-    expected: dict[str, set[str]] = {}
-    for position, group in enumerate(groups):
-        for ref, (start, end) in zip(group.refs, group.ranges):
-            node = node_of(ref)
-            wanted = expected.setdefault(node, set())
-            stacks = stack_tables[node][0]
-            for name in infos[node].tensors:
-                match = LAYER_NAME.match(name)
-                if target.models:
-                    wanted.add(name)
-                elif match and match["prefix"] == ranged[node]:
-                    if start <= int(match["index"]) < end:
-                        wanted.add(name)
-                elif match:
-                    if position == 0:
-                        wanted.add(name)
-                elif position == 0 and _goes_first(name, stacks, ranged[node]):
-                    wanted.add(name)
-                elif position == len(groups) - 1 and not _goes_first(name, stacks, ranged[node]):
-                    wanted.add(name)
-    dropped: list[str] = []
-    for node, names in expected.items():
-        missed = sorted(name for name in names if (node, name) not in taken)
-        if missed and not target.mixed_architectures:
-            label = Node(node).label
-            shown = ", ".join(missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
-            raise MergefileError(
-                f"model '{label}' has {len(missed)} tensor(s) that no output tensor takes ({shown}): mbuild never "
-                "drops an input tensor silently. If the inputs really differ in architecture, say "
-                "'allow_mixed_architectures: true' in the target and they are dropped with a warning",
-                target.location(),
-            )
-        dropped.extend(f"{node.split(':', 1)[1]}: {name}" for name in missed)
-    return tuple(dropped)
 
 
 def method_of(target: Target) -> tuple[str, int, str]:
