@@ -58,6 +58,14 @@ class _Group:
     paths: list[tuple]
     path: tuple
 
+    @property
+    def base_index(self) -> int | None:
+        """Where the base model stands among the group's models (None without a base)."""
+        if self.base is None:
+            return None
+        at = [i for i, ref in enumerate(self.refs) if node_of(ref) == node_of(self.base)]
+        return at[-1] if at else None
+
 
 def _groups(target: Target) -> list[_Group]:
     """mergekit's normal form: a models list is one slice over every layer, base appended."""
@@ -85,6 +93,12 @@ def _groups(target: Target) -> list[_Group]:
             )
         )
     return groups
+
+
+def _float_dtypes(target: Target, in_dtypes: Sequence[str]) -> tuple[str, str]:
+    """A float task's output and compute dtypes: the target's, else from its inputs' (as mergekit)."""
+    out_dtype = target.out_dtype or target.dtype or _promote(in_dtypes)
+    return out_dtype, target.dtype or ("float64" if "float64" in in_dtypes else "float32")
 
 
 def _promote(dtypes: Sequence[str]) -> str:
@@ -157,10 +171,14 @@ def expand(
     out_layer = 0
     layer_origin: list[tuple[str, int]] = []  # output layer -> (source node, source layer)
 
-    def add_task(out_name: str, group: _Group, in_names: list[str], t: float) -> None:
+    def claim(out_name: str, group: _Group) -> None:
+        """Refuse a second task for one output tensor."""
         if out_name in seen_names:
             raise error(group.path, f"two slices produce tensor '{out_name}'")
         seen_names.add(out_name)
+
+    def add_task(out_name: str, group: _Group, in_names: list[str], t: float) -> None:
+        claim(out_name, group)
         tensor_infos = []
         for ref, in_name, path in zip(group.refs, in_names, group.paths):
             info = infos[node_of(ref)]
@@ -184,16 +202,11 @@ def expand(
         if len(shapes) > 1:
             detail = ", ".join(f"'{r}' {list(ti.shape)}" for r, ti in zip(group.refs, tensor_infos))
             raise error(group.path, f"shape mismatch for tensor '{out_name}': {detail}")
-        base_index = None
-        if group.base is not None:
-            for index, ref in enumerate(group.refs):
-                if node_of(ref) == node_of(group.base):
-                    base_index = index
+        base_index = group.base_index
         in_dtypes = [ti.dtype for ti in tensor_infos]
         is_float = all(d in io.FLOAT_DTYPES for d in in_dtypes)
         if is_float:
-            out_dtype = target.out_dtype or target.dtype or _promote(in_dtypes)
-            compute_dtype = target.dtype or ("float64" if "float64" in in_dtypes else "float32")
+            out_dtype, compute_dtype = _float_dtypes(target, in_dtypes)
             params, model_params = _resolve(method, target, group, out_name, in_names, t, base_index, error)
             op, seed = method.name, (target.seed if method.random else None)
         else:
@@ -237,9 +250,7 @@ def expand(
 
     def add_fused_task(out_name: str, group: _Group, part_names: list[list[str]], t: float, fuse: tuple[int, int]) -> None:
         """One fused expert tensor: each model's per-expert tensors (``part_names``) fused, then merged once."""
-        if out_name in seen_names:
-            raise error(group.path, f"two slices produce tensor '{out_name}'")
-        seen_names.add(out_name)
+        claim(out_name, group)
         experts, parts = fuse
         part_infos = []
         for ref, names in zip(group.refs, part_names):
@@ -255,13 +266,8 @@ def expand(
         in_dtypes = [f.dtype for found in part_infos for f in found]
         if not all(d in io.FLOAT_DTYPES for d in in_dtypes):
             raise error(group.path, f"expert tensors of '{out_name}' are not floating point")
-        base_index = None
-        if group.base is not None:
-            for index, ref in enumerate(group.refs):
-                if node_of(ref) == node_of(group.base):
-                    base_index = index
-        out_dtype = target.out_dtype or target.dtype or _promote(in_dtypes)
-        compute_dtype = target.dtype or ("float64" if "float64" in in_dtypes else "float32")
+        base_index = group.base_index
+        out_dtype, compute_dtype = _float_dtypes(target, in_dtypes)
         # Parameters resolve by the fused name, as mergekit resolves them for the fused tensor.
         params, model_params = _resolve(method, target, group, out_name, [out_name] * len(group.refs), t, base_index, error)
         seed = target.seed if method.random else None
