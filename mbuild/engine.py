@@ -14,18 +14,27 @@ import errno
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mbuild import io, keys, launcher, lock, manifest, operations
 from mbuild.cache import State, TensorCache
 from mbuild.errors import BuildError, Location, MbuildError
-from mbuild.executors import Executor, LocalExecutor
+from mbuild.executors import Executor, Job, LocalExecutor
 from mbuild.nodes import Node
 from mbuild.plan import node_of as plan_node
 from mbuild.plan import Plan, TargetPlan, TensorTask
-from mbuild.staleness import Decision, OutputState, decide_target, inspect_output, source_fingerprints
+from mbuild.staleness import (
+    Decision,
+    OutputState,
+    decide_all,
+    decide_target,
+    inspect_output,
+    reusable_in,
+    source_fingerprints,
+    task_memory,
+)
 
 @dataclass(frozen=True)
 class BuildOptions:
@@ -49,6 +58,7 @@ class TargetReport:
     seconds: float = 0.0
     output: str = ""
     error: str | None = None
+    nodes: dict[str, int] = field(default_factory=dict)  # cluster node -> tasks run there
 
     def as_json(self) -> dict[str, Any]:
         """The report as `--json` prints it."""
@@ -62,6 +72,8 @@ class TargetReport:
         }
         if self.error:
             data["error"] = self.error
+        if self.nodes:
+            data["nodes"] = dict(self.nodes)
         return data
 
 
@@ -71,8 +83,8 @@ class Reporter:
     def target_started(self, name: str, total: int, reasons: tuple[str, ...]) -> None:
         """A target's build begins: ``total`` tensors, for ``reasons``."""
 
-    def tensor_done(self, name: str) -> None:
-        """One more tensor of target ``name`` is written."""
+    def tensor_done(self, name: str, node: str | None = None) -> None:
+        """One more tensor of target ``name`` is written; ``node``: the cluster node that computed it."""
 
     def target_finished(self, report: TargetReport) -> None:
         """A target is done (built, fresh, failed or skipped)."""
@@ -155,7 +167,45 @@ class Builder:
         launcher.tune_allocator()
         self._confirm_platform()
         with torch_single_threaded():
+            self._start_jobs()
             return self._run()
+
+    def _start_jobs(self) -> None:
+        """Give the executor the jobs of every stale target whose inputs are final, to start now.
+
+        A target whose inputs are all sources or fresh targets has its final keys already, so
+        a cluster computes it while the targets before it are still being assembled.
+        """
+        if not self.executor.runs_elsewhere:
+            return
+        decisions = decide_all(self.plan, self.state, self.options.force, self._has_tensor)
+        stale = {name for name, decision in decisions.items() if decision.stale}
+        jobs = []
+        for name in self.plan.order:
+            target_plan = self.plan.targets[name]
+            upstream = [Node(n).label for n in target_plan.input_nodes if Node(n).is_target]
+            if name not in stale or any(label in stale for label in upstream):
+                continue
+            reusable = reusable_in(inspect_output(target_plan.target.output), self._has_tensor)
+            models = self._input_models(target_plan)
+            for task in target_plan.tasks:
+                if task.key and not task.pending and not reusable(task):
+                    job = self._job(task, models, target_plan)
+                    if job is not None:
+                        jobs.append(job)
+        self.executor.prefetch(jobs)
+
+    def _job(self, task: TensorTask, models, target_plan: TargetPlan) -> Job | None:
+        """A task as a job for another machine: only the input tensors it reads, named by path."""
+        if not operations.portable(task.method) or not task.key:
+            return None
+        needed: dict[str, dict[str, io.TensorInfo]] = {}
+        for item in task.inputs:
+            info = models[item.node].tensors.get(item.name)
+            if info is None or info.file is None:
+                return None  # the engine reports it when the task runs here
+            needed.setdefault(item.node, {})[item.name] = info
+        return make_job(task, target_plan, self.options.device, self.plan.platform, needed)
 
     def _confirm_platform(self) -> None:
         """Refuse to compute if torch's kernels are not those the plan's keys name."""
@@ -206,6 +256,10 @@ class Builder:
                 try:
                     reports[name] = self.build_target(target_plan, decision)
                     self._built.append(name)
+                    if self.executor.runs_elsewhere and self.plan.order[-1] != name:
+                        self.plan = self.replan(self._built)  # the next targets' keys are final now
+                        self._built = []
+                        self._start_jobs()
                 except MbuildError as error:
                     if error.location is None:
                         error.location = Location(self.plan.mergefile.path, None, name)
@@ -262,6 +316,7 @@ class Builder:
             counts["reused"],
             time.perf_counter() - started,
             str(output),
+            nodes=counts["nodes"],
         )
         self.reporter.target_finished(report)
         return report
@@ -278,15 +333,17 @@ class Builder:
 
     def _write_tensors(self, target_plan: TargetPlan, folder: Path, existing: OutputState) -> dict[str, Any]:
         pipeline = _TensorPipeline(self, target_plan, folder, existing)
-        counts = {"computed": 0, "reused": 0}
+        counts: dict[str, Any] = {"computed": 0, "reused": 0, "nodes": {}}
 
-        def done(outcome: str) -> None:
+        def done(outcome: str, node: str | None) -> None:
             counts[outcome] += 1
-            self.reporter.tensor_done(target_plan.name)
+            if node is not None and outcome == "computed":
+                counts["nodes"][node] = counts["nodes"].get(node, 0) + 1
+            self.reporter.tensor_done(target_plan.name, node)
 
         try:
             pipeline.share_shards()
-            self.executor.run(target_plan.tasks, pipeline.run, done)
+            self.executor.run(target_plan.tasks, pipeline, done)
             pipeline.writer.close()
         except BaseException:
             pipeline.writer.abort()
@@ -316,10 +373,12 @@ class _TensorPipeline:
     def __init__(self, builder: Builder, target_plan: TargetPlan, folder: Path, existing: OutputState):
         import torch
 
+        self.builder = builder
+        self.target_plan = target_plan
         self.cache = builder.cache
         self.state = builder.state
         self.lookup = None if builder.options.force else builder.cache  # reuse from the cache
-        models = builder._input_models(target_plan)
+        models = self.models = builder._input_models(target_plan)
         self.previous: Mapping[str, Mapping[str, str]] = {}
         self.previous_model = None
         if existing.manifest and not builder.options.force and not existing.changes:
@@ -383,6 +442,28 @@ class _TensorPipeline:
         operation = operations.operation(task.method)
         if operation.streams:
             return self._streamed(task, operation)
+        settled = self.settle(task)
+        if settled is not None:
+            return settled
+        data = io.raw_bytes(operation.compute(task, self.inputs))
+        return self.accept(task, data, None, computed=True)
+
+    def job(self, task: TensorTask) -> Job | None:
+        """The task as a job another machine can run (None: it runs here)."""
+        return self.builder._job(task, self.models, self.target_plan)
+
+    def accept(self, task: TensorTask, data, digest: str | None, computed: bool) -> str:
+        """Write a task's bytes (computed here, or left in storage by a job) and cache them."""
+        digest = self.writer.write(task.name, data, digest)
+        if task.key:
+            self.made[task.key] = digest
+            self._keep(task, digest, data)
+        return "computed" if computed else "reused"
+
+    def settle(self, task: TensorTask) -> str | None:
+        """Take a task's bytes from the tensor cache or the previous output: "reused", else None."""
+        if operations.operation(task.method).streams:
+            return None
         if self.lookup is not None and task.key:
             found = self.lookup.get(task.key)
             if found is not None:
@@ -396,12 +477,7 @@ class _TensorPipeline:
                 self.made[task.key] = self.writer.write(task.name, data, digest)  # verified: not hashed again
                 self._keep(task, digest)
                 return "reused"
-        data = io.raw_bytes(operation.compute(task, self.inputs))
-        digest = self.writer.write(task.name, data)
-        if task.key:
-            self.made[task.key] = digest
-            self._keep(task, digest, data)
-        return "computed"
+        return None
 
     def _streamed(self, task: TensorTask, operation: operations.Operation) -> str:
         """A tensor too large to hold (stacked experts): copied or computed in pieces, never cached whole."""
@@ -438,6 +514,36 @@ class _TensorPipeline:
         self.state.remember_outputs(self.made)
         if self.blobs:
             self.cache.done_with(self.blobs.values())
+
+
+def make_job(task: TensorTask, target_plan: TargetPlan, device: str, platform: str, models=None) -> Job:
+    """A task as a `Job`; ``models`` (node -> name -> TensorInfo) are the tensors it reads."""
+    from mbuild import __version__
+
+    return Job(
+        task=task,
+        models={node: io.ModelInfo(None, {}, tensors) for node, tensors in (models or {}).items()},
+        target=target_plan.target,
+        vocabulary=target_plan.vocabulary if task.vocabulary else None,
+        device=device,
+        platform=platform,
+        version=__version__,
+        memory=task_memory(task),
+    )
+
+
+def largest_job(plan: Plan, names, device: str) -> Job | None:
+    """The job of the named targets that needs the most memory (its inputs left unnamed), or None."""
+    every = [
+        (task_memory(task), task, name)
+        for name in names
+        for task in plan.targets[name].tasks
+        if operations.portable(task.method)
+    ]
+    if not every:
+        return None
+    _, task, name = max(every, key=lambda item: item[0])
+    return make_job(task, plan.targets[name], device, plan.platform)
 
 
 def _disk_fault(error: OSError, output: Path) -> BuildError:

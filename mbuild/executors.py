@@ -1,44 +1,117 @@
-"""Executors: what runs a target's tensor tasks once the engine has them ready.
+"""Executors: where a target's tensor tasks run once the engine has them ready.
 
-An executor is given tasks and the function that runs one, and calls back with each
-result as it completes; it never sees the lock, the manifest or the terminal. The local
-executor runs them on a pool of threads; an executor for a cluster runs the same
-function elsewhere.
+An executor is given a target's tasks and its `Work` (what the engine does with a task:
+take its bytes from where they already are, run it here, or describe it as a `Job` that
+runs on another machine and accept the result), and calls back with each outcome; it never
+sees the lock, the manifest or the terminal. The local executor runs every task here on a
+pool of threads; the Ray executor (`mbuild.ray_executor`) sends jobs to a cluster.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Callable, Iterable, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
-Task = TypeVar("Task")
-Result = TypeVar("Result")
+# done(outcome, node): outcome is "computed" or "reused"; node is where a task ran, or None.
+Done = Callable[[str, "str | None"], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A tensor task as another machine runs it: everything it reads is named by path.
+
+    ``models`` hold only the tensors the task reads (their files on storage every node sees).
+    ``platform`` and ``version`` are what the plan's keys name: a worker that would compute
+    other bytes (another CPU class, another mbuild) refuses the job.
+    """
+
+    task: Any  # plan.TensorTask
+    models: Mapping[str, Any]  # node -> io.ModelInfo
+    target: Any  # the mergefile Target, for error locations
+    vocabulary: Any
+    device: str
+    platform: str
+    version: str
+    memory: int  # bytes of working memory the plan estimates for it
+
+    @property
+    def key(self) -> str:
+        return self.task.key
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a remote job returns: where its bytes are, never the bytes."""
+
+    key: str
+    digest: str
+    node: str
+    computed: bool  # False: the storage already held them (an earlier run's)
+
+
+class Work(Protocol):
+    """What the engine does with one target's tasks."""
+
+    def run(self, task) -> str:
+        """Run a task here by whatever path is cheapest; "computed" or "reused"."""
+
+    def settle(self, task) -> str | None:
+        """Take a task's bytes from the cache or the previous output ("reused"), or None."""
+
+    def job(self, task) -> Job | None:
+        """The task as a `Job` for another machine, or None for one that must run here."""
+
+    def accept(self, task, data, digest: str, computed: bool) -> str:
+        """Write bytes a job left in storage; "computed" or "reused"."""
 
 
 class Executor(Protocol):
-    def run(self, tasks: Iterable[Task], work: Callable[[Task], Result], done: Callable[[Result], None]) -> None:
-        """Run ``work`` on every task; ``done`` receives each result, on the calling thread."""
+    runs_elsewhere: bool  # whether tasks may run on other machines (jobs are then made and prefetched)
+
+    def check(self, largest: Job | None) -> None:
+        """Refuse, before anything runs, a job no worker could take."""
+
+    def prefetch(self, jobs: Iterable[Job]) -> None:
+        """Start jobs of targets not being built yet (their keys are final); their results wait."""
+
+    def run(self, tasks: Iterable[Any], work: Work, done: Done) -> None:
+        """Bring every task's bytes into the output; ``done`` receives each outcome, on this thread."""
+
+    def close(self) -> None:
+        """Release what the executor holds (a cluster connection)."""
 
 
 class LocalExecutor:
     """Tasks on ``jobs`` threads, at most two per thread waiting, so memory stays at a few tensors per worker."""
 
+    runs_elsewhere = False
+
     def __init__(self, jobs: int):
         self.jobs = max(1, jobs)
 
-    def run(self, tasks: Iterable[Task], work: Callable[[Task], Result], done: Callable[[Result], None]) -> None:
+    def check(self, largest: Job | None) -> None:
+        return None
+
+    def prefetch(self, jobs: Iterable[Job]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def run(self, tasks: Iterable[Any], work: Work, done: Done) -> None:
         with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
             pending: set[concurrent.futures.Future] = set()
             for task in tasks:
-                pending.add(pool.submit(work, task))
+                pending.add(pool.submit(work.run, task))
                 while len(pending) >= 2 * self.jobs:
                     pending = self._collect(pending, done)
             while pending:
                 pending = self._collect(pending, done)
 
     @staticmethod
-    def _collect(pending: set, done: Callable) -> set:
+    def _collect(pending: set, done: Done) -> set:
         finished, rest = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in finished:
-            done(future.result())
+            done(future.result(), None)
         return rest

@@ -83,6 +83,15 @@ def operation(name: str) -> Operation:
     return OPERATIONS.get(name, METHOD)
 
 
+def portable(name: str) -> bool:
+    """Whether a task of this operation can run on another machine from its inputs' paths alone.
+
+    Streamed operations write into the output's shard, and routers read the base model's
+    tokenizer and run it: those run where the output is assembled.
+    """
+    return operation(name).compute is _method
+
+
 def compute_task(
     task: TensorTask,
     models: Mapping[str, io.ModelInfo],

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mbuild import engine, lock, plan, staleness
+from mbuild import engine, executors, lock, plan, staleness
 from mbuild.cache import State, TensorCache
 from mbuild.mergefile import Mergefile
 from mbuild.pickles import Conversions
@@ -30,6 +30,8 @@ class Request:
     shard_bytes: int = plan.DEFAULT_SHARD_BYTES
     platform: str = ""  # where tasks compute (`compute_platform.identify`)
     allow_pickle: bool = False
+    executor: str = "local"  # "local" or "ray"
+    ray_address: str | None = None  # None: `auto`, else a Ray of this run's own
 
 
 class Session:
@@ -83,6 +85,20 @@ class Session:
         decisions = staleness.decide_all(first, self.state)
         if not request.keep_going:
             staleness.refuse_foreign_outputs(first, decisions)
+        stale = [name for name, decision in decisions.items() if decision.stale or request.force]
+        executor = self._executor() if stale else None
+        try:
+            return self._build(first, decisions, executor, open_cache)
+        finally:
+            if executor is not None:
+                executor.close()
+
+    def _build(self, first, decisions, executor, open_cache) -> dict[str, engine.TargetReport]:
+        request = self.request
+        if executor is not None:
+            # Before any source is hashed: a job no worker could take is refused now.
+            stale = [name for name, decision in decisions.items() if decision.stale or request.force]
+            executor.check(engine.largest_job(first, stale, request.device))
         if first.unhashed:
             first = self.plan()
             decisions = staleness.decide_all(first, self.state)
@@ -104,10 +120,19 @@ class Session:
         cache = open_cache()
         try:
             with self.reporter.running(len(first.order)):
-                return engine.Builder(first, self.state, options, self.reporter, cache, self.plan).run()
+                return engine.Builder(first, self.state, options, self.reporter, cache, self.plan, executor).run()
         finally:
             if cache is not None:
                 cache.close()
+
+    def _executor(self):
+        """Where tasks run: threads here, or a Ray cluster with results in the cache folder."""
+        if self.request.executor != "ray":
+            return executors.LocalExecutor(self.request.jobs)
+        from mbuild import ray_executor
+
+        storage = ray_executor.storage_in(self.state.folder)
+        return ray_executor.RayExecutor(storage, self.request.ray_address, self.request.device)
 
     def _hashed_digests(self, source: plan.Source):
         """A source's digests, hashing it (with progress) if they are not remembered."""

@@ -249,17 +249,23 @@ def estimate_work(target_plan: TargetPlan, reusable: Callable[[TensorTask], bool
     for task in target_plan.tasks:
         if reusable(task):
             continue
-        count = 1
-        for size in task.shape:
-            count *= size
-        stored = count * io.DTYPE_SIZES[task.dtype]
-        models = len(task.inputs) // task.inputs_per_model  # fused experts: each model's inputs make one tensor
-        read_here = stored * models
         compute += 1
-        read += read_here
-        working = read_here + count * io.DTYPE_SIZES[task.compute_dtype] * (2 * models + 2) + stored
-        peak = max(peak, working)
+        read += task_input_bytes(task)
+        peak = max(peak, task_memory(task))
     return {"tensors_to_compute": compute, "bytes_to_read": read, "peak_memory": peak * max(1, jobs)}
+
+
+def task_input_bytes(task: TensorTask) -> int:
+    """The bytes a task reads: one stored tensor of its shape per model."""
+    models = len(task.inputs) // task.inputs_per_model  # fused experts: each model's inputs make one tensor
+    return task.nbytes * models
+
+
+def task_memory(task: TensorTask) -> int:
+    """A task's working memory: its inputs as read and converted, the method's temporaries, the output."""
+    count = task.nbytes // io.DTYPE_SIZES[task.dtype]
+    models = len(task.inputs) // task.inputs_per_model
+    return task_input_bytes(task) + count * io.DTYPE_SIZES[task.compute_dtype] * (2 * models + 2) + task.nbytes
 
 
 def explain_tensors(target_plan: TargetPlan, manifest: Mapping[str, Any] | None) -> dict[str, list[str]]:

@@ -98,6 +98,25 @@ def workspace(tmp_path, monkeypatch):
     return Workspace()
 
 
+GRAIN = 32768  # torch splits work between threads past this many elements
+
+
+def grain_family(root: Path, layers: int, hidden: int, intermediate: int, rows: int) -> dict[str, Path]:
+    """A Llama (bfloat16) and two mock fine-tunes whose every matrix is past torch's grain."""
+    options = dict(
+        num_hidden_layers=layers,
+        overrides={"hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": 4,
+                   "num_key_value_heads": 2},
+        embedding_rows=rows,
+    )
+    base = make_models.make_model(root / "base", "llama", "tiny", seed=0, **options)
+    math = make_models.make_model(root / "math", "llama", "tiny", seed=1, base=base)
+    code = make_models.make_model(root / "code", "llama", "tiny", seed=2, base=base)
+    small = [name for name, tensor in load_tensors(base).items() if tensor.ndim == 2 and tensor.numel() < GRAIN]
+    assert not small, f"matrices below torch's grain: {small}"
+    return {"base": base, "math": math, "code": code}
+
+
 def load_tensors(folder: Path) -> dict:
     """Every tensor of a model folder, by name."""
     from safetensors.torch import load_file

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from conftest import build_json, franken_ties, load_tensors
+from conftest import grain_family as make_grain_family
 from parity import Build, assert_same_tensors, deterministic_recipes, random_recipes, run_mergekit, same_bits
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -42,7 +43,6 @@ CONFIGURATIONS = {
     "one-core": dict(jobs=2, process=True, taskset=True),
     "omp3": dict(jobs=1, process=True, env={"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}),
 }
-GRAIN = 32768
 # mergekit returns these methods' results in float32 whatever the compute dtype, and writes them
 # so when no out_dtype is set; mbuild writes the compute dtype, as for every other method. The
 # bytes are compared with `out_dtype` set to the compute dtype, so both cast the same way.
@@ -52,22 +52,8 @@ FLOAT32_RESULTS = {"arcee_fusion", "ramplus_tl"}
 @pytest.fixture(scope="module")
 def grain_family(tmp_path_factory):
     """A two-layer Llama (bfloat16) and two mock fine-tunes, every tensor above torch's grain."""
-    import make_models
-
-    root = tmp_path_factory.mktemp("family-grain")
-    options = dict(
-        num_hidden_layers=2,
-        overrides={"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4, "num_key_value_heads": 2},
-        # 3840 x 256 = 983,040 elements: above the grain, below Arcee Fusion's sampling size.
-        embedding_rows=3840,
-    )
-    base = make_models.make_model(root / "base", "llama", "tiny", seed=0, **options)
-    math = make_models.make_model(root / "math", "llama", "tiny", seed=1, base=base)
-    code = make_models.make_model(root / "code", "llama", "tiny", seed=2, base=base)
-    family = {"base": base, "math": math, "code": code}
-    small = [name for name, tensor in load_tensors(base).items() if tensor.ndim == 2 and tensor.numel() < GRAIN]
-    assert not small, f"matrices below torch's grain: {small}"
-    return family
+    # 3840 x 256 = 983,040 elements: above the grain, below Arcee Fusion's sampling size.
+    return make_grain_family(tmp_path_factory.mktemp("family-grain"), 2, 256, 1024, 3840)
 
 
 def recipes(family) -> tuple[dict[str, dict], set[str]]:

@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="rebuild the selected targets even if fresh")
     parser.add_argument("-j", "--jobs", type=job_count, default=2, help="tensor tasks run at once (default 2)")
     parser.add_argument("--device", default="cpu", help="where the math runs: cpu (default) or cuda")
+    parser.add_argument(
+        "--executor", choices=("local", "ray"), default="local",
+        help="where tensor tasks run: threads here (default) or a Ray cluster (results through --cache-dir)",
+    )
+    parser.add_argument(
+        "--ray-address", help="the Ray cluster (HOST:PORT or auto; default: auto, else a Ray of this run's own)"
+    )
     parser.add_argument("-k", "--keep-going", action="store_true", help="build what does not depend on a failed target")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors (and --json output)")
     parser.add_argument("--shard-size", default="5G", type=byte_count, help="largest output shard (default 5G)")

@@ -169,6 +169,7 @@ class Printer(Reporter):
         self.tty = sys.stderr.isatty() and not quiet
         self.progress = None
         self.tasks = {}
+        self.nodes: dict[str, dict[str, int]] = {}  # target -> cluster node -> tensors computed there
         self.targets = targets
         self.overall = None
 
@@ -227,9 +228,15 @@ class Printer(Reporter):
             why = f" ({'; '.join(reasons)})" if reasons else ""
             print(f"mbuild: building {name}: {total} tensors{why}", file=sys.stderr, flush=True)
 
-    def tensor_done(self, name) -> None:
+    def tensor_done(self, name, node=None) -> None:
         if self.progress and name in self.tasks:
-            self.progress.advance(self.tasks[name])
+            if node is None:
+                self.progress.advance(self.tasks[name])
+                return
+            counts = self.nodes.setdefault(name, {})
+            counts[node] = counts.get(node, 0) + 1
+            shown = ", ".join(f"{n[:8]}: {c}" for n, c in sorted(counts.items()))
+            self.progress.update(self.tasks[name], advance=1, description=f"building {name} [nodes {shown}]")
 
     def target_finished(self, report) -> None:
         if self.overall is not None:

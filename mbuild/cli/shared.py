@@ -54,6 +54,8 @@ def request(args):
         shard_bytes=getattr(args, "shard_size", plan.DEFAULT_SHARD_BYTES),
         platform=platform(args),
         allow_pickle=args.allow_pickle,
+        executor=getattr(args, "executor", "local"),
+        ray_address=getattr(args, "ray_address", None),
     )
 
 

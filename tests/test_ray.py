@@ -1,0 +1,342 @@
+"""The Ray executor on a real three-node Ray cluster on this machine (no mocks).
+
+The cluster is `ray.cluster_utils.Cluster`: a head and two worker nodes, one CPU each, each a
+raylet of its own with its own worker processes, so a task's node is a real scheduling
+decision and removing a node kills the tasks running there. Every build is the real CLI in a
+subprocess (`--executor ray --ray-address`), compared byte for byte with local builds at
+-j 1 and -j 2 of the same Mergefile; every matrix of the family is past torch's grain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, grain_family, snapshot
+from parity import Build
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+# Logical memory a node offers to tasks (`ray start --memory`): what `memory=` requests count against.
+NODE_MEMORY = 3 * 1024**3
+NODE = dict(num_cpus=1, object_store_memory=80 * 1024**2, memory=NODE_MEMORY)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(**NODE)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A four-layer Llama (bfloat16) and two mock fine-tunes, every matrix past torch's grain."""
+    return grain_family(tmp_path_factory.mktemp("ray-family"), 4, 256, 512, 1024)
+
+
+def mergefile(family) -> str:
+    """Three independent targets (TIES, DARE-TIES with a seed, linear), a SLERP of two of them,
+    and a frankenmerge of that SLERP whose repeated layers share keys."""
+    return f"""
+defaults:
+  dtype: float32
+  out_dtype: bfloat16
+targets:
+  ties:
+    merge_method: ties
+    base_model: {family['base']}
+    models:
+      - model: {family['math']}
+        parameters: {{weight: 0.6, density: 0.5}}
+      - model: {family['code']}
+        parameters: {{weight: 0.4, density: 0.5}}
+    parameters: {{normalize: true}}
+  dare:
+    merge_method: dare_ties
+    base_model: {family['base']}
+    seed: 7
+    models:
+      - model: {family['math']}
+        parameters: {{weight: 0.5, density: 0.6}}
+      - model: {family['code']}
+        parameters: {{weight: 0.5, density: 0.6}}
+  linear:
+    merge_method: linear
+    dtype: bfloat16
+    models:
+      - model: {family['math']}
+        parameters: {{weight: 0.3}}
+      - model: {family['code']}
+        parameters: {{weight: 0.7}}
+  blend:
+    merge_method: slerp
+    base_model: ties
+    models:
+      - model: ties
+      - model: dare
+    parameters: {{t: 0.3}}
+  deep:
+    merge_method: passthrough
+    slices:
+      - sources: [{{model: blend, layer_range: [0, 3]}}]
+      - sources: [{{model: blend, layer_range: [1, 4]}}]
+"""
+
+
+def outputs(root: Path) -> dict[str, dict[str, bytes]]:
+    """Every output's safetensors files and config, by target, as bytes."""
+    return {
+        folder.name: {name: data for name, data in snapshot(folder).items() if name.endswith((".safetensors", "config.json"))}
+        for folder in sorted(root.iterdir())
+        if folder.is_dir() and (folder / "mbuild.json").exists()
+    }
+
+
+@pytest.fixture(scope="module")
+def local_builds(family, tmp_path_factory):
+    """The family built locally at -j 1 and -j 2: the bytes every Ray build must give."""
+    made = {}
+    for jobs in ("1", "2"):
+        build = Build(tmp_path_factory.mktemp(f"local-j{jobs}"), mergefile(family), "--json", "-q", "-j", jobs)
+        assert build.returncode == 0, build.log
+        made[jobs] = build
+    assert outputs(made["1"].root) == outputs(made["2"].root)
+    return made
+
+
+def ray_build(root: Path, family, cluster, *arguments: str, text: str | None = None) -> subprocess.Popen:
+    """`mbuild all --executor ray` against the cluster, started in a subprocess (not waited for)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "Mergefile").write_text(text or mergefile(family))
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    environment.pop("MBUILD_CACHE", None)
+    command = [sys.executable, "-m", "mbuild.cli", "all", "-f", str(root / "Mergefile"), "--cache-dir",
+               str(root / "cache"), "--executor", "ray", "--ray-address", cluster.address, *arguments]
+    return subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=environment)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[dict, str]:
+    """Wait for a build; its JSON report (targets) and stderr. Fails on a non-zero exit."""
+    import json
+
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"exit {process.returncode}\n{stdout}\n{stderr}"
+    return (json.loads(stdout)["targets"] if "--json" in process.args else {}), stderr
+
+
+def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    """Read the build's stderr until a line holds ``needle``; the lines read."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"no line with {needle!r} in:\n{''.join(lines)}")
+
+
+def test_same_bytes_as_local_builds_with_tasks_on_every_node(family, cluster, local_builds, tmp_path):
+    reports, _ = finish(ray_build(tmp_path, family, cluster, "--json", "-q"))
+    assert outputs(tmp_path) == outputs(local_builds["1"].root)
+    nodes = set()
+    for name, report in reports.items():
+        local = local_builds["1"].reports[name]
+        # The same work as locally: a frankenmerge's repeated layers are computed once.
+        assert (report["tensors_computed"], report["tensors_reused"]) == (
+            local["tensors_computed"],
+            local["tensors_reused"],
+        ), name
+        assert sum(report["nodes"].values()) == report["tensors_computed"], name
+        nodes |= set(report["nodes"])
+    alive = {node["NodeID"] for node in _nodes(cluster)}
+    assert nodes <= alive
+    assert len(nodes) == 3, f"tasks ran on {len(nodes)} of 3 nodes"
+    assert "nodes" not in local_builds["1"].reports["ties"]  # local builds report none
+    # Nothing is left in the results storage once the outputs hold the bytes.
+    assert not [p for p in (tmp_path / "cache" / "results").rglob("*") if p.is_file()]
+
+
+def test_the_example_family_builds_on_ray(families, cluster, tmp_path):
+    example = (ROOT / "Mergefile.example").read_text()
+    models = families("llama")["base"].parent
+    (tmp_path / "local" / "examples").mkdir(parents=True)
+    (tmp_path / "local" / "examples" / "models").symlink_to(models)
+    local = Build(tmp_path / "local", example, "--json", "-q", "-j", "2")
+    assert local.returncode == 0, local.log
+    (tmp_path / "ray" / "examples").mkdir(parents=True)
+    (tmp_path / "ray" / "examples" / "models").symlink_to(models)
+    reports, _ = finish(ray_build(tmp_path / "ray", {}, cluster, "--json", "-q", text=example))
+    assert outputs(tmp_path / "ray" / "build") == outputs(tmp_path / "local" / "build")
+    assert {name: r["status"] for name, r in reports.items()} == {name: "built" for name in local.reports}
+    assert len({node for r in reports.values() for node in r["nodes"]}) > 1
+
+
+def _nodes(cluster):
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        return [node for node in ray.nodes() if node["Alive"]]
+    finally:
+        ray.shutdown()
+
+
+def test_a_node_removed_mid_build(family, cluster, local_builds, tmp_path):
+    process = ray_build(tmp_path, family, cluster)
+    try:
+        wait_for_line(process, "building ties")
+        victim = next(iter(cluster.worker_nodes))
+        assert process.poll() is None, "the build ended before the node could be removed"
+        cluster.remove_node(victim)
+        _, log = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if len(cluster.worker_nodes) < 2:
+            cluster.add_node(**NODE)
+            cluster.wait_for_nodes()
+    assert outputs(tmp_path) == outputs(local_builds["1"].root)
+    assert log.count("done in") == len(local_builds["1"].reports), log  # every target built in this run
+
+
+def test_a_killed_driver_resumes_from_the_shared_cache(family, cluster, local_builds, tmp_path):
+    process = ray_build(tmp_path, family, cluster)
+    try:
+        wait_for_line(process, "building dare")  # ties is published; the others' jobs are running
+        time.sleep(1.0)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    reports, _ = finish(ray_build(tmp_path, family, cluster, "--json", "-q"))
+    assert outputs(tmp_path) == outputs(local_builds["1"].root)
+    clean = sum(r["tensors_computed"] for r in local_builds["1"].reports.values())
+    resumed = sum(r["tensors_computed"] for r in reports.values())
+    assert reports["ties"]["status"] == "fresh"
+    # Beyond the published target, jobs the killed driver had started left their bytes behind.
+    unpublished = clean - local_builds["1"].reports["ties"]["tensors_computed"]
+    assert resumed < unpublished, f"the second run computed {resumed} of the {unpublished} tensors left"
+
+
+def test_two_drivers_at_once(family, cluster, local_builds, tmp_path):
+    first = ray_build(tmp_path, family, cluster, "--json", "-q")
+    second = ray_build(tmp_path, family, cluster, "--json", "-q")
+    reports = [finish(first)[0], finish(second)[0]]
+    assert outputs(tmp_path) == outputs(local_builds["1"].root)
+    for name in local_builds["1"].reports:
+        assert {r[name]["status"] for r in reports} <= {"built", "fresh"}
+    again, _ = finish(ray_build(tmp_path, family, cluster, "--json", "-q"))
+    assert {r["status"] for r in again.values()} == {"fresh"}
+    assert sum(r["tensors_computed"] for r in again.values()) == 0
+
+
+def test_a_job_larger_than_every_node_is_refused_before_anything_runs(cluster, tmp_path):
+    """Three sparse 180 MB sources: a TIES task over them needs about 4 GB; nodes offer 3 GiB."""
+    import json
+
+    rows, columns = 9000, 10000
+    family = {}
+    for name in ("base", "math", "code"):
+        folder = tmp_path / "models" / name
+        folder.mkdir(parents=True)
+        header = json.dumps({"lm_head.weight": {"dtype": "BF16", "shape": [rows, columns],
+                                                "data_offsets": [0, rows * columns * 2]}}).encode()
+        header += b" " * (-len(header) % 8)
+        with open(folder / "model.safetensors", "wb") as file:
+            file.write(len(header).to_bytes(8, "little") + header)
+            file.truncate(8 + len(header) + rows * columns * 2)  # sparse: no data written
+        (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                        "model_type": "llama", "num_hidden_layers": 0}))
+        family[name] = folder
+    text = f"""
+targets:
+  huge:
+    merge_method: ties
+    base_model: {family['base']}
+    models:
+      - model: {family['math']}
+        parameters: {{weight: 0.5, density: 0.5}}
+      - model: {family['code']}
+        parameters: {{weight: 0.5, density: 0.5}}
+"""
+    started = time.monotonic()
+    process = ray_build(tmp_path / "work", family, cluster, text=text)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "tensor 'lm_head.weight' of target 'huge' needs about" in stderr, stderr
+    assert "no node of the Ray cluster offers that" in stderr
+    assert "Mergefile" in stderr  # the location: file and target
+    assert not (tmp_path / "work" / "huge").exists()
+    # Refused before the sources were hashed: nothing remembered, nothing cached.
+    assert not list((tmp_path / "work" / "cache").glob("tensors/blobs/*"))
+    assert time.monotonic() - started < 60
+
+
+def test_a_worker_on_another_compute_platform_refuses_its_job(family, cluster, tmp_path):
+    from mbuild.engine import make_job
+    from mbuild.errors import BuildError
+    from mbuild.ray_executor import compute_job
+    from mbuild.storage import SharedDirectory
+    from mbuild.cache import State
+    from mbuild.mergefile import load
+    from mbuild.session import Request, Session
+
+    (tmp_path / "Mergefile").write_text(mergefile(family))
+    plan = Session(load(tmp_path / "Mergefile"), State(tmp_path / "cache"), Request()).plan()
+    target_plan = plan.targets["ties"]
+    task = next(t for t in target_plan.tasks if t.method == "ties")
+    models = {i.node: {i.name: plan.sources[i.node].info.tensors[i.name]} for i in task.inputs}
+    job = make_job(task, target_plan, "cpu", "cpu:some-other-class", models)
+    storage = SharedDirectory(tmp_path / "results")
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError) as raised:
+            ray.get(ray.remote(compute_job).options(max_retries=0).remote(job, storage))
+        assert isinstance(raised.value.cause, BuildError)
+        assert "cpu:some-other-class" in str(raised.value.cause)
+        # The same job with the plan's own platform computes, and stores, the bytes a local build writes.
+        good = make_job(task, target_plan, "cpu", plan.platform, models)
+        result = ray.get(ray.remote(compute_job).remote(good, storage))
+    finally:
+        ray.shutdown()
+    assert result.computed and storage.find(task.key) == result.digest
+    assert storage.keys() == [task.key]
+
+
+def test_the_results_storage_verifies_what_it_reads(tmp_path):
+    from mbuild.storage import SharedDirectory
+
+    storage = SharedDirectory(tmp_path)
+    data = bytes(range(256)) * 200
+    digest = storage.put("ab" * 32, data)
+    assert storage.find("ab" * 32) == digest
+    assert bytes(storage.read("ab" * 32, digest)) == data
+    (path,) = [p for p in tmp_path.rglob("*") if p.is_file()]
+    path.write_bytes(data[:-1] + b"\x00")  # damaged after it was written
+    assert storage.read("ab" * 32, digest) is None
+    assert storage.find("ab" * 32) is None  # dropped, so the task runs again
+    assert storage.find("cd" * 32) is None
+
+
+def test_without_ray_the_error_says_what_to_install(monkeypatch, tmp_path):
+    from mbuild.errors import MbuildError
+    from mbuild.ray_executor import RayExecutor
+    from mbuild.storage import SharedDirectory
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MbuildError, match=r"pip install 'mbuild\[ray\]'"):
+        RayExecutor(SharedDirectory(tmp_path))
