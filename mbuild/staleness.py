@@ -252,7 +252,12 @@ def estimate_work(target_plan: TargetPlan, reusable: Callable[[TensorTask], bool
         compute += 1
         read += task_input_bytes(task)
         peak = max(peak, task_memory(task))
-    return {"tensors_to_compute": compute, "bytes_to_read": read, "peak_memory": peak * max(1, jobs)}
+    return {
+        "tensors_to_compute": compute,
+        "bytes_to_read": read,
+        "peak_memory": peak * max(1, jobs),
+        "largest_task_memory": peak,
+    }
 
 
 def task_input_bytes(task: TensorTask) -> int:

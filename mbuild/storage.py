@@ -94,6 +94,20 @@ class SharedDirectory:
         for path in self._entries(key):
             path.unlink(missing_ok=True)
 
+    def remove_partials(self, older_than: float) -> int:
+        """Remove what writers killed mid-write left (temporaries older than ``older_than`` seconds)."""
+        import time
+
+        removed = 0
+        for path in self.folder.glob("*/.*.partial") if self.folder.is_dir() else ():
+            try:
+                if path.stat().st_mtime < time.time() - older_than:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
     def keys(self) -> list[str]:
         if not self.folder.is_dir():
             return []

@@ -95,12 +95,14 @@ targets:
 
 
 def outputs(root: Path) -> dict[str, dict[str, bytes]]:
-    """Every output's safetensors files and config, by target, as bytes."""
-    return {
+    """Every output's safetensors files and config under ``root``/build, by target, as bytes."""
+    found = {
         folder.name: {name: data for name, data in snapshot(folder).items() if name.endswith((".safetensors", "config.json"))}
-        for folder in sorted(root.iterdir())
+        for folder in sorted((root / "build").iterdir())
         if folder.is_dir() and (folder / "mbuild.json").exists()
     }
+    assert found and all(any(name.endswith(".safetensors") for name in files) for files in found.values()), root
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +183,7 @@ def test_the_example_family_builds_on_ray(families, cluster, tmp_path):
     (tmp_path / "ray" / "examples").mkdir(parents=True)
     (tmp_path / "ray" / "examples" / "models").symlink_to(models)
     reports, _ = finish(ray_build(tmp_path / "ray", {}, cluster, "--json", "-q", text=example))
-    assert outputs(tmp_path / "ray" / "build") == outputs(tmp_path / "local" / "build")
+    assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
     assert {name: r["status"] for name, r in reports.items()} == {name: "built" for name in local.reports}
     assert len({node for r in reports.values() for node in r["nodes"]}) > 1
 
@@ -280,7 +282,7 @@ targets:
     assert "tensor 'lm_head.weight' of target 'huge' needs about" in stderr, stderr
     assert "no node of the Ray cluster offers that" in stderr
     assert "Mergefile" in stderr  # the location: file and target
-    assert not (tmp_path / "work" / "huge").exists()
+    assert not (tmp_path / "work" / "build" / "huge").exists()
     # Refused before the sources were hashed: nothing remembered, nothing cached.
     assert not list((tmp_path / "work" / "cache").glob("tensors/blobs/*"))
     assert time.monotonic() - started < 60
@@ -340,3 +342,47 @@ def test_without_ray_the_error_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MbuildError, match=r"pip install 'mbuild\[ray\]'"):
         RayExecutor(SharedDirectory(tmp_path))
+
+
+def test_a_dry_run_shows_what_each_class_of_node_can_take(family, cluster, tmp_path):
+    import json
+
+    process = ray_build(tmp_path, family, cluster, "--dry-run", "--json")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    document = json.loads(stdout)
+    (node_class,) = document["cluster"]["node_classes"]
+    assert (node_class["nodes"], node_class["cpus"], node_class["memory"], node_class["gpus"]) == (3, 1, NODE_MEMORY, 0)
+    assert sorted(node_class["fits"]) == sorted(document["targets"])
+    for name, row in document["targets"].items():
+        assert 0 < row["largest_task_memory"] < NODE_MEMORY, name
+    assert document["cluster"]["cpus"] == 3
+    # A dry run writes nothing: no output, no results storage.
+    assert not (tmp_path / "cache" / "results").exists()
+    assert not (tmp_path / "build").exists()
+
+
+def test_gc_removes_results_no_target_needs(family, tmp_path):
+    """Results a killed driver or a changed recipe left go; those the Mergefile needs stay."""
+    import json
+
+    from mbuild.storage import SharedDirectory
+
+    build = Build(tmp_path, mergefile(family), "--json", "-q", "ties")
+    assert build.returncode == 0, build.log
+    needed = next(e["key"] for e in json.loads((tmp_path / "build" / "ties" / "mbuild.json").read_text())["tensors"].values())
+    storage = SharedDirectory(tmp_path / "cache" / "results")
+    storage.put(needed, b"\x00" * 64)
+    storage.put("ab" * 32, b"\x01" * 64)
+    partial = storage.folder / "cd" / (".cd" + "0" * 62 + ".x.partial")
+    partial.write_bytes(b"\x02") if partial.parent.exists() else (partial.parent.mkdir(), partial.write_bytes(b"\x02"))
+    os.utime(partial, (time.time() - 7200, time.time() - 7200))
+    fresh_partial = storage.folder / "cd" / (".cd" + "1" * 62 + ".y.partial")
+    fresh_partial.write_bytes(b"\x03")  # a write in progress: kept
+    from conftest import run_cli
+
+    code, out, _ = run_cli("gc", "-f", str(tmp_path / "Mergefile"), "--cache-dir", str(tmp_path / "cache"), "--json")
+    assert code == 0
+    assert json.loads(out)["removed_results"] == 2
+    assert storage.keys() == [needed]
+    assert fresh_partial.exists() and not partial.exists()

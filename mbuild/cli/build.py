@@ -20,7 +20,7 @@ def build(args) -> int:
         cache = shared.tensor_cache(state, args, create=False)
         has_tensor = (lambda key: cache.contains(key)) if cache is not None and not args.force else (lambda key: False)
         decisions = staleness.decide_all(the_plan, state, args.force, has_tensor)
-        console.print_dry_run(the_plan, decisions, args, has_tensor)
+        console.print_dry_run(the_plan, decisions, args, has_tensor, _cluster_nodes(args, state))
         return 0
     if args.device.startswith("cuda"):
         shared.require_cuda()
@@ -30,6 +30,19 @@ def build(args) -> int:
         return _run_build(args, mergefile, state, printer, torch_import)
     finally:
         state.close()
+
+
+def _cluster_nodes(args, state):
+    """The Ray cluster's live nodes for a dry run with --executor ray; None otherwise."""
+    if args.executor != "ray":
+        return None
+    from mbuild import ray_executor
+
+    executor = ray_executor.RayExecutor(ray_executor.storage_in(state.folder), args.ray_address, args.device)
+    try:
+        return executor.nodes()
+    finally:
+        executor.close()
 
 
 def _run_build(args, mergefile, state, printer, torch_import) -> int:

@@ -114,7 +114,7 @@ def _gc(args) -> int:
     """Drop cached tensors no target of the Mergefile needs (or unused for --older-than days)."""
     import time
 
-    from mbuild import io, pickles
+    from mbuild import io, pickles, ray_executor
 
     mergefile, state = shared.load(args)
     the_plan = shared.read_only_plan(args, mergefile, state)
@@ -135,13 +135,21 @@ def _gc(args) -> int:
     # What crashed builds left beside the outputs (full-size temporaries): their owner is dead.
     removed = [str(path) for target in mergefile.targets.values() for path in io.recover(target.output)]
     conversions = pickles.remove_unused(state.folder / "converted", [s.info for s in the_plan.sources.values()])
+    # Results a cluster's jobs left that no target needs (a killed driver's, a changed recipe's),
+    # and writes killed midway; results the Mergefile still needs stay for the next build.
+    storage = ray_executor.storage_in(state.folder)
+    results = [key for key in storage.keys() if key not in keep]
+    for key in results:
+        storage.delete(key)
+    partials = storage.remove_partials(older_than=3600)
     if args.json:
         print(json.dumps({"dropped": dropped, "forgotten_digests": forgotten, "removed_temporaries": removed,
-                          "removed_conversions": conversions}))
+                          "removed_conversions": conversions, "removed_results": len(results) + partials}))
     else:
         print(
             f"mbuild gc: dropped {dropped} cached tensor(s), forgot {forgotten} digest(s), "
-            f"removed {len(removed)} temporary folder(s) of crashed builds and {conversions} unused pickle conversion(s)"
+            f"removed {len(removed)} temporary folder(s) of crashed builds, {conversions} unused pickle "
+            f"conversion(s) and {len(results) + partials} cluster result(s) no target needs"
         )
     return 0
 

@@ -102,18 +102,49 @@ def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
             "tensors_to_compute": estimates["tensors_to_compute"] if decision.stale else 0,
             "bytes_to_read": estimates["bytes_to_read"] if decision.stale else 0,
             "peak_memory": estimates["peak_memory"] if decision.stale else 0,
+            "largest_task_memory": estimates["largest_task_memory"] if decision.stale else 0,
             "key": target_plan.key,
             "dropped_inputs": list(target_plan.dropped),
         }
     return data
 
 
-def print_dry_run(the_plan, decisions, args, has_tensor) -> None:
+def node_classes(nodes) -> list[dict]:
+    """A cluster's live nodes grouped by what they offer: CPUs, memory for tasks, GPUs."""
+    classes: dict[tuple, int] = {}
+    for node in nodes:
+        resources = node["resources"]
+        shape = (int(resources.get("CPU", 0)), int(resources.get("memory", 0)), int(resources.get("GPU", 0)))
+        classes[shape] = classes.get(shape, 0) + 1
+    return [
+        {"nodes": count, "cpus": cpus, "memory": memory, "gpus": gpus}
+        for (cpus, memory, gpus), count in sorted(classes.items(), key=lambda item: item[0], reverse=True)
+    ]
+
+
+def _cluster_data(data: dict, classes: list[dict], device: str) -> dict:
+    """Per node class: how many nodes, what each offers, and which stale targets' largest task fits there."""
+    wants_gpu = device.startswith("cuda")
+    for entry in classes:
+        entry["fits"] = [
+            name
+            for name, row in data.items()
+            if row["stale"] and row["largest_task_memory"] <= entry["memory"] and (entry["gpus"] or not wants_gpu)
+        ]
+    return {"node_classes": classes, "cpus": sum(c["cpus"] * c["nodes"] for c in classes)}
+
+
+def print_dry_run(the_plan, decisions, args, has_tensor, nodes=None) -> None:
+    """The plan as a table (or JSON); with ``nodes`` (a Ray cluster's), what each class of node can take."""
     from mbuild import session
 
     data = _dry_run_data(the_plan, decisions, args, has_tensor)
+    cluster = _cluster_data(data, node_classes(nodes), args.device) if nodes is not None else None
     if args.json:
-        print(json.dumps({"targets": data}, indent=2))
+        document = {"targets": data}
+        if cluster is not None:
+            document["cluster"] = cluster
+        print(json.dumps(document, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -142,6 +173,18 @@ def print_dry_run(the_plan, decisions, args, has_tensor) -> None:
             console.print(f"warning: {warning}")
     stale = [n for n, r in data.items() if r["stale"]]
     console.print(f"{len(stale)} of {len(data)} target(s) would be built" + (f": {', '.join(stale)}" if stale else ""))
+    if cluster is not None:
+        nodes_table = Table(title="Ray cluster: node classes", show_lines=True)
+        for column in ("nodes", "CPUs each", "memory each", "GPUs each", "stale targets whose largest task fits"):
+            nodes_table.add_column(column, overflow="fold")
+        for entry in cluster["node_classes"]:
+            nodes_table.add_row(str(entry["nodes"]), str(entry["cpus"]), _size(entry["memory"]), str(entry["gpus"]),
+                                ", ".join(entry["fits"]) or "none")
+        console.print(nodes_table)
+        for name in stale:
+            row = data[name]
+            console.print(f"{name}: {row['tensors_to_compute']} tasks, {_size(row['bytes_to_read'])} to read, "
+                          f"largest task {_size(row['largest_task_memory'])}")
 
 
 def print_summary(reports) -> None:
