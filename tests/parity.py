@@ -355,3 +355,50 @@ def random_recipes(family: dict[str, Path]) -> dict[str, dict]:
         "della": {"merge_method": "della", "base_model": base, "models": della, "parameters": {"lambda": 1.1}},
         "della_linear": {"merge_method": "della_linear", "base_model": base, "models": della},
     }
+
+
+def perturb(model, seed: int, scale: float) -> None:
+    """Add seeded noise to every parameter, scaled by its spread: a mock fine-tune of ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            spread = parameter.float().std().item() if parameter.numel() > 1 else 1.0
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale * (spread or 1.0))
+
+
+def method_recipe(method: str, models: Mapping[str, Path]) -> dict:
+    """A target body over {"base", "ft0", "ft1"}: linear, TIES, SLERP, or a passthrough of layers 0-1 then 1."""
+    base, ft0, ft1 = (str(models[n]) for n in ("base", "ft0", "ft1"))
+    if method == "linear":
+        return {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [{"model": ft0, "parameters": {"weight": 0.4}}, {"model": ft1, "parameters": {"weight": 0.6}}],
+        }
+    if method == "ties":
+        return {
+            "merge_method": "ties",
+            "dtype": "float32",
+            "base_model": base,
+            "models": [
+                {"model": ft0, "parameters": {"weight": 0.6, "density": 0.5}},
+                {"model": ft1, "parameters": {"weight": 0.4, "density": 0.7}},
+            ],
+            "parameters": {"normalize": True},
+        }
+    if method == "slerp":
+        return {
+            "merge_method": "slerp",
+            "dtype": "float32",
+            "base_model": ft0,
+            "models": [{"model": ft0}, {"model": ft1}],
+            "parameters": {"t": 0.3},
+        }
+    return {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": ft0, "layer_range": [0, 2]}]},
+            {"sources": [{"model": ft1, "layer_range": [1, 2]}]},
+        ],
+    }

@@ -5,8 +5,8 @@ Each architecture is a tiny model of transformers' own class (`_from_config`, 2 
 it. Every build (linear, TIES with a base, SLERP, a passthrough frankenmerge) must keep exactly
 the expected tensor set, load in transformers with no missing or unexpected keys and give
 finite logits, and equal mergekit's bytes single-threaded where mergekit builds it.
-Multi-stack models are in `test_multi_stack.py`, MoE models in `test_moe_outputs.py` and
-`test_moe_inputs.py`.
+Multi-stack models are in `test_multi_stack.py`, MoE models in `test_moe_outputs.py`,
+`test_moe_inputs.py` and `test_moe_architectures.py` (DeepSeek-V3, GLM-4-MoE).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import transformers
 
 from conftest import load_tensors
 from parity import Build, assert_same_tensors, run_mergekit
+from parity import method_recipe as recipe
+from parity import perturb as _perturb
 
 SIZES = dict(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=640)
 
@@ -61,14 +63,6 @@ def _config(name: str):
     return getattr(transformers, config_class)(**options)
 
 
-def _perturb(model, seed: int, scale: float) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            spread = parameter.float().std().item() if parameter.numel() > 1 else 1.0
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale * (spread or 1.0))
-
-
 def make_family(root: Path, name: str) -> dict[str, Path]:
     config = _config(name)
     torch.manual_seed(0)
@@ -87,43 +81,6 @@ def make_family(root: Path, name: str) -> dict[str, Path]:
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def family(request, tmp_path_factory):
     return request.param, make_family(tmp_path_factory.mktemp("architectures"), request.param)
-
-
-def recipe(method: str, models: dict[str, Path]) -> dict:
-    base, ft0, ft1 = (str(models[n]) for n in ("base", "ft0", "ft1"))
-    if method == "linear":
-        return {
-            "merge_method": "linear",
-            "dtype": "float32",
-            "models": [{"model": ft0, "parameters": {"weight": 0.4}}, {"model": ft1, "parameters": {"weight": 0.6}}],
-        }
-    if method == "ties":
-        return {
-            "merge_method": "ties",
-            "dtype": "float32",
-            "base_model": base,
-            "models": [
-                {"model": ft0, "parameters": {"weight": 0.6, "density": 0.5}},
-                {"model": ft1, "parameters": {"weight": 0.4, "density": 0.7}},
-            ],
-            "parameters": {"normalize": True},
-        }
-    if method == "slerp":
-        return {
-            "merge_method": "slerp",
-            "dtype": "float32",
-            "base_model": ft0,
-            "models": [{"model": ft0}, {"model": ft1}],
-            "parameters": {"t": 0.3},
-        }
-    return {
-        "merge_method": "passthrough",
-        "dtype": "float32",
-        "slices": [
-            {"sources": [{"model": ft0, "layer_range": [0, 2]}]},
-            {"sources": [{"model": ft1, "layer_range": [1, 2]}]},
-        ],
-    }
 
 
 def _layer_prefix(names) -> str:

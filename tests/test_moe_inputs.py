@@ -4,7 +4,9 @@ mergekit fuses each layer's experts first (transformers 5's `mlp.experts.gate_up
 `mlp.experts.down_proj`) and merges each fused tensor once, so TIES' top-k, SLERP's angle and
 Model Stock's statistics are taken over all experts of a module. mbuild does the same by
 default (`expert_tensors: fused`), byte for byte; `expert_tensors: separate` merges each
-expert tensor alone and keeps the per-expert layout.
+expert tensor alone and keeps the per-expert layout. A passthrough over layer ranges (a
+frankenmerge) fuses or keeps them alike. DeepSeek-V3 and GLM-4-MoE are in
+`test_moe_architectures.py`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ EXPERTS = 4
 # One expert's matrices (160 × 64 = 10240 elements) are under the 32768-element grain where
 # bytes are compared; the fused tensors (4 × 320 × 64, 4 × 64 × 160) are above it.
 HIDDEN, EXPERT_WIDTH = 64, 160
+# mergekit 0.1.5 has no table for Qwen2-MoE; the one it infers has no post-layer tensors, so its
+# passthrough takes the final norm and head from the first slice (mbuild: from the last, as
+# mergekit's tables say for Mixtral and Qwen3-MoE).
+NO_MERGEKIT_TABLE = {"qwen2_moe"}
 # Each architecture's per-expert up projection (the second part of `gate_up_proj`).
 UP_PROJ = {
     "qwen3_moe": "model.layers.{layer}.mlp.experts.{e}.up_proj.weight",
@@ -116,6 +122,15 @@ def recipes(family) -> dict[str, dict]:
             "models": [{"model": math}, {"model": code}],
             "dtype": "float32",
         },
+        # A frankenmerge: both layers of math, then code's layer 1 as layer 2.
+        "passthrough": {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": math, "layer_range": [0, 2]}]},
+                {"sources": [{"model": code, "layer_range": [1, 2]}]},
+            ],
+            "dtype": "float32",
+        },
     }
 
 
@@ -133,13 +148,17 @@ def builds(family, tmp_path_factory):
     return fused, separate, references
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "slerp", "nuslerp", "model_stock"])
-def test_fused_experts_match_mergekit_bit_for_bit(builds, method):
+@pytest.mark.parametrize("method", ["linear", "ties", "slerp", "nuslerp", "model_stock", "passthrough"])
+def test_fused_experts_match_mergekit_bit_for_bit(builds, family, method):
     fused, _, references = builds
-    ours = load_tensors(fused.output(method))
+    ours, theirs = load_tensors(fused.output(method)), dict(references[method])
     assert "model.layers.1.mlp.experts.gate_up_proj" in ours
     assert ours["model.layers.1.mlp.experts.down_proj"].numel() > 32768
-    assert_same_tensors(ours, references[method])
+    if method == "passthrough" and family["architecture"] in NO_MERGEKIT_TABLE:
+        first, last = load_tensors(family["math"]), load_tensors(family["code"])
+        for name in ("model.norm.weight", "lm_head.weight"):
+            assert torch.equal(theirs.pop(name), first[name]) and torch.equal(ours.pop(name), last[name]), name
+    assert_same_tensors(ours, theirs)
 
 
 @pytest.mark.parametrize("method", ["ties", "slerp", "model_stock"])
@@ -185,3 +204,29 @@ def test_fused_output_loads_in_transformers_with_every_weight(builds):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_a_frankenmerge_keeps_every_layer_of_its_slices_and_loads(builds, family):
+    """Passthrough over layer ranges: layers 0-1 of math then code's layer 1, fused and separate."""
+    fused, separate, references = builds
+    code = load_tensors(family["code"])
+
+    def with_layer_2(names) -> list[str]:
+        moved = {n.replace("model.layers.1.", "model.layers.2.", 1) for n in names if n.startswith("model.layers.1.")}
+        return sorted(set(names) | moved)
+
+    # The layouts of a models: merge (mergekit's fused names, the inputs' per-expert ones), plus layer 2.
+    fused_out, separate_out = load_tensors(fused.output("passthrough")), load_tensors(separate.output("passthrough"))
+    assert sorted(fused_out) == with_layer_2(references["linear"])
+    assert sorted(separate_out) == with_layer_2(load_tensors(family["math"]))
+    up = UP_PROJ[family["architecture"]]
+    assert torch.equal(separate_out[up.format(layer=2, e=3)], code[up.format(layer=1, e=3)])
+    part = fused_out["model.layers.2.mlp.experts.gate_up_proj"][3, EXPERT_WIDTH:]
+    assert torch.equal(part, code[up.format(layer=1, e=3)])
+    for build in (fused, separate):
+        model, loading = transformers.AutoModelForCausalLM.from_pretrained(build.output("passthrough"), output_loading_info=True)
+        assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
+        assert model.config.num_hidden_layers == 3
+        with torch.no_grad():
+            logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+        assert torch.isfinite(logits).all()

@@ -3,8 +3,9 @@
 Layers are keyed per stack (`plan.layers.stack_table`), so a vision layer and a text layer with
 the same suffix never meet, and every stack is merged whole, each with gradients over its own
 layers (mergekit's modules). Each architecture is a tiny model of transformers' own class with
-two mock fine-tunes; every merge must keep the inputs' tensor set, load in transformers with no
-missing or unexpected keys, and equal mergekit's bytes (single-threaded) where mergekit builds it.
+two mock fine-tunes; every merge (linear, TIES, SLERP) must keep the inputs' tensor set, load in
+transformers with no missing or unexpected keys, and equal mergekit's bytes (single-threaded)
+where mergekit builds it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import transformers
 
 from conftest import load_tensors
 from parity import Build, assert_same_tensors, run_mergekit
+from parity import perturb as _perturb
 
 
 def _text(**overrides) -> dict:
@@ -49,6 +51,19 @@ def _qwen2_vl():
     return transformers.Qwen2VLConfig(text_config=text, vision_config=vision)
 
 
+def _mllama():
+    # Layer 1 of the text stack is a cross-attention layer (cross_attn.*, gates), the others self-attention.
+    text = transformers.MllamaTextConfig(
+        **_text(num_hidden_layers=3), cross_attention_layers=[1], bos_token_id=1, eos_token_id=2, pad_token_id=0
+    )
+    vision = transformers.MllamaVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2, image_size=28,
+        patch_size=14, max_num_tiles=2, vision_output_dim=64, intermediate_layers_indices=[0],
+        supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+    )  # fmt: skip
+    return transformers.MllamaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=100)
+
+
 def _whisper():
     return transformers.WhisperConfig(
         vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=2, decoder_attention_heads=2,
@@ -69,14 +84,26 @@ ARCHITECTURES = {
         "LlavaForConditionalGeneration",
         {"language_model.model.layers.": 2, "vision_tower.encoder.layers.": 3},
     ),
+    "mllama": (
+        _mllama,
+        "MllamaForConditionalGeneration",
+        {
+            "language_model.model.layers.": 3,
+            "vision_model.transformer.layers.": 2,
+            "vision_model.global_transformer.layers.": 1,
+        },
+    ),
     "qwen2-vl": (_qwen2_vl, "Qwen2VLForConditionalGeneration", {"model.layers.": 2, "visual.blocks.": 3}),
     "whisper": (_whisper, "WhisperForConditionalGeneration", {"model.encoder.layers.": 2, "model.decoder.layers.": 3}),
 }
-# How mergekit 0.1.5 builds them: "all" tensors, "some" (Llava: it has no table for it, and its
-# inference writes the vision tower and projector in transformers 5's layout, `model.` before
-# each name, and drops the whole language model), or "fails" (Whisper: its table's decoder
-# prefix `model.decoder` lacks a dot, so it asks for `model.decoderembed_tokens.weight`).
-MERGEKIT = {"gemma3": "all", "qwen2-vl": "all", "llava": "some", "whisper": "fails"}
+# How mergekit 0.1.5 builds them: "all" tensors, "some" (Llava and Mllama: it has no table for
+# them, and its inference writes the vision tower and projector in transformers 5's layout,
+# `model.` before each name, and drops the whole language model but Mllama's head, which it
+# writes as `lm_head.weight`), or "fails" (Whisper: its table's decoder prefix `model.decoder`
+# lacks a dot, so it asks for `model.decoderembed_tokens.weight`).
+MERGEKIT = {"gemma3": "all", "qwen2-vl": "all", "llava": "some", "mllama": "some", "whisper": "fails"}
+# The language model's tensors mergekit keeps where it keeps "some", by the checkpoint's names.
+MERGEKIT_KEEPS = {"mllama": {"language_model.lm_head.weight"}}
 
 
 def _as_on_the_hub(name: str, folder: Path) -> None:
@@ -100,14 +127,6 @@ def _as_on_the_hub(name: str, folder: Path) -> None:
         text = config["text_config"]
         config.update({key: text[key] for key in ("num_hidden_layers", "hidden_size", "vocab_size")})
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def _perturb(model, seed: int, scale: float) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            spread = parameter.float().std().item() if parameter.numel() > 1 else 1.0
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale * (spread or 1.0))
 
 
 def make_family(root: Path, name: str, shard: str | None = None) -> dict[str, Path]:
@@ -153,6 +172,13 @@ def recipes(models: dict[str, Path]) -> dict[str, dict]:
             ],
             "parameters": {"normalize": True},
         },
+        "slerp": {
+            "merge_method": "slerp",
+            "dtype": "bfloat16",
+            "base_model": ft0,
+            "models": [{"model": ft0}, {"model": ft1}],
+            "parameters": {"t": 0.3},
+        },
     }
 
 
@@ -166,7 +192,8 @@ def test_the_models_have_several_stacks(family):
     assert {prefix: stack_length(layers) for prefix, layers in stacks.items()} == ARCHITECTURES[name][2]
     text = text_stack(stacks, info.config)
     # Whisper's two stacks are an encoder and a decoder, neither the text stack: slices are refused.
-    assert text == {"gemma3": "language_model.model.layers.", "llava": "language_model.model.layers.", "qwen2-vl": "model.layers."}.get(name)
+    language = "language_model.model.layers."
+    assert text == {"gemma3": language, "llava": language, "mllama": language, "qwen2-vl": "model.layers."}.get(name)
 
 
 def test_every_stack_merges_whole_and_loads(family, tmp_path):
@@ -174,7 +201,7 @@ def test_every_stack_merges_whole_and_loads(family, tmp_path):
     build = Build(tmp_path, recipes(models))
     inputs = load_tensors(models["base"])
     cls = getattr(transformers, ARCHITECTURES[name][1])
-    for target in ("linear", "ties"):
+    for target in ("linear", "ties", "slerp"):
         folder = build.output(target)
         out = load_tensors(folder)
         assert sorted(out) == sorted(inputs), target
@@ -192,6 +219,11 @@ def test_linear_takes_each_tensor_from_its_own_name(family, tmp_path):
     for tensor_name, tensor in out.items():
         expected = 0.4 * ft0[tensor_name].float() + 0.6 * ft1[tensor_name].float()
         assert torch.allclose(tensor.float(), expected, rtol=2**-7, atol=1e-6), tensor_name  # one bfloat16 step
+
+
+def _checkpoint_name(name: str) -> str:
+    """A tensor name in transformers 5's layout, as mergekit writes it, named as the checkpoint names it."""
+    return "language_model.lm_head.weight" if name == "lm_head.weight" else name.removeprefix("model.")
 
 
 def test_equals_mergekit(family, tmp_path):
@@ -216,9 +248,9 @@ def test_equals_mergekit(family, tmp_path):
             mine = {n: t for n, t in mine.items() if n not in merger}
             theirs = {n: t for n, t in theirs.items() if n not in merger}
         if MERGEKIT[name] == "some":
-            theirs = {n.removeprefix("model."): t for n, t in theirs.items()}
-            assert not any(n.startswith("language_model.") for n in mine if n in theirs)
-            assert len(theirs) == len([n for n in mine if not n.startswith("language_model.")]) > 0
+            theirs = {_checkpoint_name(n): t for n, t in theirs.items()}
+            kept = MERGEKIT_KEEPS.get(name, set())
+            assert sorted(theirs) == sorted(n for n in mine if not n.startswith("language_model.") or n in kept)
             mine = {n: t for n, t in mine.items() if n in theirs}
         assert_same_tensors(mine, theirs)
 
@@ -277,3 +309,27 @@ def test_slices_of_an_encoder_decoder_are_refused(tmp_path):
     build = Build(tmp_path / "build", {"franken": body})
     assert build.returncode != 0
     assert "several layer stacks" in build.log and "model.decoder.layers." in build.log and "models:" in build.log
+
+
+def test_a_frankenmerge_of_mllama_moves_its_cross_attention_layers(tmp_path):
+    """Layers 0-1 of ft0 then 1-2 of ft1: the cross-attention layer (1) sits at 1 and 2 of the output."""
+    models = make_family(tmp_path / "models", "mllama")
+    ft0, ft1 = str(models["ft0"]), str(models["ft1"])
+    body = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": ft0, "layer_range": [0, 2]}]},
+            {"sources": [{"model": ft1, "layer_range": [1, 3]}]},
+        ],
+    }
+    folder = Build(tmp_path / "build", {"franken": body}).output("franken")
+    out, last = load_tensors(folder), load_tensors(models["ft1"])
+    gate = "language_model.model.layers.{}.cross_attn_attn_gate"
+    assert torch.equal(out[gate.format(2)], last[gate.format(1)]) and gate.format(3) not in out
+    config = transformers.AutoConfig.from_pretrained(folder)
+    assert (config.text_config.num_hidden_layers, config.text_config.cross_attention_layers) == (4, [1, 2])
+    model, loading = transformers.MllamaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 17]])).logits
+    assert torch.isfinite(logits).all()

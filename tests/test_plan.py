@@ -91,6 +91,25 @@ def test_expansion_renumbers_passthrough_layers_and_resolves_gradients(llama, tm
     assert [n for n in the_plan.order] == ["franken", "franken-math", "tuned", "final", "side"]
 
 
+def test_a_frankenmerge_config_lists_each_indexed_layer_where_its_source_layer_went():
+    """Lists of layer indices (Qwen-MoE's dense layers, Mllama's cross-attention ones) follow the layers."""
+    from types import SimpleNamespace
+
+    from mbuild.plan.companions import output_config
+
+    first = {"num_hidden_layers": 3, "mlp_only_layers": [0], "layer_types": ["a", "b", "c"]}
+    second = {"num_hidden_layers": 3, "mlp_only_layers": [2], "layer_types": ["a", "b", "c"]}
+    infos = {"first": SimpleNamespace(config=first), "second": SimpleNamespace(config=second)}
+    origin = [("first", 0), ("first", 1), ("second", 1), ("second", 2)]
+    config = output_config(first, infos, origin, [])
+    assert (config["num_hidden_layers"], config["mlp_only_layers"]) == (4, [0, 3])
+    assert config["layer_types"] == ["a", "b", "b", "c"]  # one entry per layer, as before
+    assert output_config(first, infos, origin[:3], [])["mlp_only_layers"] == [0]
+    nested = {"text_config": {"num_hidden_layers": 3, "cross_attention_layers": [1]}}
+    infos = {"first": SimpleNamespace(config=nested), "second": SimpleNamespace(config=nested)}
+    assert output_config(nested, infos, origin, [])["text_config"]["cross_attention_layers"] == [1, 2]
+
+
 def test_selecting_a_target_pulls_in_only_its_ancestors(llama, tmp_path):
     path = tmp_path / "Mergefile"
     path.write_text(chain(llama))

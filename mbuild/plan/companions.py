@@ -55,12 +55,24 @@ def finish_target_plan(
     )
 
 
+# Config lists of layer indices rather than one entry per layer (Mllama's cross-attention
+# layers, Qwen-MoE's dense layers): each output layer is listed where its source layer was.
+LAYER_INDEX_LISTS = ("cross_attention_layers", "mlp_only_layers")
+
+
+def _layer_holder(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The part of a config that holds the text layer count: itself, or its `text_config`."""
+    if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict):
+        return config["text_config"]
+    return config
+
+
 def output_config(donor: Mapping[str, Any], infos, layer_origin, tasks) -> dict[str, Any]:
     """The donor's config with the layer count (and per-layer lists) made to fit the output."""
     import copy
 
     config = copy.deepcopy(dict(donor))
-    holder = config.get("text_config") if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict) else config
+    holder = _layer_holder(config)
     old_count = io.layer_count(config)
     new_count = len(layer_origin)
     # Published multimodal configs (Qwen2-VL) repeat the text model's count at top level and in
@@ -75,13 +87,20 @@ def output_config(donor: Mapping[str, Any], infos, layer_origin, tasks) -> dict[
                 if isinstance(counted.get(key), int):
                     counted[key] = new_count
             for key, value in list(counted.items()):
-                if isinstance(value, list) and len(value) == old_count and key != "architectures":
+                if isinstance(value, list) and len(value) == old_count and key not in ("architectures", *LAYER_INDEX_LISTS):
                     rebuilt = []
                     for node, layer in layer_origin:
-                        source = infos[node].config if counted is holder else infos[node].config.get("text_config") or {}
+                        source = infos[node].config.get("text_config") or {}
+                        if counted is holder:
+                            source = _layer_holder(infos[node].config)
                         source_list = source.get(key) if isinstance(source.get(key), list) else value
                         rebuilt.append(source_list[layer % len(source_list)])
                     counted[key] = rebuilt
+    if old_count is not None:
+        for key in LAYER_INDEX_LISTS:
+            if isinstance(holder.get(key), list):
+                listed = {node: set(_layer_holder(infos[node].config).get(key) or ()) for node, _ in layer_origin}
+                holder[key] = [out for out, (node, layer) in enumerate(layer_origin) if layer in listed[node]]
     float_dtypes = [t.dtype for t in tasks if t.dtype in io.FLOAT_DTYPES]
     if float_dtypes:
         dtype = max(set(float_dtypes), key=float_dtypes.count)

@@ -24,7 +24,7 @@ FUSED_EXPERTS = {
             "mlp.experts.gate_up_proj": ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
             "mlp.experts.down_proj": ("mlp.experts.{e}.down_proj.weight",),
         }
-        for model_type in ("qwen2_moe", "qwen3_moe")
+        for model_type in ("qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe")
     },
     "mixtral": {
         "mlp.experts.gate_up_proj": ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight"),
