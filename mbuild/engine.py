@@ -170,21 +170,25 @@ class Builder:
             self._start_jobs()
             return self._run()
 
-    def _start_jobs(self) -> None:
-        """Give the executor the jobs of every stale target whose inputs are final, to start now.
+    def _start_jobs(self, after: str | None = None) -> None:
+        """Give the executor the jobs of the stale targets whose inputs are final, to start now.
 
         A target whose inputs are all sources or fresh targets has its final keys already, so
-        a cluster computes it while the targets before it are still being assembled.
+        a cluster computes it while the targets before it are still being assembled. Only the
+        targets ``after`` the one just built count, less the next (its tasks are run as it is built).
         """
         if not self.executor.runs_elsewhere:
             return
         decisions = decide_all(self.plan, self.state, self.options.force, self._has_tensor)
         stale = {name for name, decision in decisions.items() if decision.stale}
         jobs = []
-        for name in self.plan.order:
+        order = list(self.plan.order)
+        later = order[order.index(after) + 1 :] if after in order else order
+        following = [name for name in later if name in stale][1:]
+        for name in following:
             target_plan = self.plan.targets[name]
             upstream = [Node(n).label for n in target_plan.input_nodes if Node(n).is_target]
-            if name not in stale or any(label in stale for label in upstream):
+            if any(label in stale for label in upstream):
                 continue
             reusable = reusable_in(inspect_output(target_plan.target.output), self._has_tensor)
             models = self._input_models(target_plan)
@@ -197,7 +201,7 @@ class Builder:
 
     def _job(self, task: TensorTask, models, target_plan: TargetPlan) -> Job | None:
         """A task as a job for another machine: only the input tensors it reads, named by path."""
-        if not operations.portable(task.method) or not task.key:
+        if not operations.portable(task) or not task.key:
             return None
         needed: dict[str, dict[str, io.TensorInfo]] = {}
         for item in task.inputs:
@@ -259,7 +263,7 @@ class Builder:
                     if self.executor.runs_elsewhere and self.plan.order[-1] != name:
                         self.plan = self.replan(self._built)  # the next targets' keys are final now
                         self._built = []
-                        self._start_jobs()
+                        self._start_jobs(after=name)
                 except MbuildError as error:
                     if error.location is None:
                         error.location = Location(self.plan.mergefile.path, None, name)
@@ -538,7 +542,7 @@ def largest_job(plan: Plan, names, device: str) -> Job | None:
         (task_memory(task), task, name)
         for name in names
         for task in plan.targets[name].tasks
-        if operations.portable(task.method)
+        if operations.portable(task)
     ]
     if not every:
         return None

@@ -83,13 +83,17 @@ def operation(name: str) -> Operation:
     return OPERATIONS.get(name, METHOD)
 
 
-def portable(name: str) -> bool:
-    """Whether a task of this operation can run on another machine from its inputs' paths alone.
+def portable(task: TensorTask) -> bool:
+    """Whether a task is worth running on another machine, from its inputs' paths alone.
 
     Streamed operations write into the output's shard, and routers read the base model's
-    tokenizer and run it: those run where the output is assembled.
+    tokenizer and run it: those run where the output is assembled. So do copies (a buffer, an
+    unscaled passthrough): they only move bytes, which the driver would move again.
     """
-    return operation(name).compute is _method
+    if operation(task.method).compute is not _method or task.method == "copy":
+        return False
+    copies = task.method == "passthrough" and not any(dict(p).get("scale") is not None for p in task.model_params)
+    return not copies
 
 
 def compute_task(

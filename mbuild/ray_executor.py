@@ -16,6 +16,7 @@ its finished results in the storage, where the next run finds them.
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -27,6 +28,13 @@ from mbuild.storage import Storage
 IN_FLIGHT_PER_CPU = 4
 # Ray retries a job this many times when its worker or node dies.
 RETRIES = 4
+
+
+def _warm_up() -> None:
+    """What a worker imports before its first job."""
+    import torch  # noqa: F401
+
+    from mbuild import engine, operations  # noqa: F401
 
 
 def compute_job(job: Job, storage: Storage) -> JobResult:
@@ -81,6 +89,12 @@ class RayExecutor:
         self.pending: dict[str, Any] = {}  # key -> ObjectRef of a job started ahead
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.in_flight = max(2, IN_FLIGHT_PER_CPU * cpus)
+        # Workers start with this run (Ray gives each driver its own) and import torch before
+        # their first job: start them now, while the driver plans and hashes.
+        self._warming = [ray.remote(_warm_up).options(num_cpus=1).remote() for _ in range(cpus)]
+        # Until then the driver computes the tasks itself, unless told not to (MBUILD_RAY_DRIVER_TASKS=0).
+        self._warm = os.environ.get("MBUILD_RAY_DRIVER_TASKS", "1") == "0"
+        self._looked = 0.0  # when the warm-up was last looked at
 
     def _connect(self, address: str | None) -> None:
         ray = self.ray
@@ -150,17 +164,31 @@ class RayExecutor:
             if job is None:
                 done(work.run(task), self.driver_node)
                 continue
-            ref = by_key.get(job.key) or self.pending.pop(job.key, None) or self._submit(job)
-            by_key[job.key] = ref
+            ref = by_key.get(job.key) or self.pending.pop(job.key, None)
+            if ref is None and not self._workers_ready():
+                # No worker has its imports done yet: the driver computes meanwhile.
+                done(work.run(task), self.driver_node)
+                continue
+            ref = by_key[job.key] = ref or self._submit(job)
             waiting[ref].append(task)
-            while len(waiting) >= self.in_flight:
-                self._collect(waiting, work, done, block=True)
-            self._collect(waiting, work, done, block=False)
+            if len(waiting) >= self.in_flight:
+                self._collect(waiting, work, done)
         while waiting:
-            self._collect(waiting, work, done, block=True)
+            self._collect(waiting, work, done)
 
-    def _collect(self, waiting: dict, work: Work, done: Done, block: bool) -> None:
-        ready, _ = self.ray.wait(list(waiting), num_returns=1, timeout=None if block else 0)
+    def _workers_ready(self) -> bool:
+        """Whether the workers' warm-up is over (looked at every 0.1 s at most: a look costs milliseconds)."""
+        if not self._warm and time.monotonic() - self._looked > 0.1:
+            self._looked = time.monotonic()
+            self._warm = not self.ray.wait(self._warming, num_returns=len(self._warming), timeout=0)[1]
+        return self._warm
+
+    def _collect(self, waiting: dict, work: Work, done: Done) -> None:
+        """Wait for one job, then take every other that is done too (a wait costs milliseconds)."""
+        refs = list(waiting)
+        ready, rest = self.ray.wait(refs, num_returns=1)
+        if rest:
+            ready += self.ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         for ref in ready:
             tasks = waiting.pop(ref)
             result = self._result(ref, tasks[0])
@@ -188,7 +216,7 @@ class RayExecutor:
             raise BuildError(f"tensor '{task.name}' was lost on the Ray cluster ({type(error).__name__}): {error}") from None
 
     def close(self) -> None:
-        for ref in self.pending.values():
+        for ref in [*self.pending.values(), *self._warming]:
             self.ray.cancel(ref)
         self.pending.clear()
         if self._started_here:

@@ -86,6 +86,8 @@ class Session:
         if not request.keep_going:
             staleness.refuse_foreign_outputs(first, decisions)
         stale = [name for name, decision in decisions.items() if decision.stale or request.force]
+        if stale and request.executor == "ray":
+            self.before_compute()  # torch's import goes on while the cluster is reached
         executor = self._executor() if stale else None
         try:
             return self._build(first, decisions, executor, open_cache)
