@@ -119,7 +119,7 @@ def model(figures: dict) -> dict:
     per_core = ties["output_bytes"] / (ties["local_s"] * figures["cores"])  # output bytes per core-second
     output, inputs, tensors, node_read = 140e9, 420e9, 723, 1.1e9
     storage = figures["storage"]
-    driver = output / (storage["write_GBps"] * 1e9) + 2 * output / (storage["read_GBps"] * 1e9)
+    driver = output / (storage["write_GBps"] * 1e9) + output / (storage["read_GBps"] * 1e9)
     result = {}
     for nodes in (1, 8):
         compute = output / (per_core * figures["cores"] * nodes)
@@ -196,7 +196,7 @@ def show(figures: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="bench", choices=("tiny", "bench"))
+    parser.add_argument("--size", default="bench", choices=("tiny", "bench", "large"))
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--show", help="reprint a saved JSON")

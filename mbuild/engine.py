@@ -10,6 +10,7 @@ key matches the previous output's is copied from it instead of recomputed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import threading
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mbuild import io, keys, launcher, lock, manifest, operations
+from mbuild import io, keys, launcher, lock, manifest, memory, operations
 from mbuild.cache import State, TensorCache
 from mbuild.errors import BuildError, Location, MbuildError
 from mbuild.executors import Executor, Job, LocalExecutor
@@ -158,6 +159,7 @@ class Builder:
         self.replan = replan or (lambda changed: self.plan)
         self._built: list[str] = []
         self.lock_path = lock.lock_path(plan.mergefile.path)
+        self.streaming = larger_than_memory(plan)
 
     def _has_tensor(self, key: str) -> bool:
         return self.cache is not None and not self.options.force and self.cache.contains(key)
@@ -301,6 +303,7 @@ class Builder:
         self.reporter.target_started(target.name, len(target_plan.tasks), decision.reasons)
         try:
             counts = self._write_tensors(target_plan, temporary, existing)
+            target_plan = counts["plan"]  # with every key, if its sources were hashed as they were read
             self._write_companions(target_plan, temporary)
             manifest.write(target_plan, temporary, counts["digests"], counts["shards"])
             io.fsync_folder(temporary)
@@ -349,14 +352,43 @@ class Builder:
             pipeline.share_shards()
             self.executor.run(target_plan.tasks, pipeline, done)
             pipeline.writer.close()
+            if pipeline.reader.hashing:
+                target_plan = self._hashed_while_read(target_plan, pipeline)
         except BaseException:
             pipeline.writer.abort()
             raise
         finally:
             pipeline.close()
+        counts["plan"] = target_plan
         counts["digests"] = dict(pipeline.writer.digests)
         counts["shards"] = {name: slot.file for name, slot in pipeline.writer.slots.items()}
         return counts
+
+    def _hashed_while_read(self, target_plan: TargetPlan, pipeline: "_TensorPipeline") -> TargetPlan:
+        """Remember the digests of sources first read by this build, and key its tasks with them.
+
+        A source never seen before cannot have cached results below it, so it was not hashed
+        first: each tensor was hashed by the read that computed with it. Tensors no task read
+        are read once now; then the plan is made again (no source is read for it) and the
+        target's tensors, already written, are recorded and cached under their keys.
+        """
+        for file, identity in pipeline.identities.items():
+            found = dict(pipeline.reader.digests.get(file, {}))
+            unread = [info for info in pipeline.file_tensors[file] if info.name not in found]
+            found.update(io.hash_tensor_bytes(unread))
+            if io.file_identity(file) != identity:
+                raise BuildError(f"{file} changed while this build read it; run mbuild again")
+            self.state.remember(file, identity, found)
+        self.plan = self.replan(None)
+        keyed = self.plan.targets[target_plan.name]
+        if [(t.name, t.shape, t.dtype) for t in keyed.tasks] != [(t.name, t.shape, t.dtype) for t in target_plan.tasks]:
+            raise BuildError(f"the sources of target '{target_plan.name}' changed while it was built; run mbuild again")
+        for task in keyed.tasks:
+            if task.key:
+                digest = pipeline.writer.digests[task.name]
+                pipeline.made[task.key] = digest
+                pipeline._keep(task, digest)
+        return keyed
 
     def _write_companions(self, target_plan: TargetPlan, folder: Path) -> None:
         io.write_companions(folder, target_plan.files, target_plan.config, target_plan.card)
@@ -389,9 +421,18 @@ class _TensorPipeline:
             self.previous = existing.manifest.get("tensors", {})
             self.previous_model = io.read_model(target_plan.target.output)
         self.writer = io.ShardedWriter(
-            folder, [(t.name, t.dtype, t.shape) for t in target_plan.tasks], target_plan.shard_bytes
+            folder, [(t.name, t.dtype, t.shape) for t in target_plan.tasks], target_plan.shard_bytes, builder.streaming
         )
-        self.reader = io.TensorReader()
+        # Sources read for the first time: hashed by the reads that compute with them.
+        first_read = [builder.plan.sources[n].info for n in target_plan.input_nodes if n in builder.plan.unhashed]
+        self.file_tensors: dict[str, list[io.TensorInfo]] = {}
+        for info in first_read:
+            for tensor in info.tensors.values():
+                self.file_tensors.setdefault(tensor.file, []).append(tensor)
+        self.identities = {file: io.file_identity(file) for file in self.file_tensors}
+        self.reader = io.TensorReader(frozenset(self.file_tensors), streaming=builder.streaming)
+        self.position = {task.name: index for index, task in enumerate(target_plan.tasks)}
+        self._read_ahead = 0  # tasks before this index have had their inputs asked for
         device = torch.device(builder.options.device)
         self.inputs = operations.Inputs(
             models,
@@ -412,34 +453,71 @@ class _TensorPipeline:
         self.folder = folder
         self.made: dict[str, str] = {}  # task key -> digest of the bytes it produced
         self.blobs: dict[str, str] = {}  # shard file -> its blob in the cache
-        self._inflight: dict[str, threading.Event] = {}
+        self._inflight: dict[Any, threading.Event] = {}  # task key (or unkeyed task) -> done
+        self._first: dict[Any, str] = {}  # the same -> the name of the task that runs it
         self._inflight_lock = threading.Lock()
 
     def share_shards(self) -> None:
         """Share the shards with the cache as they are written: a computed tensor's bytes
         then exist once on disk, and caching one costs a row, not a second write."""
-        if self.cache is None or not any(t.key and not operations.operation(t.method).streams for t in self.tasks):
+        keyed = bool(self.reader.hashing)  # keys come once the sources are hashed
+        if self.cache is None or not any(
+            (t.key or keyed) and not operations.operation(t.method).streams for t in self.tasks
+        ):
             return
         for file in self.writer.shards:
             blob = self.cache.link(self.folder / file)
             if blob is not None:
                 self.blobs[file] = blob
 
-    def run(self, task: TensorTask) -> str:
-        """Run a task once per key: a twin (a repeated layer) waits and then reads the cache."""
-        if self.lookup is None or not task.key or operations.operation(task.method).streams:
-            return self._run_once(task)
+    def _ask_ahead(self, task: TensorTask) -> None:
+        """Streaming: ask the kernel to read the inputs of the next tasks (up to READ_AHEAD bytes)."""
+        if not self.reader.streaming:
+            return
         with self._inflight_lock:
-            event = self._inflight.get(task.key)
+            ahead, index = 0, self.position[task.name] + 1
+            while index < len(self.tasks) and ahead < memory.READ_AHEAD:
+                for item in self.tasks[index].inputs:
+                    info = self.models[item.node].tensors.get(item.name)
+                    if info is not None:
+                        if index >= self._read_ahead:
+                            self.reader.will_need(info)
+                        ahead += info.end - info.start
+                index += 1
+            self._read_ahead = max(self._read_ahead, index)
+
+    def run(self, task: TensorTask) -> str:
+        """Run a task once per key: a twin (a repeated layer) waits and then reads the cache.
+
+        A task not keyed yet (its sources are hashed as they are read) has the same twins: the
+        tasks equal to it but for the name. The second takes the first's bytes from the shard.
+        """
+        self._ask_ahead(task)
+        if operations.operation(task.method).streams or (task.key and self.lookup is None):
+            return self._run_once(task)
+        twin = task.key or dataclasses.replace(task, name="")
+        with self._inflight_lock:
+            event = self._inflight.get(twin)
             if event is None:
-                self._inflight[task.key] = threading.Event()
+                self._inflight[twin] = threading.Event()
+                self._first[twin] = task.name
         if event is not None:
             event.wait()
+            if not task.key:
+                return self._copy_twin(task, self._first[twin])
             return self._run_once(task)
         try:
             return self._run_once(task)
         finally:
-            self._inflight[task.key].set()
+            self._inflight[twin].set()
+
+    def _copy_twin(self, task: TensorTask, first: str) -> str:
+        """Write the bytes of an equal task written before (a repeated layer, not keyed yet)."""
+        digest = self.writer.digests.get(first)
+        if digest is None:  # the first one failed: its error is the build's
+            return self._run_once(task)
+        self.writer.write(task.name, self.writer.read_back(first), digest)
+        return "reused"
 
     def _run_once(self, task: TensorTask) -> str:
         """Write one tensor; returns "reused" or "computed"."""
@@ -558,6 +636,17 @@ def _disk_fault(error: OSError, output: Path) -> BuildError:
             "(earlier outputs are intact)"
         )
     return BuildError(f"cannot build {output}: {error.filename or output}: {error.strerror}")
+
+
+def larger_than_memory(plan: Plan) -> bool:
+    """Whether a build streams: its sources and outputs together exceed the memory available
+    (MBUILD_STREAMING=1 or 0 decides instead)."""
+    configured = os.environ.get("MBUILD_STREAMING")
+    if configured in ("0", "1"):
+        return configured == "1"
+    total = sum(source.info.nbytes for source in plan.sources.values())
+    total += sum(target_plan.nbytes for target_plan in plan.targets.values())
+    return total > memory.available_memory()
 
 
 def usable_cores() -> int:

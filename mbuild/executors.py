@@ -83,12 +83,19 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Tasks on ``jobs`` threads, at most two per thread waiting, so memory stays at a few tensors per worker."""
+    """Tasks on ``jobs`` threads, at most two per thread waiting, so memory stays at a few tensors per worker.
+
+    With a ``budget`` (bytes) and a ``cost`` per task (its estimated working memory), tasks
+    that would together need more than the budget wait for each other: one runs alone if it
+    must. Which tasks overlap changes no byte.
+    """
 
     runs_elsewhere = False
 
-    def __init__(self, jobs: int):
+    def __init__(self, jobs: int, budget: int | None = None, cost: Callable[[Any], int] | None = None):
         self.jobs = max(1, jobs)
+        self.budget = budget
+        self.cost = cost or (lambda task: 0)
 
     def check(self, largest: Job | None) -> None:
         return None
@@ -101,17 +108,21 @@ class LocalExecutor:
 
     def run(self, tasks: Iterable[Any], work: Work, done: Done) -> None:
         with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
-            pending: set[concurrent.futures.Future] = set()
+            pending: dict[concurrent.futures.Future, int] = {}  # future -> its task's cost
             for task in tasks:
-                pending.add(pool.submit(work.run, task))
-                while len(pending) >= 2 * self.jobs:
-                    pending = self._collect(pending, done)
+                cost = self.cost(task) if self.budget is not None else 0
+                while pending and (
+                    len(pending) >= 2 * self.jobs
+                    or (self.budget is not None and sum(pending.values()) + cost > self.budget)
+                ):
+                    self._collect(pending, done)
+                pending[pool.submit(work.run, task)] = cost
             while pending:
-                pending = self._collect(pending, done)
+                self._collect(pending, done)
 
     @staticmethod
-    def _collect(pending: set, done: Done) -> set:
-        finished, rest = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+    def _collect(pending: dict, done: Done) -> None:
+        finished, _ = concurrent.futures.wait(list(pending), return_when=concurrent.futures.FIRST_COMPLETED)
         for future in finished:
+            del pending[future]
             done(future.result(), None)
-        return rest

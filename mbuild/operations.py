@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from mbuild import io, keys, methods
+from mbuild import io, keys, memory, methods
 from mbuild.errors import BuildError
 from mbuild.methods import NonFiniteResult
 from mbuild.plan import TensorTask
@@ -178,9 +178,7 @@ def fuse_experts(tensors, experts: int, parts: int):
     return fused
 
 
-# Elements per slice of an element-wise method: 1 MiB per float32 input, so a slice's
-# conversions and temporaries stay in cache instead of being tensor-sized buffers.
-ELEMENTWISE_SLICE = 1 << 18
+ELEMENTWISE_SLICE = memory.ELEMENTWISE_SLICE
 
 
 def _compute_in_slices(task: TensorTask, method, tensors, compute_dtype, options, target, threads: int = 1):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mbuild import engine, executors, lock, plan, staleness
+from mbuild import engine, executors, lock, memory, plan, staleness
 from mbuild.cache import State, TensorCache
 from mbuild.mergefile import Mergefile
 from mbuild.pickles import Conversions
@@ -52,6 +52,8 @@ class Session:
         # Called once hashing or computing is certain (the CLI starts importing torch then).
         self.before_compute = before_compute
         self._current: plan.Plan | None = None
+        # Sources hashed by the build's own reads instead of beforehand (`_read_once`).
+        self._deferred: set[str] = set()
 
     def plan(self, changed: list[str] | None = None, hashing: bool = True) -> plan.Plan:
         """A plan of the requested targets; without ``hashing``, unhashed sources leave keys unknown.
@@ -102,6 +104,7 @@ class Session:
             stale = [name for name, decision in decisions.items() if decision.stale or request.force]
             executor.check(engine.largest_job(first, stale, request.device))
         if first.unhashed:
+            self._deferred = self._read_once(first)
             first = self.plan()
             decisions = staleness.decide_all(first, self.state)
         for name in first.order:
@@ -130,15 +133,38 @@ class Session:
     def _executor(self):
         """Where tasks run: threads here, or a Ray cluster with results in the cache folder."""
         if self.request.executor != "ray":
-            return executors.LocalExecutor(self.request.jobs)
+            return executors.LocalExecutor(self.request.jobs, memory.task_budget(), staleness.task_memory)
         from mbuild import ray_executor
 
         storage = ray_executor.storage_in(self.state.folder)
         return ray_executor.RayExecutor(storage, self.request.ray_address, self.request.device)
 
+    def _read_once(self, first: plan.Plan) -> set[str]:
+        """The unhashed sources the build may hash as it reads them, rather than read twice.
+
+        A source whose files were never seen at their paths, read by targets that have no
+        output yet: no cached result can lie below it, so hashing first would only double
+        its reads. A changed file is hashed first (a touched file often holds the same bytes,
+        and then nothing is rebuilt), and so is every source of a Ray build (its workers read).
+        """
+        if self.request.executor != "local":
+            return set()
+        deferred = set()
+        for node in first.unhashed:
+            source = first.sources[node]
+            if any(self.state.known(file) for file in source.info.weight_files):
+                continue
+            readers = [p for p in first.targets.values() if node in p.input_nodes]
+            if any(p.target.output.exists() for p in readers):
+                continue
+            deferred.add(node)
+        return deferred
+
     def _hashed_digests(self, source: plan.Source):
         """A source's digests, hashing it (with progress) if they are not remembered."""
         found = self.state.digests(source.info, compute=False)
+        if found is None and source.node in self._deferred:
+            return None  # hashed by the build's reads
         if found is None:
             self.before_compute()
             with self.reporter.step(f"hashing {source.ref}", source.info.nbytes) as advance:

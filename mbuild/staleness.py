@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from mbuild import io, keys, lock
+from mbuild import io, keys, lock, memory
 from mbuild.cache import State
 from mbuild.errors import BuildError
 from mbuild.nodes import Node
@@ -241,22 +241,29 @@ def source_fingerprints(plan: Plan, state: State | None) -> dict[str, str | None
     return result
 
 
-def estimate_work(target_plan: TargetPlan, reusable: Callable[[TensorTask], bool], jobs: int = 1) -> dict[str, int]:
+def estimate_work(
+    target_plan: TargetPlan, reusable: Callable[[TensorTask], bool], jobs: int = 1, budget: int | None = None
+) -> dict[str, int]:
     """What building a target would cost, from the plan alone: tensors to compute, input bytes
-    to read, and a peak-memory estimate (inputs as read and converted, the method's
-    temporaries and the output, for ``jobs`` tasks at once)."""
-    compute, read, peak = 0, 0, 0
+    to read, and the process's peak memory: its baseline (interpreter, torch) and the ``jobs``
+    largest tasks at once (each: its inputs as read and converted, the method's temporaries and
+    the output), kept within ``budget`` as the local executor keeps them."""
+    compute, read, sizes = 0, 0, []
     for task in target_plan.tasks:
         if reusable(task):
             continue
         compute += 1
         read += task_input_bytes(task)
-        peak = max(peak, task_memory(task))
+        sizes.append(task_memory(task))
+    sizes.sort(reverse=True)
+    at_once = sum(sizes[: max(1, jobs)])  # the largest tasks running together
+    if budget is not None and sizes:
+        at_once = max(sizes[0], min(at_once, budget))  # the executor keeps them within the budget
     return {
         "tensors_to_compute": compute,
         "bytes_to_read": read,
-        "peak_memory": peak * max(1, jobs),
-        "largest_task_memory": peak,
+        "peak_memory": memory.BASELINE + at_once if sizes else 0,
+        "largest_task_memory": sizes[0] if sizes else 0,
     }
 
 
@@ -267,10 +274,24 @@ def task_input_bytes(task: TensorTask) -> int:
 
 
 def task_memory(task: TensorTask) -> int:
-    """A task's working memory: its inputs as read and converted, the method's temporaries, the output."""
+    """A task's working memory: its inputs as read and converted, the method's temporaries, the output.
+
+    An element-wise method (linear, task arithmetic) computes a slice at a time: its inputs as
+    stored, the output and one slice of temporaries per model.
+    """
+    from mbuild import methods
+
     count = task.nbytes // io.DTYPE_SIZES[task.dtype]
     models = len(task.inputs) // task.inputs_per_model
-    return task_input_bytes(task) + count * io.DTYPE_SIZES[task.compute_dtype] * (2 * models + 2) + task.nbytes
+    compute_size = io.DTYPE_SIZES[task.compute_dtype]
+    try:
+        elementwise = methods.get(task.method).elementwise
+    except KeyError:  # copy, concat, moe_gate
+        elementwise = False
+    if elementwise and not task.vocabulary and not task.fuse:
+        slice_bytes = min(count, memory.ELEMENTWISE_SLICE) * compute_size * (models + 2)
+        return task_input_bytes(task) + task.nbytes + slice_bytes
+    return task_input_bytes(task) + count * compute_size * (2 * models + 2) + task.nbytes
 
 
 def explain_tensors(target_plan: TargetPlan, manifest: Mapping[str, Any] | None) -> dict[str, list[str]]:

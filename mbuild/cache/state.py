@@ -93,6 +93,13 @@ class State:
             return None
         return json.loads(row[3])
 
+    def known(self, path: str) -> bool:
+        """Whether digests were ever remembered for a file at this path (whatever its content now)."""
+        if not self._exists():
+            return False
+        row = self._run(lambda db: db.execute("SELECT 1 FROM files WHERE path = ?", (str(path),)).fetchone())
+        return row is not None
+
     def remember(self, path: str, identity: tuple[int, int, int], digests: Mapping[str, str]) -> None:
         """Store a file's digests under the identity it had when it was read."""
         row = (str(path), *identity, json.dumps(dict(digests)))

@@ -75,7 +75,7 @@ def _size(count: float) -> str:
 
 
 def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
-    from mbuild import staleness
+    from mbuild import memory, staleness
 
     data = {}
     for name in the_plan.order:
@@ -88,7 +88,7 @@ def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
                 count *= size
             parameters += count
         reusable = staleness.reusable_in(staleness.inspect_output(target_plan.target.output), has_tensor)
-        estimates = staleness.estimate_work(target_plan, reusable, args.jobs)
+        estimates = staleness.estimate_work(target_plan, reusable, args.jobs, memory.task_budget())
         data[name] = {
             "stale": decision.stale,
             "action": decision.action,

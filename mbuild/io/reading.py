@@ -98,11 +98,33 @@ class TensorReader:
 
     pread rather than mmap: pages of a mapping stay resident (and count in RSS)
     after a tensor is used, pread'd buffers are freed with the tensor.
+
+    ``hashing``: files whose tensors are hashed as they are read (a source read for the first
+    time is hashed by the read that computes with it); `digests` holds what was found, by file
+    and tensor name. ``streaming``: the build is larger than memory, so the kernel is told to
+    drop each tensor's pages once read (`drop`) and to read ahead what is asked for (`will_need`).
     """
 
-    def __init__(self):
+    def __init__(self, hashing: frozenset[str] = frozenset(), streaming: bool = False):
         self._handles: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.hashing = hashing
+        self.streaming = streaming
+        self.digests: dict[str, dict[str, str]] = {}
+
+    def _hashed(self, info: TensorInfo, digest: str) -> None:
+        with self._lock:
+            self.digests.setdefault(info.file, {})[info.name] = digest
+
+    def will_need(self, info: TensorInfo) -> None:
+        """Ask the kernel to start reading a tensor that a coming task needs (no memory of ours)."""
+        if self.streaming and info.file is not None:
+            _advise(self._fd(info.file), info.start, info.end - info.start, "POSIX_FADV_WILLNEED")
+
+    def drop(self, info: TensorInfo) -> None:
+        """Let the kernel forget a tensor's pages (streaming only): they would crowd out what is still needed."""
+        if self.streaming and info.file is not None:
+            _advise(self._fd(info.file), info.start, info.end - info.start, "POSIX_FADV_DONTNEED")
 
     def _fd(self, file: str) -> int:
         with self._lock:
@@ -121,12 +143,22 @@ class TensorReader:
         view = memoryview(buffer.numpy()).cast("B")
         if read_into(self._fd(info.file), view, info.start) < len(view):
             raise BuildError(f"{info.file} is truncated (tensor {info.name})")
+        if info.file in self.hashing:
+            self._hashed(info, keys.tensor_digest(view))
+        self.drop(info)
         return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def chunks(self, info: TensorInfo, size: int = READ_CHUNK):
         """A tensor's raw bytes in pieces of at most ``size``, each valid until the next is read."""
         buffer = memoryview(bytearray(min(size, info.end - info.start)))
-        yield from _pieces(self._fd(info.file), info, buffer, BuildError)
+        hasher = keys.tensor_hasher() if info.file in self.hashing else None
+        for piece in _pieces(self._fd(info.file), info, buffer, BuildError):
+            if hasher is not None:
+                hasher.update(piece)
+            yield piece
+        if hasher is not None:
+            self._hashed(info, hasher.hexdigest())
+        self.drop(info)
 
     def close(self) -> None:
         """Close every file opened for reading."""
@@ -134,6 +166,15 @@ class TensorReader:
             for fd in self._handles.values():
                 os.close(fd)
             self._handles.clear()
+
+
+def _advise(fd: int, offset: int, length: int, advice: str) -> None:
+    """posix_fadvise where the system has it (Linux, BSDs); advice only, so failures are ignored."""
+    if hasattr(os, "posix_fadvise") and length > 0:
+        try:
+            os.posix_fadvise(fd, offset, length, getattr(os, advice))
+        except OSError:
+            pass
 
 
 def torch_dtype(name: str):

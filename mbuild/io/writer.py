@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from mbuild import keys
 from mbuild.errors import BuildError
+from mbuild.io.files import read_into
 from mbuild.io.models import DTYPE_CODES, TensorInfo
 from mbuild.io.outputs import write_json
 
@@ -83,8 +84,17 @@ class ShardedWriter:
     are then written at their offsets as they are computed, never buffered.
     """
 
-    def __init__(self, folder: Path, tensors: Sequence[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int):
+    def __init__(
+        self,
+        folder: Path,
+        tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+        max_shard_bytes: int,
+        streaming: bool = False,
+    ):
         self.folder = folder
+        # Larger than memory: each tensor's pages are written back and dropped once it is
+        # complete, so written output does not crowd out inputs still to be read.
+        self.streaming = streaming
         self.shards = plan_shards(tensors, max_shard_bytes)
         self.slots = {slot.name: slot for slots in self.shards.values() for slot in slots}
         self.digests: dict[str, str] = {}
@@ -127,10 +137,25 @@ class ShardedWriter:
         except OSError as error:
             raise BuildError(f"cannot write {self.folder / slot.file}: {error.strerror}") from None
 
+    def read_back(self, name: str) -> memoryview:
+        """The bytes written for a complete tensor (a twin's, written again under another name)."""
+        slot = self.slots[name]
+        data = memoryview(bytearray(slot.end - slot.start))
+        if read_into(self._handles[slot.file], data, slot.start) < len(data):
+            raise BuildError(f"{self.folder / slot.file}: tensor {name} could not be read back")
+        return data
+
     def finish(self, name: str, digest: str) -> str:
-        """Mark a streamed tensor complete, with the digest of all its bytes."""
+        """Mark a tensor complete, with the digest of all its bytes."""
         with self._lock:
             self.digests[name] = digest
+        if self.streaming and hasattr(os, "posix_fadvise"):
+            slot = self.slots[name]
+            try:
+                # On dirty pages this starts their write-back; the clean ones are dropped.
+                os.posix_fadvise(self._handles[slot.file], slot.start, slot.end - slot.start, os.POSIX_FADV_DONTNEED)
+            except (OSError, KeyError):
+                pass
         return digest
 
     def close(self) -> None:
