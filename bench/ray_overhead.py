@@ -111,8 +111,9 @@ def model(figures: dict) -> dict:
     Compute: TIES's measured output bytes per core-second here, times the cores. Reads: each
     node reads its tasks' inputs from the shared filesystem (1.1 GB/s per node assumed, this
     disk's cold read rate; a shared FS gives each client about its NIC: 10-25 Gbit/s). Results:
-    workers write each output tensor to the storage once and the driver reads it back and
-    writes the output: 2 x 140 GB through the driver at the measured storage rates. Scheduling:
+    workers write each output tensor to the storage (in parallel, on their nodes) and the
+    driver reads it back and writes the output: 140 GB read and 140 GB written by one machine
+    at the measured storage rates, overlapping the jobs but not ending before them. Scheduling:
     one task per tensor (723 tensors for Llama-2-70B), at the measured per-task cost.
     """
     ties = figures["recipes"]["ties"]
