@@ -9,6 +9,7 @@ only move or route bytes: ``copy`` (an integer buffer taken from the first input
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -138,8 +139,23 @@ def compute_task(
         options["dtype"] = compute_dtype
     # Aligning vocabularies works on whole tensors in the compute dtype.
     convert = not method.stored_inputs or task.vocabulary
-    inputs = [t.to(device=device, dtype=compute_dtype if convert else None) for t in tensors]
+    dtype = compute_dtype if convert else None
+    if torch.device(device).type == "cuda":
+        # Pinned inputs copied on the worker thread's own stream: with -j N, one task's copies
+        # overlap another's kernels and the next reads. The result returns by a synchronous copy.
+        with torch.cuda.stream(_gpu_stream(device)):
+            inputs = [t.pin_memory().to(device=device, non_blocking=True).to(dtype=dtype) for t in tensors]
+            del tensors
+            return _run_kernel(task, method, inputs, options, target, vocabulary)
+    inputs = [t.to(device=device, dtype=dtype) for t in tensors]
     del tensors
+    return _run_kernel(task, method, inputs, options, target, vocabulary)
+
+
+def _run_kernel(task: TensorTask, method, inputs, options, target, vocabulary):
+    """A method's kernel over inputs on their device and in the compute dtype; the result on the CPU."""
+    import torch
+
     if task.vocabulary:
         from mbuild import vocabulary as vocabularies
 
@@ -158,6 +174,19 @@ def compute_task(
         raise _non_finite(task, target) from None
     del inputs
     return result.to(dtype=io.torch_dtype(task.dtype)).cpu()
+
+
+_streams = threading.local()
+
+
+def _gpu_stream(device):
+    """This worker thread's CUDA stream."""
+    import torch
+
+    stream = getattr(_streams, "stream", None)
+    if stream is None:
+        stream = _streams.stream = torch.cuda.Stream(device=device)
+    return stream
 
 
 def fuse_experts(tensors, experts: int, parts: int):
