@@ -391,6 +391,9 @@ class Builder:
         return keyed
 
     def _write_companions(self, target_plan: TargetPlan, folder: Path) -> None:
+        if target_plan.output_format == "gguf":  # config and tokenizer are inside the .gguf file
+            (folder / "README.md").write_text(target_plan.card)
+            return
         io.write_companions(folder, target_plan.files, target_plan.config, target_plan.card)
 
     def _record(self, target_plan: TargetPlan, output: Path) -> None:
@@ -417,12 +420,19 @@ class _TensorPipeline:
         models = self.models = builder._input_models(target_plan)
         self.previous: Mapping[str, Mapping[str, str]] = {}
         self.previous_model = None
+        gguf = target_plan.output_format == "gguf"  # one .gguf file (mbuild.io.gguf_file), not shards
+        if gguf:
+            from mbuild.io import gguf_file
         if existing.manifest and not builder.options.force and not existing.changes:
             self.previous = existing.manifest.get("tensors", {})
-            self.previous_model = io.read_model(target_plan.target.output)
-        self.writer = io.ShardedWriter(
-            folder, [(t.name, t.dtype, t.shape) for t in target_plan.tasks], target_plan.shard_bytes, builder.streaming
-        )
+            output = target_plan.target.output
+            self.previous_model = gguf_file.read_output(output) if gguf else io.read_model(output)
+        if gguf:
+            self.writer = gguf_file.writer_for(folder, target_plan, builder.streaming)
+        else:
+            self.writer = io.ShardedWriter(
+                folder, [(t.name, t.dtype, t.shape) for t in target_plan.tasks], target_plan.shard_bytes, builder.streaming
+            )
         # Sources read for the first time: hashed by the reads that compute with them.
         first_read = [builder.plan.sources[n].info for n in target_plan.input_nodes if n in builder.plan.unhashed]
         self.file_tensors: dict[str, list[io.TensorInfo]] = {}
@@ -495,7 +505,7 @@ class _TensorPipeline:
         self._ask_ahead(task)
         if operations.operation(task.method).streams or (task.key and self.lookup is None):
             return self._run_once(task)
-        twin = task.key or dataclasses.replace(task, name="")
+        twin = task.key or repr(dataclasses.replace(task, name=""))  # its fields may hold lists
         with self._inflight_lock:
             event = self._inflight.get(twin)
             if event is None:
