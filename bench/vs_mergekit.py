@@ -1,11 +1,12 @@
 """Benchmark mbuild against mergekit: wall time, peak memory and bit-identity, per recipe.
 
     python bench/vs_mergekit.py [--size bench|tiny] [--work DIR] [--repeat N] [--recipes ties,linear]
-                                [--ref COMMIT] [--keep]
+                                [--dtypes float32,bfloat16] [--ref COMMIT] [--keep]
     python bench/vs_mergekit.py --show bench/vs_mergekit-bench.json   # reprint a saved table
 
 For a base model and two mock fine-tunes (made once by examples/make_models.py and
-kept in the work folder), each recipe (TIES, linear, SLERP) is built by mbuild and by
+kept in the work folder), each recipe (TIES, linear, SLERP) in each compute dtype (`dtype:
+float32` and `dtype: bfloat16`, the output in bfloat16) is built by mbuild and by
 mergekit under ``/usr/bin/time -v``; the outputs are compared tensor by tensor with
 ``torch.equal``. A "floor" pass per recipe (read every tensor of the recipe's input
 models, add them, write the sum) puts a number on the I/O that merge has to do.
@@ -37,8 +38,9 @@ MERGEKIT_YAML = Path(PYTHON).with_name("mergekit-yaml")
 TIME = "/usr/bin/time"
 
 # One recipe body per benchmark, written once: mbuild's Mergefile takes mergekit's syntax,
-# so both tools are handed the same text (plus mbuild's `output`). Math in float32, output
-# in bfloat16 for both: the dtype the models are stored in.
+# so both tools are handed the same text (plus mbuild's `output`). Each is run with the math
+# in each of COMPUTE_DTYPES (`dtype`), the output in bfloat16 for both: the dtype the models
+# are stored in.
 RECIPES = {
     "ties": {
         "merge_method": "ties",
@@ -64,7 +66,9 @@ RECIPES = {
         "parameters": {"t": 0.5},
     },
 }
-DTYPES = {"dtype": "float32", "out_dtype": "bfloat16"}
+# float32: mbuild's default; bfloat16: what most mergekit configs ask for.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+OUT_DTYPE = "bfloat16"
 
 
 def main() -> int:
@@ -83,6 +87,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the fastest is reported")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of: " + ", ".join(RECIPES))
     parser.add_argument(
+        "--dtypes", default=",".join(COMPUTE_DTYPES), help="compute dtypes, comma-separated (default: float32,bfloat16)"
+    )
+    parser.add_argument(
         "--ref",
         help="benchmark mbuild as of this git commit (read with git archive); default: a copy of the working tree",
     )
@@ -96,9 +103,12 @@ def main() -> int:
     unknown = [name for name in recipes if name not in RECIPES]
     if unknown:
         parser.error(f"unknown recipe(s): {', '.join(unknown)}")
+    dtypes = [name.strip() for name in args.dtypes.split(",") if name.strip()]
+    if not dtypes or any(name not in ("float32", "bfloat16", "float16") for name in dtypes):
+        parser.error("--dtypes takes float32, bfloat16 and float16")
     work = Path(args.work).absolute()
     source = snapshot_mbuild(work / "src", args.ref)
-    results = run_benchmark(work, args.size, recipes, max(1, args.repeat), args.keep, source)
+    results = run_benchmark(work, args.size, recipes, dtypes, max(1, args.repeat), args.keep, source)
     out = work.parent / f"vs_mergekit-{args.size}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
@@ -110,8 +120,10 @@ def main() -> int:
 # The run
 
 
-def run_benchmark(work: Path, size: str, recipes: list[str], repeat: int, keep: bool, source: dict) -> dict:
-    """Make (or reuse) the family, measure the floor and every recipe, and collect results."""
+def run_benchmark(
+    work: Path, size: str, recipes: list[str], dtypes: list[str], repeat: int, keep: bool, source: dict
+) -> dict:
+    """Make (or reuse) the family, measure the floor and every recipe in every compute dtype, and collect results."""
     load_at_start = list(os.getloadavg())
     work.mkdir(parents=True, exist_ok=True)
     family = ensure_family(work / f"models-{size}", size)
@@ -139,13 +151,17 @@ def run_benchmark(work: Path, size: str, recipes: list[str], repeat: int, keep: 
 
     results = {}
     for name in recipes:
-        results[name] = run_recipe(name, family, runs / name, repeat, keep, Path(source["path"]))
+        for dtype in dtypes:
+            folder = runs / f"{name}-{dtype}"
+            results[f"{name} {dtype}"] = run_recipe(name, dtype, family, folder, repeat, keep, Path(source["path"]))
     return {
         "machine": {**machine(), "load_average_at_start": load_at_start},
         "mbuild_source": source,
         "size": size,
         "model_bytes": model_bytes,
         "repeat": repeat,
+        "compute_dtypes": dtypes,
+        "out_dtype": OUT_DTYPE,
         "floor": floor,
         "recipes": results,
         "notes": [
@@ -173,11 +189,13 @@ def run_benchmark(work: Path, size: str, recipes: list[str], repeat: int, keep: 
     }
 
 
-def run_recipe(name: str, family: dict[str, Path], folder: Path, repeat: int, keep: bool, source: Path) -> dict:
-    """Build one recipe with mbuild (cold and warm) and mergekit, and compare the outputs."""
+def run_recipe(
+    name: str, dtype: str, family: dict[str, Path], folder: Path, repeat: int, keep: bool, source: Path
+) -> dict:
+    """Build one recipe, computed in `dtype`, with mbuild (cold and warm) and mergekit, and compare the outputs."""
     folder.mkdir(parents=True)
     body = fill(RECIPES[name], {key: str(path) for key, path in family.items()})
-    body.update(DTYPES)
+    body.update({"dtype": dtype, "out_dtype": OUT_DTYPE})
     mergefile = folder / "Mergefile"
     mergefile.write_text(json.dumps({"targets": {name: {**body, "output": "mbuild-out"}}}, indent=2) + "\n")
     config = folder / "mergekit.yml"
@@ -221,6 +239,7 @@ def run_recipe(name: str, family: dict[str, Path], folder: Path, repeat: int, ke
         {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     )
     result = {key: summarize(value) for key, value in samples.items()}
+    result["dtype"] = dtype
     failed = [key for key, value in samples.items() if any(s["rc"] != 0 for s in value)]
     failed += ["mergekit (1 thread)"] if reference["rc"] != 0 else []
     if failed:
@@ -234,7 +253,7 @@ def run_recipe(name: str, family: dict[str, Path], folder: Path, repeat: int, ke
         result["mergekit_default_threads_identical"] = compare_outputs(mergekit_out, reference_out)["identical"]
     verdict = "bit-identical" if result["identical"] else "DIFFERENT"
     walls = {key: f"{value['wall_s']:.2f} s" for key, value in result.items() if key in samples}
-    log(f"{name}: {', '.join(f'{key} {wall}' for key, wall in walls.items())}; outputs {verdict}")
+    log(f"{name} ({dtype}): {', '.join(f'{key} {wall}' for key, wall in walls.items())}; outputs {verdict}")
     if not keep and result["identical"]:
         for path in (mbuild_out, computed_out, mergekit_out, reference_out):
             shutil.rmtree(path, ignore_errors=True)

@@ -321,3 +321,227 @@ def test_matches_mergekit_on_large_tensors(mergekit_methods, dtype):
     torch.manual_seed(11)
     theirs = mergekit_merge(mergekit_methods, "arcee_fusion", pair, base_index=1)
     assert torch.equal(ours, theirs.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit compute (`dtype: bfloat16` or `float16`): TIES' C loops round after every op as torch
+# does, linear's and SLERP's run their float32 math from bfloat16 inputs. Tensors past torch's
+# parallel grain (32768 elements), ours under several thread counts, mergekit's on one.
+
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+TIES_16_CASES = [case for case in TASK_CASES if case[0] == "ties"] + [
+    ("dare_ties", {"weight": [0.5, 0.3, 0.9, None], "density": [0.6, 0.5, 0.9, None]}),
+    ("della", {"weight": [0.4, 0.6, 1.2, None], "density": 0.5, "epsilon": 0.1}),
+]
+
+
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def torch_threads(request):
+    """torch's thread count for our side of the test (mergekit's reference runs on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def mergekit_single_threaded(mergekit_methods, name, tensors, **values):
+    """mergekit's result run on one torch thread, the reference every machine reproduces."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return mergekit_merge(mergekit_methods, name, tensors, **values)
+    finally:
+        torch.set_num_threads(before)
+
+
+def same_bytes(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Same dtype and bits where finite, and non-finite in the same places (NaN's bits are
+    never written: the engine refuses a non-finite result)."""
+    finite = torch.isfinite(theirs)
+    return (
+        ours.dtype == theirs.dtype
+        and torch.equal(torch.isfinite(ours), finite)
+        and torch.equal(ours[finite].view(torch.int16), theirs[finite].view(torch.int16))
+    )
+
+
+def _without_c_loops(run):
+    """run(), with the C loops taken away: the numpy and torch steps they replace."""
+    from mbuild.methods import native
+
+    saved = native.library
+    native.library = lambda: None
+    try:
+        return run()
+    finally:
+        native.library = saved
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("name, values", TIES_16_CASES)
+def test_ties_computed_in_16_bits_matches_mergekit(mergekit_methods, native, torch_threads, dtype, name, values):
+    if values.get("rescale") and torch_threads > 1:
+        # Rescaling sums |delta| with torch, whose 16-bit sum splits between its threads; the
+        # engine runs torch on one thread inside every task (engine.py), so only that counts.
+        pytest.skip("torch's own 16-bit sum follows its thread count")
+    tensors = random_models((257, 301), 4, dtype, seed=21)
+    for base_first in (False, True):
+        group, given, base_index = tensors, values, 3
+        if base_first:
+            group = [tensors[3], *tensors[:3]]
+            given = {k: [v[3], *v[:3]] if isinstance(v, list) else v for k, v in values.items()}
+            base_index = 0
+        generator = seeded(5) if methods.get(name).random else None
+        ours = merge(name, group, base_index=base_index, generator=generator, **given)
+        if generator is not None:  # mergekit draws from the global RNG: compare with our torch steps
+            steps = _without_c_loops(lambda: merge(name, group, base_index=base_index, generator=seeded(5), **given))
+            assert torch.equal(ours.view(torch.int16), steps.view(torch.int16))
+            continue
+        theirs = mergekit_single_threaded(mergekit_methods, name, group, base_index=base_index, **given)
+        assert same_bytes(ours, theirs)
+
+
+def _edge_models(dtype) -> list[torch.Tensor]:
+    """Three fine-tunes and a base (last) of 3 * 16384 + 11 elements whose first elements hit
+    the rules' corners in 16 bits; the rest random."""
+    tiny = torch.finfo(dtype).smallest_normal
+    step = torch.finfo(dtype).eps  # one ulp at 1
+    big = torch.finfo(dtype).max
+    columns = [
+        # (delta 1, delta 2, delta 3, base)
+        (1.0, -1.0, 0.0, 0.5),  # weighted sum exactly 0 with equal weights: elects +
+        (-0.0, -0.0, -0.0, -0.0),  # zeros agree with neither sign; -0 base plus +0
+        (0.0, 0.0, 0.0, -0.0),
+        (step / 2, step / 2, step / 2, 1.0),  # base + mixed at half an ulp: to even (1.0)
+        (step / 2, step / 2, step / 2, 1.0 + step),  # ... and from odd (up)
+        (-step / 2, step / 4, -step / 2, 1.0),
+        (tiny / 4, -tiny / 8, tiny / 2, tiny),  # subnormal deltas (and products)
+        (tiny / 1024, -tiny / 1024, tiny / 512, 0.0),  # the smallest subnormals
+        (-tiny / 1024, -tiny / 2048, tiny / 4096, 0.0),  # products round to +-0 or the least
+        (big / 2, big / 2, big / 2, big / 2),  # overflows: inf where torch's ops overflow
+        (-big, big, big, 0.0),
+        (3.0, 5.0, -7.0, 1.0 / 3.0),  # quotients between 16-bit values
+        (1.0 / 3.0, 2.0 / 3.0, -1.0 / 7.0, 10.0),
+    ]
+    generator = seeded(33)
+    size = 3 * 16384 + 11
+    models = []
+    for index in range(4):
+        values = torch.randn(size, generator=generator) * (0.05 if index < 3 else 1.0)
+        values[: len(columns)] = torch.tensor([column[index] for column in columns], dtype=torch.float64).float()
+        models.append(values.to(dtype))
+    edge = slice(0, len(columns))
+    for index in range(3):  # deltas as given: fine-tune = base + delta, in the 16-bit dtype
+        models[index][edge] = (models[3][edge].double() + models[index][edge].double()).to(dtype)
+    return models
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_ties_computed_in_16_bits_matches_mergekit_on_edge_values(mergekit_methods, native, torch_threads, dtype):
+    models = _edge_models(dtype)
+    cases = [
+        {"weight": [1.0, 1.0, 1.0, None], "density": 1.0},
+        {"weight": [0.3, 0.7, 1.1, None], "density": 1.0, "lambda": 0.6},
+        {"weight": [1.0, -1.0, 0.5, None], "density": 1.0},  # cancelling weights: zero divisors
+        {"weight": [1.0, 1.0, -1.0, None], "density": 1.0, "normalize": False},
+        # zero deltas times negative weights are -0.0: the sums start from +0.0, which a -0.0 base shows
+        {"weight": [-1.0, -0.5, -2.0, None], "density": 1.0},
+        {"weight": [0.1, 0.2, 0.3, None], "density": [0.5, 0.3, 0.9, None], "lambda": 1.7},
+    ]
+    for values in cases:
+        ours = merge("ties", models, base_index=3, **values)
+        theirs = mergekit_single_threaded(mergekit_methods, "ties", models, base_index=3, **values)
+        assert same_bytes(ours, theirs), values
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_ties_16_bit_c_combine_agrees_in_its_portable_and_avx2_forms(dtype):
+    # The combine runs a portable loop, or the same loop compiled for AVX2 and F16C where the
+    # CPU has them; both must give torch's bytes (`_combine`, the steps it replaces).
+    import ctypes
+
+    from mbuild.methods import native, task_arithmetic
+
+    library = native.library()
+    if library is None:
+        pytest.skip("the C extension was not built (no compiler at install)")
+    models = _edge_models(dtype)
+    deltas = torch.stack([m - models[3] for m in models[:3]])
+    weights = [0.3, -0.7, 1.1]
+    params = {"normalize": True, "lambda": 1.3, "int8_mask": False}
+    variant = next(v for v in task_arithmetic.VARIANTS if v.name == "ties")
+    expected = models[3] + variant._combine(deltas, torch.tensor(weights, dtype=dtype).reshape(3, 1), params)
+    scales = torch.tensor(weights, dtype=dtype).float()
+    kind = native.half_kind(deltas, models[3])
+    for portable in (1, 0):
+        out = torch.empty_like(models[3])
+        status = library.mbuild_ties_combine16(
+            deltas.data_ptr(), 3, deltas.shape[1], scales.data_ptr(), models[3].data_ptr(), kind, 1, 1,
+            ctypes.c_float(1.3), out.data_ptr(), portable,
+        )
+        assert status == 0
+        assert same_bytes(out, expected), portable
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_linear_and_slerp_computed_in_bf16_match_mergekit(mergekit_methods, native, threads):
+    # mergekit's linear and SLERP do their math in float32 whatever `dtype` says: from bfloat16
+    # inputs into a bfloat16 result the C loops that serve float32 compute give the same bytes.
+    from types import SimpleNamespace
+
+    from mbuild import operations
+    from mbuild.methods import slerp
+
+    stored = random_models((301, 257), 3, torch.bfloat16, seed=9, spread=1.0)
+    for values in ({"weight": [0.3, 0.9, 0.45], "normalize": True}, {"weight": [0.7, -0.2, 1.3], "normalize": False}):
+        method = methods.get("linear")
+        params, model_params = resolve(method, 3, None, values)
+        options = {"base_index": None, "params": params, "model_params": model_params}
+        task = SimpleNamespace(name="w", method="linear", dtype="bfloat16")
+        ours = operations._compute_in_slices(task, method, stored, torch.bfloat16, options, None, threads)
+        theirs = mergekit_single_threaded(mergekit_methods, "linear", stored, **values)
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), values
+    a, b = stored[0], stored[1]
+    for t_value in (0.3, 0.5):
+        params, model_params = resolve(methods.get("slerp"), 2, 1, {"t": t_value})
+        ours = slerp.merge_slerp(
+            [a, b], base_index=1, params=params, model_params=model_params, generator=None,
+            dtype=torch.bfloat16, out_dtype=torch.bfloat16, threads=threads,
+        )
+        theirs = mergekit_single_threaded(mergekit_methods, "slerp", [a, b], base_index=1, t=t_value)
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), t_value
+
+
+def test_bf16_results_that_round_to_inf_are_refused(native):
+    # float32 math that is finite but rounds to bfloat16's inf: computed in bfloat16 the result
+    # is inf, which the engine must refuse (as torch's steps do), not write.
+    from types import SimpleNamespace
+
+    from mbuild import operations
+    from mbuild.errors import BuildError
+    from mbuild.methods import NonFiniteResult, slerp
+
+    big = torch.finfo(torch.bfloat16).max
+    size = 40000
+    first = torch.full((size,), big, dtype=torch.bfloat16)
+    second = torch.full((size,), 2.0**119, dtype=torch.bfloat16)  # half an ulp of the largest
+    method = methods.get("linear")
+    params, model_params = resolve(method, 2, None, {"weight": [1.0, 1.0], "normalize": False})
+    options = {"base_index": None, "params": params, "model_params": model_params}
+    task = SimpleNamespace(name="w", method="linear", dtype="bfloat16")
+    target = SimpleNamespace(location=lambda: "Mergefile")
+    with pytest.raises(BuildError, match="non-finite"):
+        operations._compute_in_slices(task, method, [first, second], torch.bfloat16, options, target, 1)
+    # In float32 math the sum is finite: it is written, rounded (to inf), as torch writes it.
+    written = operations._compute_in_slices(task, method, [first, second], torch.float32, options, target, 1)
+    assert torch.isinf(written).all()
+    # SLERP's last pass, the same store: weight 1 on each, bfloat16 math refuses, float32 writes inf.
+    if native:
+        for dtype, refused in ((torch.bfloat16, True), (torch.float32, False)):
+            result = torch.empty(size, dtype=torch.bfloat16)
+            if refused:
+                with pytest.raises(NonFiniteResult):
+                    slerp._combine_natively(first, second, 1.0, 1.0, result, 1, dtype)
+            else:
+                assert slerp._combine_natively(first, second, 1.0, 1.0, result, 1, dtype)
+                assert torch.isinf(result).all()

@@ -50,16 +50,21 @@ def merge_linear_in_one_pass(
 
     The same bytes as the kernel run in float32 and cast to `output`'s dtype. False where the
     loop does not apply (not built; no FMA, whose single rounding torch's addcmul_ has on
-    AVX2 and AVX-512 builds; dtypes other than float32 and bfloat16; float32 math not asked).
+    AVX2 and AVX-512 builds; dtypes other than float32 and bfloat16; a compute dtype other
+    than float32, or than bfloat16 from bfloat16 inputs into a bfloat16 output).
     """
     import torch
 
     from mbuild.methods import NonFiniteResult, native
 
     library = native.library_for(output, *tensors, contiguous=True)
+    # The kernel sums in float32 whatever the compute dtype, so bfloat16 math from bfloat16
+    # inputs (converted exactly) into a bfloat16 output rounds once, as float32 math does;
+    # only the finiteness check moves to the rounded values (out_bf16 = 2).
+    all_bf16 = all(t.dtype == torch.bfloat16 for t in (output, *tensors))
     if (
         library is None
-        or compute_dtype != torch.float32
+        or not (compute_dtype == torch.float32 or (compute_dtype == torch.bfloat16 and all_bf16))
         or _cpu_capability() not in ("AVX2", "AVX512")
         or not library.mbuild_has_fma()
     ):
@@ -72,7 +77,8 @@ def merge_linear_in_one_pass(
     bf16 = (ctypes.c_int * len(tensors))(*(t.dtype == torch.bfloat16 for t in tensors))
     status = library.mbuild_linear(
         pointers, bf16, len(tensors), output.numel(), weights.data_ptr(), bool(params["normalize"]),
-        divisor, output.data_ptr(), output.dtype == torch.bfloat16, threads,
+        divisor, output.data_ptr(), 2 if compute_dtype == torch.bfloat16 else int(output.dtype == torch.bfloat16),
+        threads,
     )
     if status == 1:
         raise NonFiniteResult("non-finite result")

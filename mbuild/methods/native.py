@@ -23,6 +23,17 @@ _SIGNATURES = {
         "c_int",
         ["c_void_p", "c_int64", "c_int64", "c_void_p", "c_void_p", "c_int", "c_int", "c_int", "c_float", "c_void_p"],
     ),
+    # 16-bit delta, kind (1 bfloat16, 2 float16), size, magnitudes out (float32)
+    "mbuild_magnitudes16": (None, ["c_void_p", "c_int", "c_int64", "c_void_p"]),
+    # 16-bit delta (thinned in place), kind, size, threshold
+    "mbuild_keep_above16": (None, ["c_void_p", "c_int", "c_int64", "c_float"]),
+    # 16-bit deltas, rows, size, weights (float32), 16-bit base, kind, normalize, scale, lambda, out,
+    # portable (1: not the AVX2 and F16C loops, for tests)
+    "mbuild_ties_combine16": (
+        "c_int",
+        ["c_void_p", "c_int64", "c_int64", "c_void_p", "c_void_p", "c_int", "c_int", "c_int", "c_float", "c_void_p",
+         "c_int"],
+    ),
     "mbuild_has_fma": ("c_int", []),
     # inputs (pointer array), inputs are bf16 (int array), rows, size, weights, normalize, divisor,
     # out, out is bf16, threads
@@ -52,6 +63,17 @@ def library_for(*tensors, contiguous: bool = False):
         for t in tensors
     )
     return library() if usable else None
+
+
+def half_kind(*tensors) -> int:
+    """The 16-bit loops' code for the dtype all `tensors` share, contiguous on the CPU: 1
+    bfloat16, 2 float16; 0 where they differ, are of another dtype, or elsewhere."""
+    import torch
+
+    kinds = {torch.bfloat16: 1, torch.float16: 2}
+    first = tensors[0].dtype
+    usable = all(t.dtype == first and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    return kinds.get(first, 0) if usable else 0
 
 
 @functools.cache

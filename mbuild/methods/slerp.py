@@ -64,8 +64,10 @@ def merge_slerp(
 
     # float32 math from float32 or bfloat16 rows on the CPU: chunks are converted into a
     # scratch row, and the dot's element-wise half runs in the C loop. Either way torch
-    # reduces the same float32 values, so the bytes do not change.
-    native_rows = dtype == torch.float32 and native.library_for(a, b, contiguous=True) is not None
+    # reduces the same float32 values, so the bytes do not change. A bfloat16 compute dtype
+    # over bfloat16 rows converts nothing (the math is float32 all the same), so it qualifies.
+    same_bf16 = dtype == a.dtype == b.dtype == torch.bfloat16
+    native_rows = (dtype == torch.float32 or same_bf16) and native.library_for(a, b, contiguous=True) is not None
 
     def scratch_row() -> torch.Tensor | None:
         return torch.empty((1, min(width, CHUNK_ELEMENTS)), dtype=work_dtype) if native_rows else None
@@ -108,7 +110,10 @@ def merge_slerp(
     weight_b = torch.where(parallel, t, torch.sin(t * theta) / sin_theta)
 
     result = torch.empty(a.shape, dtype=final, device=a.device)
-    if out_dtype is not None and dtype == torch.float32 and _combine_natively(a, b, weight_a, weight_b, result, threads):
+    # bfloat16 math into a bfloat16 result: the one rounding is the C loop's, which also checks
+    # the rounded values finite (as `combine` checks its bfloat16 values).
+    natively = dtype == torch.float32 or (same_bf16 and final == torch.bfloat16)
+    if out_dtype is not None and natively and _combine_natively(a, b, weight_a, weight_b, result, threads, dtype):
         return result.reshape(start.shape)
 
     # In the compute dtype, as mergekit's: rounded once per chunk.
@@ -131,8 +136,11 @@ def merge_slerp(
     return result.reshape(start.shape)
 
 
-def _combine_natively(a, b, weight_a, weight_b, result, threads: int) -> bool:
-    """The last pass in the C loop (float32 math) straight into `result`; False where it does not apply."""
+def _combine_natively(a, b, weight_a, weight_b, result, threads: int, dtype) -> bool:
+    """The last pass in the C loop (float32 math) straight into `result`; False where it does not apply.
+
+    `dtype`: the compute dtype; bfloat16 (inputs and result bfloat16) checks the rounded values finite.
+    """
     import ctypes
 
     import torch
@@ -144,7 +152,8 @@ def _combine_natively(a, b, weight_a, weight_b, result, threads: int) -> bool:
         return False
     status = library.mbuild_slerp_combine(
         a.data_ptr(), a.dtype == torch.bfloat16, b.data_ptr(), b.dtype == torch.bfloat16, a.numel(),
-        float(weight_a), float(weight_b), result.data_ptr(), result.dtype == torch.bfloat16, threads,
+        float(weight_a), float(weight_b), result.data_ptr(),
+        2 if dtype == torch.bfloat16 else int(result.dtype == torch.bfloat16), threads,
     )
     if status:
         raise NonFiniteResult("non-finite result")

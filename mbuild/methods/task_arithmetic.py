@@ -67,7 +67,12 @@ def keep_largest(
     # argsort's order among equal magnitudes (common in bf16) then picks mergekit's survivors.
     # On CPU the same survivors are found without sorting (ranking.py); elsewhere, or where this
     # torch sorts another way, by the argsort itself (not stable=True: we pick what it picks).
-    magnitudes = delta.abs().reshape(-1).float()
+    half, kind = _half_native(delta)
+    if half is not None:  # a 16-bit delta's magnitudes as float32 in one pass of C
+        magnitudes = torch.empty(delta.numel(), dtype=torch.float32)
+        half.mbuild_magnitudes16(delta.data_ptr(), kind, delta.numel(), magnitudes.data_ptr())
+    else:
+        magnitudes = delta.abs().reshape(-1).float()
     on_cpu = magnitudes.device.type == "cpu"
     selected = select_largest(magnitudes, count) if on_cpu else None  # uses magnitudes as scratch
     if selected is not None:
@@ -75,10 +80,13 @@ def keep_largest(
         threshold, at_threshold = selected
         flat = delta.reshape(-1)
         library = _native_for(delta) if not rescale else None
-        if library is not None:
+        if library is not None or (half is not None and not rescale):
             # delta * (|delta| > threshold) in one pass, then the kept ties put back as they were.
             kept_ties = flat[at_threshold]
-            library.mbuild_keep_above(flat.data_ptr(), flat.numel(), ctypes.c_float(threshold))
+            if library is not None:
+                library.mbuild_keep_above(flat.data_ptr(), flat.numel(), ctypes.c_float(threshold))
+            else:
+                half.mbuild_keep_above16(flat.data_ptr(), kind, flat.numel(), ctypes.c_float(threshold))
             flat[at_threshold] = kept_ties
             return delta
         mask = torch.empty(flat.shape, dtype=torch.bool)
@@ -276,28 +284,55 @@ def _native_for(out: torch.Tensor, *inputs: torch.Tensor):
     return native.library_for(out, *inputs) if out.dtype == torch.float32 and out.is_contiguous() else None
 
 
+def _half_native(*tensors):
+    """(the C loops, their dtype code) where `tensors` share bfloat16 or float16, contiguous on
+    the CPU, and the extension was built; else (None, 0)."""
+    from mbuild.methods import native
+
+    kind = native.half_kind(*tensors)
+    library = native.library() if kind else None
+    return (library, kind) if library is not None else (None, 0)
+
+
 def _combine_natively(
     deltas: torch.Tensor, weights: Sequence[float], base: torch.Tensor, params: Mapping[str, Any]
 ) -> torch.Tensor | None:
     """The sum-consensus combine and the base added, by the C loop in `_kernels.c`, or None.
 
-    It applies to float32 task vectors on the CPU over a float32 or bfloat16 base, up to 4
-    task vectors (from 5, torch's sum over models is not a plain sequence of additions); it
-    runs mergekit's operations in mergekit's order, one element at a time, so the bytes are
-    those of `_combine` (the mask dtype cannot change them: signs are compared only).
+    It applies to float32 task vectors on the CPU over a float32 or bfloat16 base, and to
+    bfloat16 or float16 ones (each op rounded as torch rounds it), up to 4 task vectors (from
+    5, torch's sum over models is not a plain sequence of additions); it runs mergekit's
+    operations in mergekit's order, one element at a time, so the bytes are those of
+    `_combine` (the mask dtype cannot change them: signs are compared only).
     """
     import ctypes
 
     import torch
 
-    library = _native_for(deltas, base)
-    if library is None or not 1 <= deltas.shape[0] <= 4:
+    if not 1 <= deltas.shape[0] <= 4:
         return None
     rows = deltas.reshape(deltas.shape[0], -1).contiguous()
+    scale = params["lambda"] != 1
+    if deltas.dtype in (torch.bfloat16, torch.float16):
+        # 16-bit math: the base in the compute dtype (as mergekit reads it) and the weights
+        # rounded to it (as mergekit's torch.tensor(weights, dtype=...) makes them).
+        flat_base = base.reshape(-1).to(deltas.dtype).contiguous()
+        half, kind = _half_native(rows, flat_base)
+        if half is None:
+            return None
+        scales = torch.tensor(weights, dtype=deltas.dtype).float()
+        merged = torch.empty(flat_base.shape, dtype=deltas.dtype)
+        status = half.mbuild_ties_combine16(
+            rows.data_ptr(), rows.shape[0], rows.shape[1], scales.data_ptr(), flat_base.data_ptr(), kind,
+            int(bool(params["normalize"])), int(scale), ctypes.c_float(params["lambda"]), merged.data_ptr(), 0,
+        )
+        return merged if status == 0 else None
+    library = _native_for(deltas, base)
+    if library is None:
+        return None
     flat_base = base.reshape(-1).contiguous()
     scales = torch.tensor(weights, dtype=torch.float32)
     merged = torch.empty(flat_base.shape, dtype=torch.float32)
-    scale = params["lambda"] != 1
     status = library.mbuild_ties_combine(
         rows.data_ptr(), rows.shape[0], rows.shape[1], scales.data_ptr(), flat_base.data_ptr(),
         int(base.dtype == torch.bfloat16), int(bool(params["normalize"])), int(scale), ctypes.c_float(params["lambda"]),
