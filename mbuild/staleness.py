@@ -245,9 +245,10 @@ def estimate_work(
     target_plan: TargetPlan, reusable: Callable[[TensorTask], bool], jobs: int = 1, budget: int | None = None
 ) -> dict[str, int]:
     """What building a target would cost, from the plan alone: tensors to compute, input bytes
-    to read, and the process's peak memory: its baseline (interpreter, torch) and the ``jobs``
-    largest tasks at once (each: its inputs as read and converted, the method's temporaries and
-    the output), kept within ``budget`` as the local executor keeps them."""
+    to read, and the process's peak memory: its baseline (interpreter, torch) and the most that
+    ``jobs`` tasks next to each other in order hold at once (each: its inputs as read and
+    converted, the method's temporaries and the output), kept within ``budget`` as the local
+    executor keeps them."""
     compute, read, sizes = 0, 0, []
     for task in target_plan.tasks:
         if reusable(task):
@@ -255,15 +256,18 @@ def estimate_work(
         compute += 1
         read += task_input_bytes(task)
         sizes.append(task_memory(task))
-    sizes.sort(reverse=True)
-    at_once = sum(sizes[: max(1, jobs)])  # the largest tasks running together
+    # Tasks run in order, ``jobs`` at a time: the most that neighbours in that order hold together,
+    # kept within the budget by the executor (a task larger than it runs alone).
+    width = max(1, jobs)
+    at_once = max((sum(sizes[i : i + width]) for i in range(len(sizes))), default=0)
+    largest = max(sizes, default=0)
     if budget is not None and sizes:
-        at_once = max(sizes[0], min(at_once, budget))  # the executor keeps them within the budget
+        at_once = max(largest, min(at_once, budget))
     return {
         "tensors_to_compute": compute,
         "bytes_to_read": read,
         "peak_memory": memory.BASELINE + at_once if sizes else 0,
-        "largest_task_memory": sizes[0] if sizes else 0,
+        "largest_task_memory": largest,
     }
 
 
@@ -291,7 +295,20 @@ def task_memory(task: TensorTask) -> int:
     if elementwise and not task.vocabulary and not task.fuse:
         slice_bytes = min(count, memory.ELEMENTWISE_SLICE) * compute_size * (models + 2)
         return task_input_bytes(task) + task.nbytes + slice_bytes
-    return task_input_bytes(task) + count * compute_size * (2 * models + 2) + task.nbytes
+    temporaries = TEMPORARIES.get(task.method, lambda m: 2 * m + 2)(models)
+    return task_input_bytes(task) + int(count * compute_size * temporaries) + task.nbytes
+
+
+# A whole-tensor method's temporaries beyond its stored inputs and its output, in tensors of
+# the compute dtype, for m models merged. Measured: peak RSS less the process baseline for one
+# 32000 x 2048 bfloat16 tensor, float32 compute, torch 2.13 (CPU), C loops built. Methods not
+# listed get 2m + 2, at or above what the others measured.
+TEMPORARIES = {
+    "ties": lambda m: m + 1,
+    "dare_ties": lambda m: m + 2,
+    "della": lambda m: 3 * m + 1,
+    "slerp": lambda m: 0.5,
+}
 
 
 def explain_tensors(target_plan: TargetPlan, manifest: Mapping[str, Any] | None) -> dict[str, list[str]]:
