@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from mbuild import io, keys
 from mbuild.errors import BuildError, Location, MbuildError, MergefileError
-from mbuild.nodes import Node
+from mbuild.nodes import LORA, Node
 from mbuild.plan import Plan, plain_recipe, recipe_method, source_fingerprint
 
 if TYPE_CHECKING:
@@ -113,11 +113,16 @@ def write(path: Path, data: dict[str, Any]) -> None:
 def pinned_revisions(mergefile_path: Path) -> dict[str, str]:
     """Hub revisions Mergefile.lock recorded: a hub model without '@revision' resolves to them."""
     path = lock_path(mergefile_path)
-    pinned = {
-        node: entry["revision"]
-        for node, entry in read(path)["sources"].items()
-        if Node(node).kind == "hub" and entry.get("revision")
-    }
+    pinned = {}
+    for node, entry in read(path)["sources"].items():
+        revision = entry.get("revision")
+        if Node(node).kind == "hub" and revision:
+            pinned[node] = revision
+        elif Node(node).kind == LORA and isinstance(revision, str):
+            # 'BASE_COMMIT+ADAPTER_COMMIT' (empty for a local side), in the order of the node's sides.
+            for side, commit in zip(Node(node).label.split("+"), revision.split("+")):
+                if commit and Node(side).kind == "hub":
+                    pinned.setdefault(side, commit)
     for node, revision in pinned.items():
         # mbuild records commits only; anything else would be looked up as a path in the hub cache.
         if not isinstance(revision, str) or not io.HUB_COMMIT.match(revision):

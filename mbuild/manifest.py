@@ -14,6 +14,8 @@ from mbuild import __version__, io, keys
 from mbuild.plan import TargetPlan, TensorTask
 
 NAME = io.MANIFEST_NAME
+# Files whose digest is made of their tensors' digests, never read again to hash them whole.
+WEIGHT_FILES = (".safetensors", ".gguf")
 read = io.read_manifest
 
 
@@ -26,11 +28,11 @@ def write(
         if path.is_file() and path.name != io.MANIFEST_NAME:
             stat = path.stat()
             entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-            if not path.name.endswith(".safetensors"):
+            if not path.name.endswith(WEIGHT_FILES):
                 entry["sha256"] = io.hash_file(path)
             files[path.name] = entry
     for name, entry in files.items():
-        if name.endswith(".safetensors"):
+        if name.endswith(WEIGHT_FILES):
             in_shard = [t.name for t in target_plan.tasks if shard_of[t.name] == name]
             entry["digest"] = keys.shard_digest(digests[t] for t in in_shard)
     manifest = {

@@ -1,13 +1,15 @@
-"""The names of the build graph's nodes: a target, a local model folder or a hub model.
+"""The names of the build graph's nodes: a target, a local model folder, a hub model, or a
+model with a LoRA adapter applied.
 
 A node is written ``KIND:LABEL`` (``target:final``, ``local:models/base``,
-``hub:org/name@main``), the form the lock, the manifests and the graph keep. `Node` is
-that string with its parts named, so no module splits it by hand.
+``hub:org/name@main``, ``lora:local:models/base+hub:org/chat@main``: a LoRA's label is its
+two sides' nodes), the form the lock, the manifests and the graph keep. `Node` is that string
+with its parts named, so no module splits it by hand.
 """
 
 from __future__ import annotations
 
-TARGET, LOCAL, HUB = "target", "local", "hub"
+TARGET, LOCAL, HUB, LORA = "target", "local", "hub", "lora"
 
 
 class Node(str):
@@ -26,7 +28,7 @@ class Node(str):
 
     @property
     def kind(self) -> str:
-        """``target``, ``local`` or ``hub``."""
+        """``target``, ``local``, ``hub`` or ``lora``."""
         return self.split(":", 1)[0]
 
     @property

@@ -70,11 +70,28 @@ def _concat(task: TensorTask, inputs: Inputs, writer: io.ShardedWriter) -> str:
     return moe.stream_concat(task, inputs.models, inputs.reader, writer)
 
 
+def _gguf(task: TensorTask, inputs: Inputs):
+    """One tensor of a GGUF target: read, laid out and encoded as llama.cpp wants it (`io.gguf_file`)."""
+    import torch
+
+    from mbuild.io import gguf_file
+
+    item = task.inputs[0]
+    info = inputs.models[item.node].tensors.get(item.name)
+    if info is None:
+        raise BuildError(f"input '{item.node.split(':', 1)[1]}' has no tensor '{item.name}'")
+    try:
+        return torch.from_numpy(gguf_file.encode(inputs.reader.read(info), **dict(task.params)))
+    except ValueError as error:  # a value f16 cannot hold, or a row no type's blocks fit
+        raise BuildError(f"tensor '{task.name}': {error}", inputs.target.location()) from None
+
+
 # The operations that are not merge methods; every other name is looked up in mbuild.methods.
 OPERATIONS = {
     "copy": Operation("copy", compute=_method),
     "concat": Operation("concat", stream=_concat),
     "moe_gate": Operation("moe_gate", compute=_gate),
+    "gguf": Operation("gguf", compute=_gguf),
 }
 METHOD = Operation("method", compute=_method)
 

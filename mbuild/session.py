@@ -14,7 +14,9 @@ from typing import Callable
 
 from mbuild import engine, executors, lock, memory, plan, staleness
 from mbuild.cache import State, TensorCache
+from mbuild.lora import Adapters
 from mbuild.mergefile import Mergefile
+from mbuild.nodes import LORA, Node
 from mbuild.pickles import Conversions
 
 
@@ -77,6 +79,7 @@ class Session:
             changed=changed,
             platform=self.request.platform,
             pinned=lock.pinned_revisions(self.mergefile.path),
+            adapters=self._adapters(write=hashing),
         )
         return self._current
 
@@ -151,6 +154,8 @@ class Session:
             return set()
         deferred = set()
         for node in first.unhashed:
+            if Node(node).kind == LORA:
+                continue  # its base is hashed whole as the adapter is applied, before any read
             source = first.sources[node]
             if any(self.state.known(file) for file in source.info.weight_files):
                 continue
@@ -170,6 +175,15 @@ class Session:
             with self.reporter.step(f"hashing {source.ref}", source.info.nbytes) as advance:
                 found = self.state.digests(source.info, compute=True, progress=advance)
         return found
+
+    def _adapters(self, write: bool) -> Adapters:
+        """Where base+adapter models are applied: their adapted tensors in the cache (made only when ``write``)."""
+        return Adapters(Path(self.state.folder) / "lora", self.state, write, self._step)
+
+    def _step(self, description: str, total: int):
+        """A long step before the build (hashing a LoRA's base, applying it), with progress."""
+        self.before_compute()
+        return self.reporter.step(description, total)
 
     def _conversions(self, write: bool) -> Conversions | None:
         """Where pickled sources are read from (with --allow-pickle): their conversions in the cache."""

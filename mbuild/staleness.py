@@ -340,7 +340,7 @@ def _tensor_reasons(task: TensorTask, old: Mapping[str, Any] | None) -> list[str
             reasons.append(f"{field_name}: {old.get(field_name)} → {now}")
     before_params = old.get("params", {})
     for name, value in task.params:
-        if before_params.get(name) != value:
+        if before_params.get(name) != plain_recipe(value):  # the manifest holds JSON: a tuple came back a list
             reasons.append(f"parameters.{name}: {_short(before_params.get(name))} → {_short(value)}")
     before_models = old.get("model_params", [])
     labels = [f"{i.node.split(':', 1)[1]}" for i in task.inputs]

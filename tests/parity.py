@@ -68,8 +68,11 @@ def assert_same_tensors(mine: Mapping, reference: Mapping, who: tuple[str, str] 
 # Running mergekit
 
 
-def run_mergekit(body: dict, out: Path) -> dict:
-    """Run mergekit in-process on a recipe body, single-threaded; return the config it wrote (or meant to)."""
+def run_mergekit(body: dict, out: Path, **options) -> dict:
+    """Run mergekit in-process on a recipe body, single-threaded; return the config it wrote (or meant to).
+
+    ``options``: more of mergekit's `MergeOptions` (``lora_merge_cache`` for a 'model+lora').
+    """
     from huggingface_hub.errors import StrictDataclassClassValidationError
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -80,7 +83,7 @@ def run_mergekit(body: dict, out: Path) -> dict:
     config = MergeConfiguration.model_validate(body)
     try:
         with torch_single_threaded():
-            run_merge(config, str(out), MergeOptions(quiet=True))
+            run_merge(config, str(out), MergeOptions(quiet=True, **options))
     except StrictDataclassClassValidationError as error:
         # mergekit 0.1.5 sets num_hidden_layers but leaves Qwen2's per-layer `layer_types` at
         # the input's length, which transformers 5 refuses to save. The tensors are written by

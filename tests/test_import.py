@@ -334,7 +334,9 @@ def test_what_mbuild_would_reject_is_reported_at_the_configs_line(layout):
     assert (error.location.line, error.location.target) == (4, "config")
 
     error = import_error(layout, "merge_method: linear\nmodels:\n  - model: ../models/base\n  - model: ../models/math+adapter\n")
-    assert error.message == "'../models/math+adapter': LoRA references (model+adapter) are not supported yet"
+    assert error.message == (
+        f"'../models/math+adapter': model 'adapter' not found: no folder {layout / 'configs' / 'adapter'} and no stage of that name"
+    )
     assert (error.location.line, error.location.target) == (4, "config")
 
 

@@ -114,7 +114,7 @@ def _gc(args) -> int:
     """Drop cached tensors no target of the Mergefile needs (or unused for --older-than days)."""
     import time
 
-    from mbuild import io, pickles, ray_executor
+    from mbuild import io, lora, pickles, ray_executor
 
     mergefile, state = shared.load(args)
     the_plan = shared.read_only_plan(args, mergefile, state)
@@ -135,6 +135,8 @@ def _gc(args) -> int:
     # What crashed builds left beside the outputs (full-size temporaries): their owner is dead.
     removed = [str(path) for target in mergefile.targets.values() for path in io.recover(target.output)]
     conversions = pickles.remove_unused(state.folder / "converted", [s.info for s in the_plan.sources.values()])
+    # Tensors LoRA adapters were applied to (`lora`) that no source of the Mergefile reads now.
+    conversions += lora.remove_unused(state.folder / "lora", [s.info for s in the_plan.sources.values()])
     # Results a cluster's jobs left that no target needs (a killed driver's, a changed recipe's),
     # and writes killed midway; results the Mergefile still needs stay for the next build.
     storage = ray_executor.storage_in(state.folder)

@@ -91,5 +91,12 @@ def parse(text: str, path: Path) -> Mergefile:
             raise checker.error(("targets", name), f"target name of {len(name)} characters: at most {NAME_LIMIT}")
     for name, body in bodies.items():
         targets[name] = checker.target(name, body, defaults, set(bodies))
+    for target in targets.values():
+        for ref in target.references():
+            if ref.kind == "target" and targets[ref.location].gguf is not None:
+                raise MergefileError(
+                    f"'{ref}' is a GGUF target: its output is a .gguf file, which no other target reads",
+                    Location(mergefile.path, ref.line, target.name),
+                )
     check_outputs(mergefile)
     return mergefile

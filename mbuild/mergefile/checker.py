@@ -14,6 +14,7 @@ from typing import Any
 from mbuild import methods
 from mbuild.mergefile.recipe import (
     Expert,
+    GGUFExport,
     InputModel,
     ModelRef,
     MoE,
@@ -68,6 +69,11 @@ EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_sc
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 # mergekit-moe's output architectures, by its names, in the order it prefers them.
 MOE_OUTPUTS = ("Mixtral", "DeepSeek MoE", "Qwen MoE", "Qwen3 MoE")
+# A target whose body has `gguf:` writes one model as a GGUF file (README: "GGUF targets").
+GGUF_TARGET_KEYS = ("gguf", "output", "description")
+GGUF_KEYS = ("model", "type")
+# The tensor types a GGUF target writes: those gguf-py quantizes (its k-quants only dequantize).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -84,6 +90,8 @@ class Checker(ValueChecker):
             raise self.error(path, "a target is a mapping (merge_method, models or slices, ...)")
         if "experts" in body:
             return self.moe_target(name, body, defaults, target_names)
+        if "gguf" in body:
+            return self.gguf_target(name, body, target_names)
         self.unknown_keys(body, RECIPE_KEYS, path)
         recipe = dict(defaults)
         recipe.update(body)
@@ -288,6 +296,44 @@ class Checker(ValueChecker):
             recipe=recipe,
             mergefile=self.mergefile,
             moe=MoE(tuple(experts), gate_mode, per_token, architecture, tuple(shared)),
+        )
+        self.target_name = None
+        return target
+
+    def gguf_target(self, name: str, body: dict, target_names: set[str]) -> Target:
+        """A GGUF export: `gguf: {model: ..., type: q8_0}`, one model into one .gguf file."""
+        path = ("targets", name)
+        self.unknown_keys(body, GGUF_TARGET_KEYS, path)
+        spec = body["gguf"]
+        if not isinstance(spec, dict) or "model" not in spec:
+            raise self.error(path + ("gguf",), "'gguf' is a mapping with 'model:' and 'type:'")
+        self.unknown_keys(spec, GGUF_KEYS, path + ("gguf",))
+        model = ReferenceResolver(self, target_names).resolve(spec["model"], path + ("gguf", "model"))
+        kind = spec.get("type")
+        if kind not in GGUF_TYPES:
+            raise self.error(
+                path + ("gguf", "type"),
+                f"unknown GGUF type {kind!r}{suggest(str(kind), GGUF_TYPES)}: one of {', '.join(GGUF_TYPES)}",
+            )
+        output = body.get("output", f"build/{name}")
+        if not isinstance(output, str):
+            raise self.error(path + ("output",), "'output' must be a folder path")
+        target = Target(
+            name=name,
+            method="gguf",
+            models=(),
+            slices=(),
+            base_model=None,
+            parameters={},
+            dtype=None,
+            out_dtype=None,
+            tokenizer_source=None,
+            chat_template=None,
+            output=(self.mergefile.folder / output).expanduser().absolute(),
+            seed=0,
+            recipe=dict(body),
+            mergefile=self.mergefile,
+            gguf=GGUFExport(model, kind),
         )
         self.target_name = None
         return target

@@ -313,8 +313,16 @@ def _rewrite_reference(value: str, stage_names: set, config_folder: Path, folder
 
     Raises LookupError for a relative folder found nowhere that cannot be a hub ID.
     """
-    if "+" in value:
-        return None  # mergekit's 'model+lora': mbuild says itself that it does not take LoRAs
+    if value.count("+") == 1:
+        # mergekit's 'model+lora': each side rewritten as a model is (a LoRA's base is never a stage).
+        sides = value.split("+")
+        try:
+            rewritten = [_rewrite_reference(side, set(), config_folder, folder, working_dir) for side in sides]
+        except LookupError as error:
+            raise LookupError(f"'{value}': {error.args[0]}") from None
+        if rewritten == [None, None]:
+            return None
+        return "+".join(new or old for new, old in zip(rewritten, sides))
     # mergekit reads 'path@revision' and finds a stage or a folder by its path alone.
     path = value.split("@")[0] if value.count("@") == 1 else value
     if path in stage_names:

@@ -32,7 +32,8 @@ def check_outputs(mergefile: Mergefile) -> None:
     sources = {
         ref.text: real(Path(ref.location))
         for target in mergefile.targets.values()
-        for ref in target.references()
+        for written in target.references()
+        for ref in written.lora or (written,)  # a LoRA reference reads its base and its adapter
         if ref.kind == "local"
     }
     resolved: dict[str, Path] = {}

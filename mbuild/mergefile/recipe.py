@@ -22,14 +22,17 @@ NAME_LIMIT = 200
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A reference to a model as written: a target, a local folder, or a hub repository."""
+    """A reference to a model as written: a target, a local folder, a hub repository, or a
+    base model with a LoRA adapter applied (``base+adapter``)."""
 
     text: str
-    kind: str  # "target" | "local" | "hub"
-    location: str  # target name, absolute folder, or hub repo id
+    kind: str  # "target" | "local" | "hub" | "lora"
+    location: str  # target name, absolute folder, or hub repo id ("lora": the text)
     revision: str | None = None
     line: int | None = None
     node: str = ""  # the graph node: one per model, however its path is spelled
+    # "lora" only: the base model and the adapter, each a local or hub reference.
+    lora: "tuple[ModelRef, ModelRef] | None" = None
 
     def __str__(self) -> str:
         return self.text
@@ -107,6 +110,14 @@ class MoE:
 
 
 @dataclass(frozen=True)
+class GGUFExport:
+    """A `gguf:` target's body: one model written as one GGUF file of a given tensor type."""
+
+    model: ModelRef
+    type: str  # a name of `mergefile.checker.GGUF_TYPES`
+
+
+@dataclass(frozen=True)
 class Target:
     """A named merge recipe, validated and with every model reference resolved in kind."""
 
@@ -132,6 +143,7 @@ class Target:
     # "fused": a per-expert MoE checkpoint's experts merged as one tensor per module, as
     # mergekit does; "separate": each expert tensor merged alone.
     expert_tensors: str = "fused"
+    gguf: GGUFExport | None = None  # a GGUF export of one model rather than a merge
     # What the recipe says that mbuild ignores, as mergekit does (a parameter its method does
     # not read): left out of the recipe above and of every key, and shown by the CLI.
     warnings: tuple[MergefileWarning, ...] = field(default=(), compare=False)
@@ -139,6 +151,8 @@ class Target:
     def references(self) -> list[ModelRef]:
         """Every model reference in the recipe, in order of appearance, repeats removed."""
         refs: list[ModelRef] = []
+        if self.gguf:
+            refs.append(self.gguf.model)
         if self.moe:
             refs.extend(expert.model for expert in self.moe.experts + self.moe.shared_experts)
         for model in self.models:

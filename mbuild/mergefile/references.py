@@ -1,4 +1,5 @@
-"""What a model written in a recipe means: a target name wins, then a local folder, then the hub.
+"""What a model written in a recipe means: a target name wins, then a local folder, then the hub;
+``base+adapter`` (mergekit's syntax) is a base model with a PEFT LoRA adapter applied.
 
 Kept apart because it is the rule every model reference goes through, and the importer
 reads mergekit's references by the same hub ID pattern.
@@ -13,8 +14,9 @@ from typing import Any
 
 from mbuild.mergefile.recipe import ModelRef
 from mbuild.mergefile.values import ValueChecker, suggest
-from mbuild.nodes import Node
+from mbuild.nodes import LORA, Node
 
+ADAPTER_CONFIG = "adapter_config.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
@@ -34,7 +36,27 @@ class ReferenceResolver:
             return ModelRef(text, "target", text, None, line, Node.target(text))
         folder = Path(os.path.normpath(self.checker.mergefile.folder / Path(text).expanduser()))
         if "+" in text and not folder.exists():
-            raise self.checker.error(path, f"'{text}': LoRA references (model+adapter) are not supported yet")
+            return self._lora(text, path, line)
+        return self._model(text, path, line)
+
+    def _lora(self, text: str, path: tuple, line: int | None) -> ModelRef:
+        """``base+adapter``: each side a folder or a hub ID; the adapter as PEFT saves it."""
+        parts = text.split("+")
+        if len(parts) != 2 or not all(part.strip() for part in parts):
+            raise self.checker.error(path, f"'{text}': a LoRA reference is 'MODEL+ADAPTER', one '+' between two models")
+        base, adapter = (self._model(part.strip(), path, line, role) for part, role in zip(parts, ("base model", "adapter")))
+        if adapter.kind == "local" and not (Path(adapter.location) / ADAPTER_CONFIG).is_file():
+            raise self.checker.error(
+                path, f"'{text}': the adapter {adapter.location} has no {ADAPTER_CONFIG} (a folder PEFT's save_pretrained wrote)"
+            )
+        node = Node.of(LORA, f"{base.node}+{adapter.node}")
+        return ModelRef(text, LORA, text, None, line, node, (base, adapter))
+
+    def _model(self, text: str, path: tuple, line: int | None, role: str | None = None) -> ModelRef:
+        """A folder or a hub ID; a target name too unless ``role`` names a side of a LoRA reference."""
+        if role is not None and text in self.target_names:
+            raise self.checker.error(path, f"'{text}': the {role} of a LoRA reference must be a folder or a hub ID, not a target")
+        folder = Path(os.path.normpath(self.checker.mergefile.folder / Path(text).expanduser()))
         if folder.exists():
             if not folder.is_dir():
                 raise self.checker.error(path, f"model '{text}' is a file, not a model folder ({folder.absolute()})")

@@ -27,15 +27,18 @@ TOKENIZER_FILE = re.compile(
 
 
 def finish_target_plan(
-    target: Target, method: tuple[str, int, str], tasks, config, files, num_layers, shard_bytes, vocabulary=None, dropped=()
+    target: Target, method: tuple[str, int, str], tasks, config, files, num_layers, shard_bytes, vocabulary=None, dropped=(),
+    card: str | None = None,
 ) -> TargetPlan:
     """The TargetPlan for expanded tasks: file digests, model card, inputs and the target's key.
 
-    ``method``: (name, version, paper) of what the target runs, as its kind names it.
+    ``method``: (name, version, paper) of what the target runs, as its kind names it;
+    ``card``: the kind's own model card (default: a merge's, `model_card`).
     """
     file_digests = {name: file_digest(path) for name, path in files.items()}
     input_nodes = tuple(node_of(r) for r in target.references())
-    card = model_card(target, list(input_nodes), method)
+    if card is None:
+        card = model_card(target, list(input_nodes), method)
     target_key = None
     if all(t.key for t in tasks) and all(d is not None for d in file_digests.values()):
         target_key = keys.target_key({t.name: t.key for t in tasks}, config, file_digests, card)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mbuild import io
+from mbuild import io, lora
 from mbuild.errors import Location, ModelError
 from mbuild.mergefile import Mergefile, ModelRef, Target
 from mbuild.mergefile.dependencies import build_graph
-from mbuild.nodes import Node
+from mbuild.nodes import LORA, Node
 from mbuild.plan import kinds
 from mbuild.plan.graph import select
 from mbuild.plan.tasks import (
@@ -42,6 +42,7 @@ def make_plan(
     changed: Sequence[str] | None = None,
     platform: str | None = None,
     pinned: Mapping[str, str] | None = None,
+    adapters: Any = None,
 ) -> Plan:
     """Resolve sources, expand the selected targets into tensor tasks and compute keys.
 
@@ -53,6 +54,8 @@ def make_plan(
     ``platform``: where tasks compute (`compute_platform.identify`; default: this CPU).
     ``pickles``: a `pickles.Conversions` through which pickled sources are read (None: refused).
     ``pinned``: hub node -> the commit Mergefile.lock pins it to (`lock.pinned_revisions`).
+    ``adapters``: a `lora.Adapters` through which ``base+adapter`` models are applied (None:
+    their adapted tensors stay unknown, as in a dry run).
     ``store``: the folder where planning keeps the files it makes (aligned vocabularies, chat
     templates), the build's cache folder.
     """
@@ -87,7 +90,7 @@ def make_plan(
                 infos[node] = plans[ref.location].model_info()
                 continue
             if node not in sources:
-                sources[node] = _open_source(ref, node, target, pickles, pinned)
+                sources[node] = _open_source(ref, node, target, pickles, pinned, adapters)
             if node not in source_digests:
                 found = digests(sources[node])
                 source_digests[node] = found
@@ -98,11 +101,13 @@ def make_plan(
     return Plan(mergefile, order, plans, sources, graph, frozenset(unhashed), platform)
 
 
-def _open_source(ref: ModelRef, node: str, target: Target, pickles, pinned: Mapping[str, str]) -> Source:
+def _open_source(ref: ModelRef, node: str, target: Target, pickles, pinned: Mapping[str, str], adapters=None) -> Source:
     """A source's tensor table from its headers; pickled ones through ``pickles`` (None: refused)."""
     location = target.mergefile.location(("targets", target.name), target.name)
     location = Location(location.file, ref.line or location.line, target.name)
     try:
+        if ref.kind == LORA:
+            return _lora_source(ref, node, pickles, pinned, adapters)
         if ref.kind == "hub":
             # Same Mergefile + lock -> same bytes: an unpinned hub model uses the locked commit.
             folder, revision = io.resolve_hub_model(ref.location, ref.revision or pinned.get(node))
@@ -110,6 +115,25 @@ def _open_source(ref: ModelRef, node: str, target: Target, pickles, pinned: Mapp
         return Source(node, ref, io.read_model(ref.location, pickles))
     except ModelError as error:
         raise ModelError(f"model '{ref}': {error.message}", location) from None
+
+
+def _lora_source(ref: ModelRef, node: str, pickles, pinned: Mapping[str, str], adapters) -> Source:
+    """A base model with a LoRA adapter applied: checked from the headers, applied through ``adapters``."""
+    folders, revisions = [], []
+    for side in ref.lora:
+        if side.kind == "hub":
+            folder, revision = io.resolve_hub_model(side.location, side.revision or pinned.get(side.node))
+        else:
+            folder, revision = Path(side.location), None
+        folders.append(folder)
+        revisions.append(revision)
+    base = io.read_model(folders[0], pickles)
+    adapter = lora.read_adapter(folders[1], base)
+    if adapters is None:  # nowhere to apply it: its adapted tensors stay unknown
+        adapters = lora.Adapters(Path(), None, write=False)
+    info = adapters.applied(base, adapter, ref.text)
+    revision = None if revisions == [None, None] else f"{revisions[0] or ''}+{revisions[1] or ''}"
+    return Source(node, ref, info, revision)
 
 
 def expand(target: Target, *arguments, platform: str) -> TargetPlan:

@@ -89,6 +89,7 @@ class TargetPlan:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     vocabulary: Any = None  # mbuild.vocabulary.Vocabulary when inputs are aligned by token
     dropped: tuple[str, ...] = ()  # input tensors no output takes ("model: tensor"), allowed by the target
+    output_format: str = "safetensors"  # or "gguf": one .gguf file (`mbuild.io.gguf_file`), config as its metadata
 
     @property
     def name(self) -> str:

@@ -2,8 +2,8 @@
 
 A kind says which targets are its own, what they run (for the model card and the lock) and
 how one expands into tensor tasks and companion files. The planner looks a target's kind up
-here (`kind_of`) and knows none by name, so a new kind (a LoRA extraction, a GGUF export) is
-a new module beside `merge` and `moe` that calls `register`.
+here (`kind_of`) and knows none by name, so a new kind (a LoRA extraction) is a new module
+beside `merge`, `moe` and `gguf` that calls `register`.
 
 Every kind's ``expand`` has the same signature::
 
@@ -16,7 +16,7 @@ bytes it produced, ``store`` the folder where files the plan makes are kept, and
 where tasks compute (part of each computing task's key).
 """
 
-from mbuild.plan.kinds import merge, moe  # noqa: F401  (each registers itself)
+from mbuild.plan.kinds import gguf, merge, moe  # noqa: F401  (each registers itself)
 from mbuild.plan.kinds.registry import TargetKind, kind_of, recipe_method, register
 
 __all__ = ["TargetKind", "kind_of", "recipe_method", "register"]
