@@ -105,7 +105,10 @@ class Session:
         if executor is not None:
             # Before any source is hashed: a job no worker could take is refused now.
             stale = [name for name, decision in decisions.items() if decision.stale or request.force]
-            executor.check(engine.largest_job(first, stale, request.device))
+            largest = engine.largest_job(first, stale, request.device)
+            executor.check(largest)
+            if largest is not None and not executor.runs_elsewhere:
+                self._warn_if_too_big(largest)
         if first.unhashed:
             self._deferred = self._read_once(first)
             first = self.plan()
@@ -141,6 +144,19 @@ class Session:
 
         storage = ray_executor.storage_in(self.state.folder)
         return ray_executor.RayExecutor(storage, self.request.ray_address, self.request.device)
+
+    def _warn_if_too_big(self, job) -> None:
+        """Say so, before anything runs, when the largest task alone may not fit this machine's memory.
+
+        A warning, not an error: the estimate is within a quarter or so of what a task holds.
+        """
+        needs, room = job.memory + memory.BASELINE, memory.available_memory()
+        if needs > room:
+            self.reporter.warn(
+                f"tensor '{job.task.name}' of target '{job.target.name}' needs about {needs / 1e9:.2f} GB to "
+                f"compute and about {room / 1e9:.2f} GB is available here: the build may be killed for memory "
+                "(a larger machine, or a compute dtype of bfloat16, needs less)"
+            )
 
     def _read_once(self, first: plan.Plan) -> set[str]:
         """The unhashed sources the build may hash as it reads them, rather than read twice.

@@ -212,3 +212,22 @@ def test_streaming_advises_the_kernel_and_changes_no_byte(family, tmp_path, monk
     asked_ahead = {f for f, what in advice if what == os.POSIX_FADV_WILLNEED and f in sources}
     dropped_outputs = [f for f, what in advice if what == os.POSIX_FADV_DONTNEED and "/build/" in f]
     assert dropped_inputs == sources and asked_ahead and dropped_outputs
+
+
+def test_a_task_larger_than_the_memory_available_is_announced_before_anything_runs(family, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from mbuild import memory
+
+    monkeypatch.delenv("MBUILD_CACHE", raising=False)
+    path = tmp_path / "Mergefile"
+    path.write_text(mergefile(family))
+    monkeypatch.setattr(memory, "available_memory", lambda: memory.BASELINE + 1000)
+    reports = build_json(path, "-q", "tuned")
+    assert reports["tuned"]["status"] == "built"  # a warning: the estimate may be high
+    err = capsys.readouterr().err
+    assert "of target 'tuned' needs about" in err and "may be killed for memory" in err
+    monkeypatch.undo()
+    path.write_text(mergefile(family).replace("weight: 0.6", "weight: 0.55"))
+    monkeypatch.delenv("MBUILD_CACHE", raising=False)
+    build_json(path, "-q", "tuned")
+    assert "may be killed" not in capsys.readouterr().err
