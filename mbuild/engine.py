@@ -541,8 +541,22 @@ class _TensorPipeline:
         return self.accept(task, data, None, computed=True)
 
     def job(self, task: TensorTask) -> Job | None:
-        """The task as a job another machine can run (None: it runs here)."""
-        return self.builder._job(task, self.models, self.target_plan)
+        """The task as a job another machine can run (None: it runs here), writing its bytes
+        straight into their place in this output's shard."""
+        job = self.builder._job(task, self.models, self.target_plan)
+        if job is None:
+            return None
+        slot = self.writer.slots[task.name]
+        return dataclasses.replace(job, destination=(str(self.folder / slot.file), slot.start, slot.end - slot.start))
+
+    def written(self, task: TensorTask, digest: str) -> str:
+        """Take the bytes a job wrote into this task's place in the shard, and cache them."""
+        self.writer.finish(task.name, digest)
+        if task.key:
+            self.made[task.key] = digest
+            linked = self.blobs.get(self.writer.slots[task.name].file) is not None
+            self._keep(task, digest, None if linked else self.writer.read_back(task.name))
+        return "computed"
 
     def accept(self, task: TensorTask, data, digest: str | None, computed: bool) -> str:
         """Write a task's bytes (computed here, or left in storage by a job) and cache them."""

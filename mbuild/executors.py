@@ -34,6 +34,9 @@ class Job:
     platform: str
     version: str
     memory: int  # bytes of working memory the plan estimates for it
+    # (shard file, offset, length): where the output's shard, on storage every node sees,
+    # takes the bytes; None for a job of a target not being built yet (its bytes go to storage).
+    destination: tuple[str, int, int] | None = None
 
     @property
     def key(self) -> str:
@@ -48,6 +51,7 @@ class JobResult:
     digest: str
     node: str
     computed: bool  # False: the storage already held them (an earlier run's)
+    written: bool = False  # the bytes are in the job's destination, not in the storage
 
 
 class Work(Protocol):
@@ -64,6 +68,9 @@ class Work(Protocol):
 
     def accept(self, task, data, digest: str, computed: bool) -> str:
         """Write bytes a job left in storage; "computed" or "reused"."""
+
+    def written(self, task, digest: str) -> str:
+        """Take bytes a job wrote into the task's place in the output itself; "computed"."""
 
 
 class Executor(Protocol):

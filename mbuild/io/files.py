@@ -74,6 +74,14 @@ def read_small_json(path: str | Path, limit: int = SMALL_FILE_LIMIT, error: type
     return value
 
 
+def write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of ``data`` to ``fd`` at ``offset`` (pwrite may write less than asked)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
 def read_into(fd: int, view: memoryview, offset: int) -> int:
     """Fill ``view`` from ``fd`` at ``offset``; returns the bytes read (fewer only at end of file)."""
     done = 0

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from mbuild import keys
 from mbuild.errors import BuildError
-from mbuild.io.files import read_into
+from mbuild.io.files import read_into, write_at
 from mbuild.io.models import DTYPE_CODES, TensorInfo
 from mbuild.io.outputs import write_json
 
@@ -129,11 +129,8 @@ class ShardedWriter:
         slot = self.slots[name]
         if offset + len(data) > slot.end - slot.start:
             raise BuildError(f"tensor {name}: part beyond its {slot.end - slot.start} bytes")
-        fd = self._handles[slot.file]
-        done = 0
         try:
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], slot.start + offset + done)
+            write_at(self._handles[slot.file], data, slot.start + offset)
         except OSError as error:
             raise BuildError(f"cannot write {self.folder / slot.file}: {error.strerror}") from None
 
