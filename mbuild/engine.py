@@ -564,17 +564,22 @@ class _TensorPipeline:
         if task.key:
             self.made[task.key] = digest
             self._keep(task, digest, data)
+        else:
+            self._keep(task, digest, data, key=self._provisional(task))
         return "computed" if computed else "reused"
 
     def settle(self, task: TensorTask) -> str | None:
         """Take a task's bytes from the tensor cache or the previous output: "reused", else None."""
         if operations.operation(task.method).streams:
             return None
-        if self.lookup is not None and task.key:
-            found = self.lookup.get(task.key)
+        if self.lookup is not None and (task.key or self.reader.hashing):
+            key = task.key or self._provisional(task)
+            found = self.lookup.get(key) if key else None
             if found is not None:
-                self.made[task.key] = self.writer.write(task.name, found[0], found[1])
-                self._keep(task, found[1])  # the new shard's copy now serves, and the old blob can go
+                digest = self.writer.write(task.name, found[0], found[1])
+                if task.key:
+                    self.made[task.key] = digest
+                self._keep(task, found[1], key=key)  # the new shard's copy now serves, and the old blob can go
                 return "reused"
         if self._unchanged(task):
             data = io.raw_bytes(self.reader.read(self.previous_model.tensors[task.name]))
@@ -603,16 +608,33 @@ class _TensorPipeline:
         old = self.previous.get(task.name)
         return self.previous_model is not None and bool(old) and bool(task.key) and old.get("key") == task.key
 
-    def _keep(self, task: TensorTask, digest: str, data=None) -> None:
-        """Cache a task's bytes: their place in a linked shard, else (when given) a copy."""
-        if self.cache is None or not task.key:
+    def _keep(self, task: TensorTask, digest: str, data=None, key: str | None = None) -> None:
+        """Cache a task's bytes (under ``key``, else its own): their place in a linked shard, else
+        (when given) a copy."""
+        key = key or task.key
+        if self.cache is None or not key:
             return
         slot = self.writer.slots[task.name]
         blob = self.blobs.get(slot.file)
         if blob is not None:
-            self.cache.put_at(task.key, blob, slot.start, slot.end - slot.start, digest)
+            self.cache.put_at(key, blob, slot.start, slot.end - slot.start, digest)
         elif data is not None:
-            self.cache.put(task.key, data, digest)
+            self.cache.put(key, data, digest)
+
+    def _provisional(self, task: TensorTask) -> str | None:
+        """A key for a task whose sources are hashed as they are read, until they are: the task
+        and its input files' identities (path, size, mtime, inode), as remembered digests are
+        trusted. A first build killed midway resumes from what it cached under these."""
+        if task.key or not self.reader.hashing:
+            return None
+        files = set()
+        for item in task.inputs:
+            info = self.models[item.node].tensors.get(item.name)
+            if info is None or info.file is None:
+                return None
+            files.add(info.file)
+        identities = [(file, self.identities.get(file) or io.file_identity(file)) for file in sorted(files)]
+        return keys.text_digest(repr(("provisional", dataclasses.replace(task, name=""), identities)))
 
     def close(self) -> None:
         """Close the inputs, remember what was made, and let the cache release the shards."""

@@ -231,3 +231,48 @@ def test_a_task_larger_than_the_memory_available_is_announced_before_anything_ru
     monkeypatch.delenv("MBUILD_CACHE", raising=False)
     build_json(path, "-q", "tuned")
     assert "may be killed" not in capsys.readouterr().err
+
+
+def test_a_first_build_killed_midway_resumes_from_what_it_computed(family, tmp_path, monkeypatch):
+    """Sources hashed as they are read have no keys until the end: what a killed first build
+    computed is cached under provisional keys (the task and its files' identities) meanwhile."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    monkeypatch.delenv("MBUILD_CACHE", raising=False)
+    clean = tmp_path / "clean" / "Mergefile"
+    clean.parent.mkdir()
+    clean.write_text(mergefile(family))
+    reference = build_json(clean, "-q", "-j", "1", "tuned")["tuned"]
+    path = tmp_path / "killed" / "Mergefile"
+    path.parent.mkdir()
+    path.write_text(mergefile(family))
+    script = (
+        "import sys, time; from mbuild import operations; real = operations.compute_task\n"
+        "def slow(task, models, reader, device, target, *rest):\n"
+        "    if 'layers.3.' in task.name: time.sleep(60)\n"
+        "    return real(task, models, reader, device, target, *rest)\n"
+        "operations.compute_task = slow\n"
+        f"from mbuild.cli import main; sys.exit(main(['-f', {str(path)!r}, '-j', '1', '-q', 'tuned']))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    build = path.parent / "build"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(build.glob(".tuned.mbuild-tmp-*")):
+        time.sleep(0.05)
+    time.sleep(1.5)  # stuck on layer 3: the embedding and layers 0-2 are computed
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (build / "tuned").exists()
+    report = build_json(path, "-q", "-j", "1", "tuned")["tuned"]
+    assert report["status"] == "built"
+    assert report["tensors_reused"] >= 3 * 9, report  # layers 0-2 at least
+    assert report["tensors_computed"] + report["tensors_reused"] == reference["tensors_computed"]
+    manifests = [json.loads((p.parent / "build" / "tuned" / "mbuild.json").read_text()) for p in (clean, path)]
+    assert {n: (e["key"], e["digest"]) for n, e in manifests[0]["tensors"].items()} == {
+        n: (e["key"], e["digest"]) for n, e in manifests[1]["tensors"].items()
+    }
