@@ -388,6 +388,7 @@ class Builder:
                 digest = pipeline.writer.digests[task.name]
                 pipeline.made[task.key] = digest
                 pipeline._keep(task, digest)
+        pipeline.forget_provisional()
         return keyed
 
     def _write_companions(self, target_plan: TargetPlan, folder: Path) -> None:
@@ -620,6 +621,16 @@ class _TensorPipeline:
             self.cache.put_at(key, blob, slot.start, slot.end - slot.start, digest)
         elif data is not None:
             self.cache.put(key, data, digest)
+
+    def forget_provisional(self) -> None:
+        """Drop the provisional entries once the real keys hold the bytes (they would keep the
+        blobs they point into after the output is rebuilt elsewhere)."""
+        if self.cache is None:
+            return
+        for task in self.tasks:
+            key = self._provisional(task)
+            if key:
+                self.cache.delete(key)
 
     def _provisional(self, task: TensorTask) -> str | None:
         """A key for a task whose sources are hashed as they are read, until they are: the task
