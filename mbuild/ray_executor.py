@@ -118,17 +118,27 @@ class RayExecutor:
     def _connect(self, address: str | None) -> None:
         ray = self.ray
         options = dict(logging_level="WARNING", log_to_driver=False, configure_logging=True)
-        if address:
+        if address and address != "auto":
+            problem = _unreachable(address)
+            if problem:  # Ray itself would retry for minutes
+                raise MbuildError(f"cannot reach the Ray cluster at {address}: {problem}")
             try:
                 ray.init(address=address, **options)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 raise MbuildError(f"cannot reach the Ray cluster at {address}: {error}") from None
             return
-        try:
-            ray.init(address="auto", **options)  # a cluster this machine is part of
-        except (ConnectionError, RuntimeError, ValueError):
-            ray.init(include_dashboard=False, **options)  # else a Ray of our own, for this run
-            self._started_here = True
+        current = _current_cluster()  # the cluster this machine is part of, if it answers
+        if current and not _unreachable(current):
+            try:
+                ray.init(address=current, **options)
+                return
+            except (ConnectionError, RuntimeError, ValueError):
+                if address == "auto":
+                    raise MbuildError(f"cannot reach the Ray cluster at {current} (from ray start)") from None
+        elif address == "auto":
+            raise MbuildError("no Ray cluster is running on this machine (ray start --head starts one)")
+        ray.init(include_dashboard=False, **options)  # else a Ray of our own, for this run
+        self._started_here = True
 
     def nodes(self) -> list[dict[str, Any]]:
         """The cluster's live nodes: id and resources."""
@@ -245,6 +255,31 @@ class RayExecutor:
         self.pending.clear()
         if self._started_here:
             self.ray.shutdown()
+
+
+def _unreachable(address: str) -> str | None:
+    """Why HOST:PORT does not accept a connection within 5 s, or None if it does."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return f"not HOST:PORT: {address!r}"
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def _current_cluster() -> str | None:
+    """The address `ray start` left for this machine's cluster (Ray's own file), if any."""
+    import tempfile
+
+    try:
+        with open(os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")) as file:
+            return file.read().strip() or None
+    except OSError:
+        return None
 
 
 def _gb(count: float) -> str:

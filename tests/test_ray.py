@@ -400,3 +400,17 @@ def test_gc_removes_results_no_target_needs(family, tmp_path):
     assert json.loads(out)["removed_results"] == 2
     assert storage.keys() == [needed]
     assert fresh_partial.exists() and not partial.exists()
+
+
+def test_an_address_nothing_answers_is_one_error_at_once(family, tmp_path):
+    """Ray itself retries an unreachable address for minutes; mbuild says so in seconds."""
+    started = time.monotonic()
+    (tmp_path / "Mergefile").write_text(mergefile(family))
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "mbuild.cli", "all", "-f", str(tmp_path / "Mergefile"), "--executor",
+                           "ray", "--ray-address", "127.0.0.1:1"], capture_output=True, text=True, env=environment,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in done.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "build").exists()
