@@ -383,12 +383,15 @@ class Builder:
         keyed = self.plan.targets[target_plan.name]
         if [(t.name, t.shape, t.dtype) for t in keyed.tasks] != [(t.name, t.shape, t.dtype) for t in target_plan.tasks]:
             raise BuildError(f"the sources of target '{target_plan.name}' changed while it was built; run mbuild again")
-        for task in keyed.tasks:
+        moves = []  # the entries cached under provisional keys, now under the real ones
+        for provisional, task in zip(target_plan.tasks, keyed.tasks):
             if task.key:
-                digest = pipeline.writer.digests[task.name]
-                pipeline.made[task.key] = digest
-                pipeline._keep(task, digest)
-        pipeline.forget_provisional()
+                pipeline.made[task.key] = pipeline.writer.digests[task.name]
+                old = pipeline._provisional(provisional)
+                if old:
+                    moves.append((old, task.key))
+        if pipeline.cache is not None:
+            pipeline.cache.rename(moves)
         return keyed
 
     def _write_companions(self, target_plan: TargetPlan, folder: Path) -> None:
@@ -565,8 +568,8 @@ class _TensorPipeline:
         if task.key:
             self.made[task.key] = digest
             self._keep(task, digest, data)
-        else:
-            self._keep(task, digest, data, key=self._provisional(task))
+        else:  # only as a place in a linked shard: a copy would double the bytes on disk
+            self._keep(task, digest, key=self._provisional(task))
         return "computed" if computed else "reused"
 
     def settle(self, task: TensorTask) -> str | None:
@@ -621,16 +624,6 @@ class _TensorPipeline:
             self.cache.put_at(key, blob, slot.start, slot.end - slot.start, digest)
         elif data is not None:
             self.cache.put(key, data, digest)
-
-    def forget_provisional(self) -> None:
-        """Drop the provisional entries once the real keys hold the bytes (they would keep the
-        blobs they point into after the output is rebuilt elsewhere)."""
-        if self.cache is None:
-            return
-        for task in self.tasks:
-            key = self._provisional(task)
-            if key:
-                self.cache.delete(key)
 
     def _provisional(self, task: TensorTask) -> str | None:
         """A key for a task whose sources are hashed as they are read, until they are: the task

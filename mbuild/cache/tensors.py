@@ -184,6 +184,19 @@ class TensorCache:
             self.store.delete(key, retry=True)
 
     @_guarded(None)
+    def rename(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Move entries from old keys to new ones, in one transaction (a missing old key moves nothing)."""
+        statements = []
+        for old, new in pairs:
+            statements.append(
+                ("INSERT OR REPLACE INTO places SELECT ?, blob, offset, length, digest FROM places WHERE key = ?",
+                 (new, old))
+            )
+            statements.append(("DELETE FROM places WHERE key = ?", (old,)))
+        if statements:
+            self._change(statements)
+
+    @_guarded(None)
     def done_with(self, blobs: Iterable[str]) -> None:
         """Mark blobs as no longer being written by this process."""
         self._change([("UPDATE blobs SET writer = NULL WHERE id = ?", (blob,)) for blob in blobs])
