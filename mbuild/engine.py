@@ -435,7 +435,9 @@ class _TensorPipeline:
             self.writer = gguf_file.writer_for(folder, target_plan, builder.streaming)
         else:
             self.writer = io.ShardedWriter(
-                folder, [(t.name, t.dtype, t.shape) for t in target_plan.tasks], target_plan.shard_bytes, builder.streaming
+                folder, [(t.name, t.dtype, t.shape) for t in target_plan.tasks], target_plan.shard_bytes, builder.streaming,
+                # A PEFT adapter (`plan.kinds.lora_extraction`) is one adapter_model.safetensors.
+                single="adapter_model.safetensors" if target_plan.output_format == "peft" else "model.safetensors",
             )
         # Sources read for the first time: hashed by the reads that compute with them.
         first_read = [builder.plan.sources[n].info for n in target_plan.input_nodes if n in builder.plan.unhashed]

@@ -86,12 +86,26 @@ def _gguf(task: TensorTask, inputs: Inputs):
         raise BuildError(f"tensor '{task.name}': {error}", inputs.target.location()) from None
 
 
+def _lora_extract(task: TensorTask, inputs: Inputs):
+    """One factor of an extracted LoRA adapter (`mbuild.plan.kinds.lora_extraction`)."""
+    from mbuild.plan.kinds import lora_extraction
+
+    tensors = []
+    for item in task.inputs:
+        info = inputs.models[item.node].tensors.get(item.name)
+        if info is None:
+            raise BuildError(f"input '{item.node.split(':', 1)[1]}' has no tensor '{item.name}'")
+        tensors.append(inputs.reader.read(info))
+    return lora_extraction.factor(tensors[0], tensors[1], **dict(task.params))
+
+
 # The operations that are not merge methods; every other name is looked up in mbuild.methods.
 OPERATIONS = {
     "copy": Operation("copy", compute=_method),
     "concat": Operation("concat", stream=_concat),
     "moe_gate": Operation("moe_gate", compute=_gate),
     "gguf": Operation("gguf", compute=_gguf),
+    "lora_extract": Operation("lora_extract", compute=_lora_extract),
 }
 METHOD = Operation("method", compute=_method)
 

@@ -35,9 +35,12 @@ class ShardSlot:
 
 
 def plan_shards(
-    tensors: Sequence[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int
+    tensors: Sequence[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int, single: str = "model.safetensors"
 ) -> dict[str, list[ShardSlot]]:
-    """Assign tensors, in order, to shard files of at most ``max_shard_bytes`` of data each."""
+    """Assign tensors, in order, to shard files of at most ``max_shard_bytes`` of data each.
+
+    ``single``: the file's name when all fit in one (a PEFT adapter's is adapter_model.safetensors).
+    """
     groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, dtype, shape in tensors:
@@ -48,7 +51,7 @@ def plan_shards(
         groups[-1].append((name, dtype, shape))
         size += nbytes
     if len(groups) == 1:
-        names = ["model.safetensors"]
+        names = [single]
     else:
         names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     shards: dict[str, list[ShardSlot]] = {}
@@ -90,12 +93,13 @@ class ShardedWriter:
         tensors: Sequence[tuple[str, str, tuple[int, ...]]],
         max_shard_bytes: int,
         streaming: bool = False,
+        single: str = "model.safetensors",
     ):
         self.folder = folder
         # Larger than memory: each tensor's pages are written back and dropped once it is
         # complete, so written output does not crowd out inputs still to be read.
         self.streaming = streaming
-        self.shards = plan_shards(tensors, max_shard_bytes)
+        self.shards = plan_shards(tensors, max_shard_bytes, single)
         self.slots = {slot.name: slot for slots in self.shards.values() for slot in slots}
         self.digests: dict[str, str] = {}
         self._handles: dict[str, int] = {}

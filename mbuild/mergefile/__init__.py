@@ -98,5 +98,10 @@ def parse(text: str, path: Path) -> Mergefile:
                     f"'{ref}' is a GGUF target: its output is a .gguf file, which no other target reads",
                     Location(mergefile.path, ref.line, target.name),
                 )
+            if ref.kind == "target" and targets[ref.location].extract_lora is not None:
+                raise MergefileError(
+                    f"'{ref}' is a LoRA extraction target: its output is an adapter, which no other target reads",
+                    Location(mergefile.path, ref.line, target.name),
+                )
     check_outputs(mergefile)
     return mergefile

@@ -15,6 +15,7 @@ from mbuild import methods
 from mbuild.mergefile.recipe import (
     Expert,
     GGUFExport,
+    LoraExtraction,
     InputModel,
     ModelRef,
     MoE,
@@ -74,6 +75,9 @@ GGUF_TARGET_KEYS = ("gguf", "output", "description")
 GGUF_KEYS = ("model", "type")
 # The tensor types a GGUF target writes: those gguf-py quantizes (its k-quants only dequantize).
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
+# A target whose body has `extract_lora:` writes a PEFT adapter (README: "LoRA extraction targets").
+LORA_TARGET_KEYS = ("extract_lora", "output", "description")
+LORA_KEYS = ("model", "base", "rank", "modules", "exclude")
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -92,6 +96,8 @@ class Checker(ValueChecker):
             return self.moe_target(name, body, defaults, target_names)
         if "gguf" in body:
             return self.gguf_target(name, body, target_names)
+        if "extract_lora" in body:
+            return self.lora_target(name, body, target_names)
         self.unknown_keys(body, RECIPE_KEYS, path)
         recipe = dict(defaults)
         recipe.update(body)
@@ -337,6 +343,51 @@ class Checker(ValueChecker):
         )
         self.target_name = None
         return target
+
+    def lora_target(self, name: str, body: dict, target_names: set[str]) -> Target:
+        """A LoRA extraction: `extract_lora: {model: tuned, base: base, rank: 16}` into a PEFT adapter."""
+        path = ("targets", name)
+        where = path + ("extract_lora",)
+        self.unknown_keys(body, LORA_TARGET_KEYS, path)
+        spec = body["extract_lora"]
+        if not isinstance(spec, dict):
+            raise self.error(where, "'extract_lora' is a mapping with 'model:', 'base:' and 'rank:'")
+        self.unknown_keys(spec, LORA_KEYS, where)
+        for key in LORA_KEYS[:3]:
+            if key not in spec:
+                raise self.error(where, f"'extract_lora' needs '{key}:'")
+        refs = ReferenceResolver(self, target_names)
+        model = refs.resolve(spec["model"], where + ("model",))
+        base = refs.resolve(spec["base"], where + ("base",))
+        rank = spec["rank"]
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise self.error(where + ("rank",), f"'rank' must be a whole number of at least 1, not {rank!r}")
+        patterns = {key: self.lora_patterns(spec.get(key, []), where + (key,)) for key in ("modules", "exclude")}
+        output = body.get("output", f"build/{name}")
+        if not isinstance(output, str):
+            raise self.error(path + ("output",), "'output' must be a folder path")
+        target = Target(
+            name=name, method="extract_lora", models=(), slices=(), base_model=None, parameters={}, dtype=None,
+            out_dtype=None, tokenizer_source=None, chat_template=None,
+            output=(self.mergefile.folder / output).expanduser().absolute(), seed=0, recipe=dict(body),
+            mergefile=self.mergefile, extract_lora=LoraExtraction(model, base, rank, patterns["modules"], patterns["exclude"]),
+        )
+        self.target_name = None
+        return target
+
+    def lora_patterns(self, raw: Any, path: tuple) -> tuple[str, ...]:
+        """`modules:` or `exclude:` of an extraction: a regex or a list of them."""
+        import re
+
+        patterns = [raw] if isinstance(raw, str) else raw
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise self.error(path, "a regular expression or a list of them (matched against names like 'model.layers.0.mlp.up_proj')")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise self.error(path, f"{pattern!r} is not a regular expression: {error}") from None
+        return tuple(patterns)
 
     def moe_expert(self, raw: Any, path: tuple, refs: ReferenceResolver) -> Expert:
         """One expert (or shared expert) of an MoE recipe."""

@@ -118,6 +118,17 @@ class GGUFExport:
 
 
 @dataclass(frozen=True)
+class LoraExtraction:
+    """An `extract_lora:` target's body: `model - base` factored into a rank-`rank` PEFT adapter."""
+
+    model: ModelRef
+    base: ModelRef
+    rank: int
+    modules: tuple[str, ...] = ()  # regexes: only the projections one matches (re.search); none: all
+    exclude: tuple[str, ...] = ()  # regexes: the projections one matches are left out
+
+
+@dataclass(frozen=True)
 class Target:
     """A named merge recipe, validated and with every model reference resolved in kind."""
 
@@ -144,6 +155,7 @@ class Target:
     # mergekit does; "separate": each expert tensor merged alone.
     expert_tensors: str = "fused"
     gguf: GGUFExport | None = None  # a GGUF export of one model rather than a merge
+    extract_lora: LoraExtraction | None = None  # a LoRA adapter extracted from two models
     # What the recipe says that mbuild ignores, as mergekit does (a parameter its method does
     # not read): left out of the recipe above and of every key, and shown by the CLI.
     warnings: tuple[MergefileWarning, ...] = field(default=(), compare=False)
@@ -153,6 +165,8 @@ class Target:
         refs: list[ModelRef] = []
         if self.gguf:
             refs.append(self.gguf.model)
+        if self.extract_lora:
+            refs.extend((self.extract_lora.model, self.extract_lora.base))
         if self.moe:
             refs.extend(expert.model for expert in self.moe.experts + self.moe.shared_experts)
         for model in self.models:

@@ -472,4 +472,4 @@ def method_of(target: Target) -> tuple[str, int, str]:
     return method.name, method.version, method.paper
 
 
-MERGE = register(TargetKind("merge", matches=lambda target: target.moe is None and target.gguf is None, method=method_of, expand=expand))
+MERGE = register(TargetKind("merge", matches=lambda target: target.moe is None and target.gguf is None and target.extract_lora is None, method=method_of, expand=expand))
