@@ -74,6 +74,16 @@ def read_small_json(path: str | Path, limit: int = SMALL_FILE_LIMIT, error: type
     return value
 
 
+def advise(fd: int, offset: int, length: int, advice: str) -> None:
+    """posix_fadvise (``advice``: its name in `os`) where the system has it; advice only, so a
+    failure is ignored. On dirty pages, POSIX_FADV_DONTNEED starts their write-back."""
+    if hasattr(os, "posix_fadvise") and length > 0:
+        try:
+            os.posix_fadvise(fd, offset, length, getattr(os, advice))
+        except OSError:
+            pass
+
+
 def write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
     """Write all of ``data`` to ``fd`` at ``offset`` (pwrite may write less than asked)."""
     view = memoryview(data).cast("B")

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from mbuild import keys
 from mbuild.errors import BuildError, ModelError
-from mbuild.io.files import read_into
+from mbuild.io.files import advise, read_into
 from mbuild.io.models import TensorInfo
 
 READ_CHUNK = 64 * 1024 * 1024
@@ -119,12 +119,12 @@ class TensorReader:
     def will_need(self, info: TensorInfo) -> None:
         """Ask the kernel to start reading a tensor that a coming task needs (no memory of ours)."""
         if self.streaming and info.file is not None:
-            _advise(self._fd(info.file), info.start, info.end - info.start, "POSIX_FADV_WILLNEED")
+            advise(self._fd(info.file), info.start, info.end - info.start, "POSIX_FADV_WILLNEED")
 
     def drop(self, info: TensorInfo) -> None:
         """Let the kernel forget a tensor's pages (streaming only): they would crowd out what is still needed."""
         if self.streaming and info.file is not None:
-            _advise(self._fd(info.file), info.start, info.end - info.start, "POSIX_FADV_DONTNEED")
+            advise(self._fd(info.file), info.start, info.end - info.start, "POSIX_FADV_DONTNEED")
 
     def _fd(self, file: str) -> int:
         with self._lock:
@@ -166,15 +166,6 @@ class TensorReader:
             for fd in self._handles.values():
                 os.close(fd)
             self._handles.clear()
-
-
-def _advise(fd: int, offset: int, length: int, advice: str) -> None:
-    """posix_fadvise where the system has it (Linux, BSDs); advice only, so failures are ignored."""
-    if hasattr(os, "posix_fadvise") and length > 0:
-        try:
-            os.posix_fadvise(fd, offset, length, getattr(os, advice))
-        except OSError:
-            pass
 
 
 def torch_dtype(name: str):

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from mbuild import keys
 from mbuild.errors import BuildError
-from mbuild.io.files import read_into, write_at
+from mbuild.io.files import advise, read_into, write_at
 from mbuild.io.models import DTYPE_CODES, TensorInfo
 from mbuild.io.outputs import write_json
 
@@ -150,13 +150,9 @@ class ShardedWriter:
         """Mark a tensor complete, with the digest of all its bytes."""
         with self._lock:
             self.digests[name] = digest
-        if self.streaming and hasattr(os, "posix_fadvise"):
+        if self.streaming:
             slot = self.slots[name]
-            try:
-                # On dirty pages this starts their write-back; the clean ones are dropped.
-                os.posix_fadvise(self._handles[slot.file], slot.start, slot.end - slot.start, os.POSIX_FADV_DONTNEED)
-            except (OSError, KeyError):
-                pass
+            advise(self._handles[slot.file], slot.start, slot.end - slot.start, "POSIX_FADV_DONTNEED")
         return digest
 
     def close(self) -> None:
