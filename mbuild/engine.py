@@ -469,8 +469,8 @@ class _TensorPipeline:
         self.folder = folder
         self.made: dict[str, str] = {}  # task key -> digest of the bytes it produced
         self.blobs: dict[str, str] = {}  # shard file -> its blob in the cache
-        self._inflight: dict[Any, threading.Event] = {}  # task key (or unkeyed task) -> done
-        self._first: dict[Any, str] = {}  # the same -> the name of the task that runs it
+        self._inflight: dict[str, threading.Event] = {}  # task key (or provisional key) -> done
+        self._first: dict[str, str] = {}  # the same -> the name of the task that runs it
         self._inflight_lock = threading.Lock()
 
     def share_shards(self) -> None:
@@ -505,13 +505,15 @@ class _TensorPipeline:
     def run(self, task: TensorTask) -> str:
         """Run a task once per key: a twin (a repeated layer) waits and then reads the cache.
 
-        A task not keyed yet (its sources are hashed as they are read) has the same twins: the
-        tasks equal to it but for the name. The second takes the first's bytes from the shard.
+        A task not keyed yet (its sources are hashed as they are read) finds its twins by its
+        provisional key; the second takes the first's bytes from the shard.
         """
         self._ask_ahead(task)
         if operations.operation(task.method).streams or (task.key and self.lookup is None):
             return self._run_once(task)
-        twin = task.key or repr(dataclasses.replace(task, name=""))  # its fields may hold lists
+        twin = task.key or self._provisional(task)
+        if twin is None:
+            return self._run_once(task)
         with self._inflight_lock:
             event = self._inflight.get(twin)
             if event is None:
