@@ -289,26 +289,14 @@ def task_memory(task: TensorTask) -> int:
     models = len(task.inputs) // task.inputs_per_model
     compute_size = io.DTYPE_SIZES[task.compute_dtype]
     try:
-        elementwise = methods.get(task.method).elementwise
+        method = methods.get(task.method)
     except KeyError:  # copy, concat, moe_gate
-        elementwise = False
-    if elementwise and not task.vocabulary and not task.fuse:
+        method = None
+    if method is not None and method.elementwise and not task.vocabulary and not task.fuse:
         slice_bytes = min(count, memory.ELEMENTWISE_SLICE) * compute_size * (models + 2)
         return task_input_bytes(task) + task.nbytes + slice_bytes
-    temporaries = TEMPORARIES.get(task.method, lambda m: 2 * m + 2)(models)
-    return task_input_bytes(task) + int(count * compute_size * temporaries) + task.nbytes
-
-
-# A whole-tensor method's temporaries beyond its stored inputs and its output, in tensors of
-# the compute dtype, for m models merged. Measured: peak RSS less the process baseline for one
-# 32000 x 2048 bfloat16 tensor, float32 compute, torch 2.13 (CPU), C loops built. Methods not
-# listed get 2m + 2, at or above what the others measured.
-TEMPORARIES = {
-    "ties": lambda m: m + 1,
-    "dare_ties": lambda m: m + 2,
-    "della": lambda m: 3 * m + 1,
-    "slerp": lambda m: 0.5,
-}
+    temporaries = method.temporaries if method is not None and method.temporaries else lambda m: 2 * m + 2
+    return task_input_bytes(task) + int(count * compute_size * temporaries(models)) + task.nbytes
 
 
 def explain_tensors(target_plan: TargetPlan, manifest: Mapping[str, Any] | None) -> dict[str, list[str]]:

@@ -191,6 +191,7 @@ register(
             ),
         ),
         paper="https://en.wikipedia.org/wiki/Slerp",
+        temporaries=lambda m: 0.5,  # its C loops work a chunk at a time
         base="required",
         min_models=2,
         max_models=2,

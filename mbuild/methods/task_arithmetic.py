@@ -373,6 +373,7 @@ class TaskArithmeticVariant:
     rescale: bool
     paper: str
     summary: str
+    temporaries: Callable[[int], float] | None = None  # see Method.temporaries
 
     def method(self) -> Method:
         """Return this variant's declaration, with its kernel and parameters."""
@@ -417,6 +418,7 @@ class TaskArithmeticVariant:
             elementwise=sparsifier is None,
             stored_inputs=True,
             check_input=sparsifier.check if sparsifier else None,
+            temporaries=self.temporaries,
         )
 
     def merge(
@@ -520,6 +522,7 @@ VARIANTS: tuple[TaskArithmeticVariant, ...] = (
         rescale=False,
         paper="https://arxiv.org/abs/2306.01708",
         summary="task arithmetic keeping the largest changes and only those agreeing in sign (TIES)",
+        temporaries=lambda m: m + 1,
     ),
     TaskArithmeticVariant(
         name="dare_linear",
@@ -538,6 +541,7 @@ VARIANTS: tuple[TaskArithmeticVariant, ...] = (
         rescale=True,
         paper="https://arxiv.org/abs/2311.03099",
         summary="DARE's random drop with TIES' sign consensus",
+        temporaries=lambda m: m + 2,
     ),
     TaskArithmeticVariant(
         name="breadcrumbs",
@@ -565,6 +569,7 @@ VARIANTS: tuple[TaskArithmeticVariant, ...] = (
         rescale=True,
         paper="https://arxiv.org/abs/2406.11617",
         summary="random drop favouring small changes (DELLA MagPrune) with TIES' sign consensus",
+        temporaries=lambda m: 3 * m + 1,
     ),
     TaskArithmeticVariant(
         name="della_linear",
