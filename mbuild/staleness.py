@@ -277,6 +277,11 @@ def task_input_bytes(task: TensorTask) -> int:
     return task.nbytes * models
 
 
+def _default_temporaries(models: int, compute_size: int) -> float:
+    """Working bytes per element of a whole-tensor method that declares none: 2m + 2 tensors."""
+    return (2 * models + 2) * compute_size
+
+
 def task_memory(task: TensorTask) -> int:
     """A task's working memory: its inputs as read and converted, the method's temporaries, the output.
 
@@ -295,8 +300,8 @@ def task_memory(task: TensorTask) -> int:
     if method is not None and method.elementwise and not task.vocabulary and not task.fuse:
         slice_bytes = min(count, memory.ELEMENTWISE_SLICE) * compute_size * (models + 2)
         return task_input_bytes(task) + task.nbytes + slice_bytes
-    temporaries = method.temporaries if method is not None and method.temporaries else lambda m: 2 * m + 2
-    return task_input_bytes(task) + int(count * compute_size * temporaries(models)) + task.nbytes
+    temporaries = method.temporaries if method is not None and method.temporaries else _default_temporaries
+    return task_input_bytes(task) + int(count * temporaries(models, compute_size)) + task.nbytes
 
 
 def explain_tensors(target_plan: TargetPlan, manifest: Mapping[str, Any] | None) -> dict[str, list[str]]:

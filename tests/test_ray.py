@@ -261,10 +261,10 @@ def test_two_drivers_at_once(family, cluster, local_builds, tmp_path):
 
 
 def test_a_job_larger_than_every_node_is_refused_before_anything_runs(cluster, tmp_path):
-    """Three sparse 300 MB sources: a TIES task over them needs about 3.6 GB; nodes offer 3 GiB."""
+    """Three sparse 400 MB sources: a TIES task over them needs about 3.6 GB; nodes offer 3 GiB."""
     import json
 
-    rows, columns = 15000, 10000
+    rows, columns = 20000, 10000
     family = {}
     for name in ("base", "math", "code"):
         folder = tmp_path / "models" / name

@@ -169,12 +169,13 @@ class Method:
     # the kernel would refuse them, or None. The planner asks it of every input with values,
     # for every tensor, so the mistake is reported at plan time and not mid-build.
     check_input: Callable[[Mapping[str, Any]], str | None] | None = None
-    # Optionally, for a whole-tensor (not `elementwise`) kernel: its working tensors beyond the
-    # stored inputs and the output, in tensors of the compute dtype, for m models merged, as
-    # measured (peak RSS less the process baseline, one 32000 x 2048 bfloat16 tensor, float32
-    # math, torch 2.13 on the CPU, C loops built). None: 2m + 2, at or above every measured one.
-    # The dry run's peak-memory estimate and the local executor's memory budget read it.
-    temporaries: Callable[[int], float] | None = None
+    # Optionally, for a whole-tensor (not `elementwise`) kernel: its working memory beyond the
+    # stored inputs and the output, in bytes per element of the output, for m models merged in
+    # a compute dtype of `size` bytes: temporaries(m, size), as measured (peak RSS less the
+    # process baseline and the inputs' pages, one 32000 x 2048 bfloat16 tensor, torch 2.13 on
+    # the CPU, C loops built). None: (2m + 2) tensors of the compute dtype, at or above every
+    # measured one. The dry run's peak-memory estimate and the local executor's budget read it.
+    temporaries: Callable[[int, int], float] | None = None
 
     def __post_init__(self) -> None:
         if self.base not in _BASE_POLICIES:

@@ -254,8 +254,8 @@ def _select_numpy(keys: np.ndarray, count: int, depth_limit: int | None = None) 
 def select_largest(magnitudes: torch.Tensor, count: int) -> tuple[float, torch.Tensor] | None:
     """Where `torch.argsort(magnitudes, descending=True)[:count]` cuts on CPU, or None.
 
-    Returns the smallest kept magnitude and the positions of the kept ones equal to it (all
-    larger ones are kept). `magnitudes`, a 1-D float32 CPU tensor longer than `count`, is used
+    Returns the smallest kept magnitude and the ascending positions (int32 or int64) of the
+    kept ones equal to it (all larger ones are kept). `magnitudes`, a 1-D float32 CPU tensor longer than `count`, is used
     as scratch. None means this torch sorts differently or the input leaves the followed path
     (NaN, heapsort): use argsort instead.
     """
@@ -265,13 +265,16 @@ def select_largest(magnitudes: torch.Tensor, count: int) -> tuple[float, torch.T
     if magnitudes.device.type != "cpu" or magnitudes.dtype != torch.float32 or not matches_torch_sort():
         return None
     keys = magnitudes.contiguous().numpy()
-    if not 0 < count < keys.shape[0] or not np.isfinite(keys).all():
+    # NaN carries through max and min, so two reductions check finiteness without a mask.
+    if not 0 < count < keys.shape[0] or not (np.isfinite(keys.max()) and np.isfinite(keys.min())):
         return None
     try:
         threshold, at_threshold = _select(keys, count)
     except Unfollowed:
         return None
-    return threshold, torch.from_numpy(at_threshold).long()
+    # Ascending positions, int32 below 2**31 keys: half the memory where ties are millions.
+    at_threshold.sort()
+    return threshold, torch.from_numpy(at_threshold)
 
 
 def largest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor | None:

@@ -191,7 +191,7 @@ register(
             ),
         ),
         paper="https://en.wikipedia.org/wiki/Slerp",
-        temporaries=lambda m: 0.5,  # its C loops work a chunk at a time
+        temporaries=lambda m, size: 0.5 * size,  # its C loops work a chunk at a time
         base="required",
         min_models=2,
         max_models=2,

@@ -23,6 +23,9 @@ RESCALE_EPS = 1e-7
 WEIGHT_EPS = 1e-8
 # Elements per slice when the thinned task vectors are weighed, voted on and summed.
 COMBINE_SLICE = 1 << 16
+# Elements per slice when TIES recomputes task vectors from its inputs after ranking them
+# (see `TaskArithmeticVariant._merge_selected`): large enough that each pass of C is long.
+SELECTED_SLICE = 1 << 20
 
 
 def _masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, in_place: bool = False) -> torch.Tensor:
@@ -53,8 +56,6 @@ def keep_largest(
     delta: torch.Tensor, settings: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Keep the `density` fraction of elements largest in magnitude (at least one), zero the rest."""
-    import ctypes
-
     import torch
 
     density = settings["density"]
@@ -67,28 +68,15 @@ def keep_largest(
     # argsort's order among equal magnitudes (common in bf16) then picks mergekit's survivors.
     # On CPU the same survivors are found without sorting (ranking.py); elsewhere, or where this
     # torch sorts another way, by the argsort itself (not stable=True: we pick what it picks).
-    half, kind = _half_native(delta)
-    if half is not None:  # a 16-bit delta's magnitudes as float32 in one pass of C
-        magnitudes = torch.empty(delta.numel(), dtype=torch.float32)
-        half.mbuild_magnitudes16(delta.data_ptr(), kind, delta.numel(), magnitudes.data_ptr())
-    else:
-        magnitudes = delta.abs().reshape(-1).float()
+    flat = delta.reshape(-1)
+    magnitudes = _magnitudes(flat, torch.empty(flat.numel(), dtype=torch.float32, device=flat.device))
     on_cpu = magnitudes.device.type == "cpu"
     selected = select_largest(magnitudes, count) if on_cpu else None  # uses magnitudes as scratch
     if selected is not None:
         del magnitudes  # free before the mask: peak memory is a few tensors, not several more
         threshold, at_threshold = selected
-        flat = delta.reshape(-1)
-        library = _native_for(delta) if not rescale else None
-        if library is not None or (half is not None and not rescale):
-            # delta * (|delta| > threshold) in one pass, then the kept ties put back as they were.
-            kept_ties = flat[at_threshold]
-            if library is not None:
-                library.mbuild_keep_above(flat.data_ptr(), flat.numel(), ctypes.c_float(threshold))
-            else:
-                half.mbuild_keep_above16(flat.data_ptr(), kind, flat.numel(), ctypes.c_float(threshold))
-            flat[at_threshold] = kept_ties
-            return delta
+        if not rescale:
+            return _keep_selected(flat, threshold, at_threshold).reshape_as(delta)
         mask = torch.empty(flat.shape, dtype=torch.bool)
         for start in range(0, flat.numel(), COMBINE_SLICE):
             stop = start + COMBINE_SLICE
@@ -105,6 +93,67 @@ def keep_largest(
     # The delta here is the merge's own scratch: mask it in place (float16 rescaling keeps a copy).
     in_place = not (rescale and delta.dtype == torch.float16)
     return _masked(delta, mask.reshape_as(delta), rescale, in_place=in_place)
+
+
+def _magnitudes(flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """|flat| as float32 into `out` (exact for every 16-bit value), in one pass of C where it can."""
+    half, kind = _half_native(flat)
+    if half is not None:
+        half.mbuild_magnitudes16(flat.data_ptr(), kind, flat.numel(), out.data_ptr())
+        return out
+    return out.copy_(flat.abs())
+
+
+def _keep_selected(flat: torch.Tensor, threshold: float, at_threshold: torch.Tensor) -> torch.Tensor:
+    """`flat * (|flat| > threshold)` in place, with the kept ties (`at_threshold`) left as they were.
+
+    A dropped negative becomes -0.0, as the product does in mergekit.
+    """
+    import ctypes
+
+    kept_ties = flat[at_threshold]
+    library = _native_for(flat)
+    half, kind = _half_native(flat)
+    if library is not None:
+        library.mbuild_keep_above(flat.data_ptr(), flat.numel(), ctypes.c_float(threshold))
+    elif half is not None:
+        half.mbuild_keep_above16(flat.data_ptr(), kind, flat.numel(), ctypes.c_float(threshold))
+    else:
+        for start in range(0, flat.numel(), COMBINE_SLICE):
+            piece = flat[start : start + COMBINE_SLICE]
+            piece.mul_(piece.abs().float() > threshold)
+    flat[at_threshold] = kept_ties
+    return flat
+
+
+def _selection(
+    tensor: torch.Tensor, base: torch.Tensor, settings: Mapping[str, Any], dtype: torch.dtype
+) -> tuple[float, torch.Tensor] | bool | None:
+    """What `keep_largest` keeps of `tensor - base` (in `dtype`), found a slice of the task
+    vector at a time: (threshold, sorted positions of the kept magnitudes equal to it), True
+    (all kept), False (none), or None where the selection declines (argsort decides then).
+
+    Only the float32 magnitudes are held whole (and the selection's positions), not the task
+    vector itself: the largest tasks, a vocabulary-sized head, then fit in a third less memory.
+    """
+    import torch
+
+    density = settings["density"]
+    total = base.numel()
+    if density >= 1:
+        return True
+    if density <= 0 or total == 0:
+        return False
+    count = max(1, int(density * total))
+    flat_tensor, flat_base = tensor.reshape(-1), base.reshape(-1)
+    magnitudes = torch.empty(total, dtype=torch.float32)
+    scratch = torch.empty(min(total, SELECTED_SLICE), dtype=dtype)
+    for start in range(0, total, SELECTED_SLICE):
+        stop = min(total, start + SELECTED_SLICE)
+        delta = _difference(flat_tensor[start:stop], flat_base[start:stop], out=scratch[: stop - start])
+        _magnitudes(delta, magnitudes[start:stop])
+    del scratch
+    return select_largest(magnitudes, count)
 
 
 def keep_random(
@@ -373,7 +422,7 @@ class TaskArithmeticVariant:
     rescale: bool
     paper: str
     summary: str
-    temporaries: Callable[[int], float] | None = None  # see Method.temporaries
+    temporaries: Callable[[int, int], float] | None = None  # see Method.temporaries
 
     def method(self) -> Method:
         """Return this variant's declaration, with its kernel and parameters."""
@@ -446,6 +495,12 @@ class TaskArithmeticVariant:
         if not others:
             return base.to(dtype, copy=True)
         sparsifier = SPARSIFIERS[self.sparsification] if self.sparsification else None
+        weight_values = [model_params[index]["weight"] for index in others]
+        if sparsifier is SPARSIFIERS["magnitude"] and not params["rescale"] and base.device.type == "cpu":
+            selections = [_selection(tensors[index], base, model_params[index], dtype) for index in others]
+            if all(selection is not None for selection in selections):
+                return self._merge_selected([tensors[index] for index in others], base, selections, weight_values,
+                                            params, dtype)
 
         # One stacked buffer in the compute dtype, reduced over dim 0 below: the same sums,
         # and so the same rounding, as mergekit.
@@ -459,22 +514,71 @@ class TaskArithmeticVariant:
                     deltas[row] = thinned
                 del thinned
             del delta
-        weight_values = [model_params[index]["weight"] for index in others]
+        merged = torch.empty(base.numel(), dtype=dtype, device=base.device)
+        self._combine_into(deltas.reshape(len(others), -1), weight_values, base.reshape(-1), params, merged)
+        return merged.reshape(base.shape)
+
+    def _merge_selected(
+        self,
+        tensors: Sequence[torch.Tensor],
+        base: torch.Tensor,
+        selections: Sequence[tuple[float, torch.Tensor] | bool],
+        weight_values: Sequence[float],
+        params: Mapping[str, Any],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """TIES without holding a task vector: each slice's task vectors recomputed from the
+        inputs, thinned by the selections made beforehand (`_selection`), then combined.
+
+        The same operations on the same values as the stacked path, element by element, so
+        the same bytes; the working memory is the output and one slice per model instead of
+        a whole task vector per model.
+        """
+        import torch
+
+        flat_tensors = [tensor.reshape(-1) for tensor in tensors]
+        flat_base = base.reshape(-1)
+        total = flat_base.numel()
+        merged = torch.empty(total, dtype=dtype)
+        buffer = torch.empty(len(tensors) * min(total, SELECTED_SLICE), dtype=dtype)
+        for start in range(0, total, SELECTED_SLICE):
+            stop = min(total, start + SELECTED_SLICE)
+            piece = buffer[: len(tensors) * (stop - start)].view(len(tensors), stop - start)  # contiguous: C takes it
+            for row, (flat, selection) in enumerate(zip(flat_tensors, selections)):
+                delta = _difference(flat[start:stop], flat_base[start:stop], out=piece[row])
+                if selection is False:
+                    delta.zero_()
+                elif selection is not True:
+                    threshold, at_threshold = selection
+                    # The kept ties in this slice: `at_threshold` is ascending.
+                    low, high = torch.searchsorted(at_threshold, torch.tensor([start, stop], dtype=at_threshold.dtype)).tolist()
+                    _keep_selected(delta, threshold, at_threshold[low:high] - start)
+            self._combine_into(piece, weight_values, flat_base[start:stop], params, merged[start:stop])
+        return merged.reshape(base.shape)
+
+    def _combine_into(
+        self,
+        rows: torch.Tensor,
+        weight_values: Sequence[float],
+        flat_base: torch.Tensor,
+        params: Mapping[str, Any],
+        out: torch.Tensor,
+    ) -> None:
+        """`out` = the base plus the merged task vector of `rows` (models x elements, thinned)."""
+        import torch
+
         if self.consensus == "sum":
-            native = _combine_natively(deltas, weight_values, base, params)
+            native = _combine_natively(rows, weight_values, flat_base, params)
             if native is not None:
-                return native.reshape(base.shape)
-        weights = torch.tensor(weight_values, dtype=deltas.dtype, device=deltas.device).reshape(len(others), 1)
+                out.copy_(native)
+                return
+        weights = torch.tensor(weight_values, dtype=rows.dtype, device=rows.device).reshape(len(weight_values), 1)
         # What follows is element-wise across the models: done a slice at a time, its
         # temporaries stay cache-sized instead of a dozen tensor-sized buffers.
-        rows = deltas.reshape(len(others), -1)
-        flat_base = base.reshape(-1)
-        merged = torch.empty(flat_base.shape, dtype=dtype, device=base.device)
         for start in range(0, flat_base.numel(), COMBINE_SLICE):
             stop = start + COMBINE_SLICE
             mixed = self._combine(rows[:, start:stop], weights, params)
-            torch.add(flat_base[start:stop].to(dtype), mixed, out=merged[start:stop])
-        return merged.reshape(base.shape)
+            torch.add(flat_base[start:stop].to(rows.dtype), mixed, out=out[start:stop])
 
     def _combine(self, deltas: torch.Tensor, weights: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
         """The merged task vector of a slice (models x elements) of the thinned task vectors."""
@@ -522,7 +626,8 @@ VARIANTS: tuple[TaskArithmeticVariant, ...] = (
         rescale=False,
         paper="https://arxiv.org/abs/2306.01708",
         summary="task arithmetic keeping the largest changes and only those agreeing in sign (TIES)",
-        temporaries=lambda m: m + 1,
+        # float32 magnitudes and the ranking's int32 positions, whole; the kept ties per model
+        temporaries=lambda m, size: 8.5 + 0.75 * m,
     ),
     TaskArithmeticVariant(
         name="dare_linear",
@@ -541,7 +646,7 @@ VARIANTS: tuple[TaskArithmeticVariant, ...] = (
         rescale=True,
         paper="https://arxiv.org/abs/2311.03099",
         summary="DARE's random drop with TIES' sign consensus",
-        temporaries=lambda m: m + 2,
+        temporaries=lambda m, size: (m + 2) * size,
     ),
     TaskArithmeticVariant(
         name="breadcrumbs",
@@ -569,7 +674,7 @@ VARIANTS: tuple[TaskArithmeticVariant, ...] = (
         rescale=True,
         paper="https://arxiv.org/abs/2406.11617",
         summary="random drop favouring small changes (DELLA MagPrune) with TIES' sign consensus",
-        temporaries=lambda m: 3 * m + 1,
+        temporaries=lambda m, size: (3 * m + 1) * size,
     ),
     TaskArithmeticVariant(
         name="della_linear",
