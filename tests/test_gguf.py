@@ -313,7 +313,7 @@ def test_pre_tokenizer_names_split_text_as_transformers_reads_them():
     """The Split patterns mbuild names `llama-bpe` and `qwen2` are those transformers' GGUF
     loader splits by for those names (Llama 3's and Qwen2's tokenizer.json patterns)."""
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
-    from mbuild.io.gguf_file import PRE_TOKENIZERS, _pre_tokenizer
+    from mbuild.io.gguf_tokenizer import PRE_TOKENIZERS, _pre_tokenizer
 
     assert sorted(PRE_TOKENIZERS.values()) == ["llama-bpe", "qwen2"]
     for pattern, name in PRE_TOKENIZERS.items():

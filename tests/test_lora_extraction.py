@@ -40,6 +40,20 @@ def covered(state) -> dict:
     return {k: v for k, v in state.items() if any(f".{m}.weight" in k for m in MODULES) and ".layers." in k}
 
 
+def with_adapter(family, folder):
+    """The family's base with the adapter in ``folder`` loaded by PEFT (a missing or unexpected key fails)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # PEFT warns of missing or unexpected adapter keys
+        return peft.PeftModel.from_pretrained(load(family["base"]), folder)
+
+
+def reconstruction_error(merged, tuned_state, base_state) -> float:
+    """‖merged − tuned‖ / ‖tuned − base‖ over the covered projections."""
+    num = sum(float((merged[k] - tuned_state[k]).norm() ** 2) for k in merged)
+    den = sum(float((tuned_state[k] - base_state[k]).norm() ** 2) for k in merged)
+    return (num / den) ** 0.5
+
+
 def test_peft_loads_the_adapter_and_the_error_falls_with_the_rank(workspace, llama):
     ranks = {"r4": 4, "r16": 16, "r64": 64}
     build_json(lora_mergefile(workspace, llama, ranks))
@@ -54,9 +68,7 @@ def test_peft_loads_the_adapter_and_the_error_falls_with_the_rank(workspace, lla
         saved = safetensors_torch.load_file(folder / "adapter_model.safetensors")
         assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in saved
         assert {t.dtype for t in saved.values()} == {torch.float32}
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)  # PEFT warns of missing or unexpected adapter keys
-            model = peft.PeftModel.from_pretrained(load(llama["base"]), folder)
+        model = with_adapter(llama, folder)
         # Every LoRA weight of the model came from the file, and every tensor of the file went in.
         lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
         assert len(lora) == len(saved) == 2 * len(base_state)
@@ -65,10 +77,34 @@ def test_peft_loads_the_adapter_and_the_error_falls_with_the_rank(workspace, lla
             assert torch.equal(loaded, value), key
         merged = covered(model.merge_and_unload().state_dict())
         assert set(merged) == set(tuned_state)
-        num = sum(float((merged[k] - tuned_state[k]).norm() ** 2) for k in merged)
-        den = sum(float((tuned_state[k] - base_state[k]).norm() ** 2) for k in merged)
-        errors[rank] = (num / den) ** 0.5
+        errors[rank] = reconstruction_error(merged, tuned_state, base_state)
     assert errors[4] > errors[16] > errors[64], errors
+    assert errors[4] > 0.1 and errors[64] < 1e-5, errors
+
+
+@pytest.mark.parametrize("architecture", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_adapters_load_in_peft_and_reconstruct(workspace, families, architecture):
+    """Mistral (Llama's projections, sliding-window config) and Qwen2 (biased q/k/v, tied
+    embeddings): the adapter covers every projection, PEFT loads it, and the merge comes back to
+    the tuned projections at full rank. Biases are not a LoRA's: the merge keeps the base's."""
+    family = families(architecture)
+    build_json(lora_mergefile(workspace, family, {"r4": 4, "r64": 64}))
+    base_model, tuned_model = load(family["base"]).state_dict(), load(family["math"]).state_dict()
+    base_state, tuned_state = covered(base_model), covered(tuned_model)
+    layers = json.loads((family["base"] / "config.json").read_text())["num_hidden_layers"]
+    assert len(base_state) == layers * len(MODULES)
+    errors = {}
+    for name, rank in {"r4": 4, "r64": 64}.items():
+        folder = workspace.root / "build" / name
+        assert sorted(json.loads((folder / "adapter_config.json").read_text())["target_modules"]) == sorted(MODULES)
+        merged_model = with_adapter(family, folder).merge_and_unload().state_dict()
+        merged = covered(merged_model)
+        assert set(merged) == set(tuned_state)
+        errors[rank] = reconstruction_error(merged, tuned_state, base_state)
+        biases = [k for k in base_model if k.endswith("_proj.bias")]
+        assert bool(biases) == (architecture == "qwen2")
+        for key in biases:
+            assert torch.equal(merged_model[key], base_model[key]) and not torch.equal(tuned_model[key], base_model[key])
     assert errors[4] > 0.1 and errors[64] < 1e-5, errors
 
 

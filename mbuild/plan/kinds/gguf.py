@@ -10,8 +10,9 @@ encoded blocks, so each is keyed and cached like any tensor, and a change of `ty
 input tensor recomputes only what it touches.
 
 The file's metadata (architecture, sizes, rope, tokenizer) is the target's config: the
-config's part here, the tokenizer's from its files (`files`, so their digests are in the key)
-when the file is written (`mbuild.io.gguf_file`). The output folder holds the .gguf file and
+config's part here, the tokenizer's from its files (`files`: tokenizer.json, tokenizer.model,
+their configs, so their digests are in the key) when the file is written
+(`mbuild.io.gguf_tokenizer`). The output folder holds the .gguf file and
 the model card only; the engine writes it through `mbuild.io.gguf_file.GGUFFileWriter`.
 """
 
@@ -26,12 +27,15 @@ import yaml
 
 from mbuild import io, keys
 from mbuild.errors import MergefileError
+from mbuild.io import gguf_tokenizer
 from mbuild.mergefile import Target
 from mbuild.plan.companions import TOKENIZER_FILE, companions_of, finish_target_plan
 from mbuild.plan.kinds.registry import TargetKind, register
 from mbuild.plan.tasks import OutputLookup, TargetPlan, TensorInput, TensorTask, input_key, node_of
 
 GGUF_VERSION = 1
+# How the vocabulary is written (`mbuild.io.gguf_tokenizer`): a new one rewrites the file's header only.
+TOKENIZER_VERSION = 2
 CONVERTER = "https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py"
 # model_type -> llama.cpp's architecture (Mistral is written as Llama, as the converter does).
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -154,15 +158,24 @@ def expand(
         tasks.append(TensorTask(name, (nbytes,), "uint8", "float32", "gguf", params, (), None, None, inputs, key))
 
     files = {n: p for n, p in companions_of(node, infos, plans).items() if TOKENIZER_FILE.match(n) or n == "tokenizer_config.json"}
-    if "tokenizer.json" not in files:
+    if "tokenizer.json" not in files and "tokenizer.model" not in files:
         raise MergefileError(
-            f"model '{spec.model}' has no tokenizer.json: a gguf target takes its vocabulary from it", target.location("gguf", "model")
+            f"model '{spec.model}' has no tokenizer.json or tokenizer.model: a gguf target takes its vocabulary from them",
+            target.location("gguf", "model"),
+        )
+    missing = gguf_tokenizer.missing_packages(files)
+    if missing:
+        raise MergefileError(
+            f"model '{spec.model}' has a sentencepiece tokenizer (tokenizer.model): reading it needs "
+            f"{' and '.join(missing)}: pip install 'mbuild[gguf]'",
+            target.location("gguf", "model"),
         )
     metadata = {
         "file": file_name(target),
         "architecture": architecture,
         "file_type": FILE_TYPES[spec.type][1],
         "values": model_metadata(gguf, target, architecture, config),
+        "tokenizer": tokenizer_metadata(config),
     }
     card = model_card(target, FILE_TYPES[spec.type][0])
     plan = finish_target_plan(target, method_of(target), tasks, metadata, files, layers, shard_bytes, card=card)
@@ -230,6 +243,17 @@ def model_metadata(gguf, target: Target, architecture: str, config: Mapping[str,
     if head_dim != holder["hidden_size"] // heads:
         rows += [[arch(k.Attention.KEY_LENGTH), U32, head_dim], [arch(k.Attention.VALUE_LENGTH), U32, head_dim]]
     return rows
+
+
+def tokenizer_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the tokenizer's part of the file needs beyond the tokenizer files (`mbuild.io.gguf_tokenizer`).
+
+    The config's special token ids, which the converter falls back on when the tokenizer files
+    do not name them, and the version of how the vocabulary is written (in the target's key).
+    """
+    holder = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    ids = {k: v for k, v in {**holder, **config}.items() if k.endswith("_token_id")}
+    return {"version": TOKENIZER_VERSION, "config_ids": ids}
 
 
 def method_of(target: Target) -> tuple[str, int, str]:
