@@ -37,6 +37,10 @@ from mbuild.staleness import (
     task_memory,
 )
 
+# The one weights file of an output format written unsharded.
+SINGLE_FILES = {"peft": "adapter_model.safetensors", "eval": "score.safetensors"}
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """How to build: rebuild everything, parallel tasks, device, keep going past failures."""
@@ -436,8 +440,9 @@ class _TensorPipeline:
         else:
             self.writer = io.ShardedWriter(
                 folder, [(t.name, t.dtype, t.shape) for t in target_plan.tasks], target_plan.shard_bytes, builder.streaming,
-                # A PEFT adapter (`plan.kinds.lora_extraction`) is one adapter_model.safetensors.
-                single="adapter_model.safetensors" if target_plan.output_format == "peft" else "model.safetensors",
+                # A PEFT adapter (`plan.kinds.lora_extraction`) is one adapter_model.safetensors,
+                # an eval's score (`plan.kinds.evaluation`) one score.safetensors.
+                single=SINGLE_FILES.get(target_plan.output_format, "model.safetensors"),
             )
         # Sources read for the first time: hashed by the reads that compute with them.
         first_read = [builder.plan.sources[n].info for n in target_plan.input_nodes if n in builder.plan.unhashed]

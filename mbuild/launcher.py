@@ -23,7 +23,7 @@ ALLOCATOR_TUNABLES = (
     f":glibc.malloc.arena_max={ARENA_MAX}"
 )
 # The commands that are not builds (no allocator restart, no fast exit).
-SUBCOMMANDS = ("status", "graph", "methods", "explain", "gc", "clean", "import")
+SUBCOMMANDS = ("status", "graph", "methods", "explain", "gc", "clean", "import", "lock", "push", "report", "check", "search")
 
 
 def run(main: Callable[[list[str]], int]) -> None:

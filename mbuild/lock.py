@@ -148,10 +148,50 @@ def record_in_lock(plan: Plan, state: State, names: list[str], only_if_different
         data = read(path)
         for name in names:
             entries = _lock_entries(plan, state, name)
+            pushed = data["targets"].get(name, {}).get(PUSHED)
             data["targets"][name] = entries.pop(Node.target(name))
+            if pushed:
+                data["targets"][name][PUSHED] = pushed  # each names the key it pushed: kept across rebuilds
             data["sources"].update(entries)
         write(path, data)
     return names
+
+
+def move_pins(mergefile_path: Path, state: State, moves: Mapping[str, str]) -> None:
+    """Pin each hub node of ``moves`` to its new commit (`mbuild lock --update`).
+
+    A LoRA entry naming the model as one of its sides moves with it. The old content
+    fingerprint goes: it was of the old commit, and the next build records the new one.
+    """
+    path = lock_path(mergefile_path)
+    with _lock_of_lock(state, path):
+        data = read(path)
+        for node, commit in moves.items():
+            entry = data["sources"].setdefault(node, {"model": Node(node).label.split("@", 1)[0]})
+            entry["revision"] = commit
+            entry.pop("fingerprint", None)
+        for node, entry in data["sources"].items():
+            if Node(node).kind == LORA and isinstance(entry.get("revision"), str):
+                sides = Node(node).label.split("+")
+                commits = entry["revision"].split("+")
+                entry["revision"] = "+".join(moves.get(side, commit) if commit else commit for side, commit in zip(sides, commits))
+        write(path, data)
+
+
+# Under a target's lock entry: what `mbuild push` uploaded (repo, revision, commit, the key pushed).
+PUSHED = "pushed"
+
+
+def record_push(mergefile_path: Path, state: State, name: str, pushed: Mapping[str, Any]) -> None:
+    """Record that target ``name`` was pushed, replacing an earlier push to the same repo and revision."""
+    path = lock_path(mergefile_path)
+    with _lock_of_lock(state, path):
+        data = read(path)
+        entry = data["targets"].setdefault(name, {})
+        earlier = entry.get(PUSHED) if isinstance(entry.get(PUSHED), list) else []
+        earlier = [p for p in earlier if isinstance(p, dict) and (p.get("repo"), p.get("revision")) != (pushed["repo"], pushed["revision"])]
+        entry[PUSHED] = [*earlier, dict(pushed)]
+        write(path, data)
 
 
 @contextlib.contextmanager
@@ -187,7 +227,9 @@ def repair_lock(plan: Plan, state: State, names: list[str], note: Callable[[str]
 def _held_entries(data: Mapping[str, Any], name: str, wanted: Mapping[str, Any]) -> dict[str, Any]:
     """What the lock holds now for a target and its sources, in the shape `_lock_entries` gives."""
     held = {node: data["sources"].get(node) for node in wanted if not Node(node).is_target}
-    held[Node.target(name)] = data["targets"].get(name)
+    entry = data["targets"].get(name)
+    # What was pushed is no part of what was built.
+    held[Node.target(name)] = {k: v for k, v in entry.items() if k != PUSHED} if isinstance(entry, dict) else entry
     return held
 
 

@@ -99,6 +99,13 @@ def _lora_extract(task: TensorTask, inputs: Inputs):
     return lora_extraction.factor(tensors[0], tensors[1], **dict(task.params))
 
 
+def _eval(task: TensorTask, inputs: Inputs):
+    """The score of an eval target's model (`mbuild.evaluation`)."""
+    from mbuild import evaluation
+
+    return evaluation.score(task, inputs)
+
+
 # The operations that are not merge methods; every other name is looked up in mbuild.methods.
 OPERATIONS = {
     "copy": Operation("copy", compute=_method),
@@ -106,6 +113,7 @@ OPERATIONS = {
     "moe_gate": Operation("moe_gate", compute=_gate),
     "gguf": Operation("gguf", compute=_gguf),
     "lora_extract": Operation("lora_extract", compute=_lora_extract),
+    "eval": Operation("eval", compute=_eval),
 }
 METHOD = Operation("method", compute=_method)
 

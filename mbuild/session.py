@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mbuild import engine, executors, lock, memory, plan, staleness
+from mbuild import engine, evaluation, executors, lock, memory, plan, staleness
 from mbuild.cache import State, TensorCache
 from mbuild.lora import Adapters
 from mbuild.mergefile import Mergefile
@@ -67,20 +67,26 @@ class Session:
             digests = self._hashed_digests
         else:
             digests = lambda source: state.digests(source.info, compute=False)  # noqa: E731
-        self._current = plan.make_plan(
-            self.mergefile,
-            self.request.targets,
-            digests,
-            self._conversions(write=hashing),
-            self.request.shard_bytes,
-            engine.output_digests(state, self.mergefile),
-            store=state.folder,
-            previous=self._current if changed is not None else None,
-            changed=changed,
-            platform=self.request.platform,
-            pinned=lock.pinned_revisions(self.mergefile.path),
-            adapters=self._adapters(write=hashing),
-        )
+        from mbuild.io import hub_reads
+
+        # A hub model not in the cache: a plan that hashes downloads it; one that does not (a
+        # dry run, status, a build's first plan) reads its headers alone, so a mistake is
+        # found before a weight byte is fetched.
+        with hub_reads(download=hashing):
+            self._current = plan.make_plan(
+                self.mergefile,
+                self.request.targets,
+                digests,
+                self._conversions(write=hashing),
+                self.request.shard_bytes,
+                engine.output_digests(state, self.mergefile),
+                store=state.folder,
+                previous=self._current if changed is not None else None,
+                changed=changed,
+                platform=self.request.platform,
+                pinned=lock.pinned_revisions(self.mergefile.path),
+                adapters=self._adapters(write=hashing),
+            )
         return self._current
 
     def build(self, open_cache: Callable[[], TensorCache | None]) -> dict[str, engine.TargetReport]:
@@ -109,6 +115,7 @@ class Session:
             executor.check(largest)
             if largest is not None and not executor.runs_elsewhere:
                 self._warn_if_too_big(largest)
+            evaluation.refuse_unfitting(first, stale, request.device)  # a model an eval cannot hold
         if first.unhashed:
             self._deferred = self._read_once(first)
             first = self.plan()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
-from mbuild.cli import console, shared
+from mbuild.cli import check, console, shared
 from mbuild.errors import MbuildError
 
 
@@ -16,15 +17,22 @@ def build(args) -> int:
         raise MbuildError(f"unknown --device '{args.device}': use cpu or cuda")
     mergefile, state = shared.load(args)
     if args.dry_run:
-        the_plan = shared.read_only_plan(args, mergefile, state)
+        from mbuild.io import hub_reads
+
+        with hub_reads(download=False) as hub:  # hub models not in the cache: headers only
+            the_plan = shared.read_only_plan(args, mergefile, state)
         cache = shared.tensor_cache(state, args, create=False)
         has_tensor = (lambda key: cache.contains(key)) if cache is not None and not args.force else (lambda key: False)
         decisions = staleness.decide_all(the_plan, state, args.force, has_tensor)
         console.print_dry_run(the_plan, decisions, args, has_tensor, _cluster_nodes(args, state))
+        if not args.json:
+            check.print_downloads(hub.models.values())
         return 0
     if args.device.startswith("cuda"):
         shared.require_cuda()
     printer = console.Printer(quiet=args.quiet or args.json, targets=0)
+    if args.quiet:  # huggingface_hub's download bars too (read when it is imported, later)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     torch_import = console.SideImport("torch")
     try:
         return _run_build(args, mergefile, state, printer, torch_import)

@@ -27,6 +27,18 @@ def subcommand(argv: list[str]) -> int:
         parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
         parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
         return _import(parser.parse_args(rest))
+    if name in ("lock", "push"):  # the hub's: `mbuild.cli.hub`
+        from mbuild.cli import hub
+
+        return hub.run(name, parser, rest)
+    if name == "report":  # eval targets' scores: `mbuild.cli.report`
+        from mbuild.cli import report
+
+        return report.run(parser, rest)
+    if name == "search":  # trials of a recipe's parameters: `mbuild.cli.search`
+        from mbuild.cli import search
+
+        return search.run(parser, rest)
     arguments.common(parser)
     if name == "graph":
         parser.add_argument("--format", choices=("text", "dot"), default="text")
@@ -34,7 +46,14 @@ def subcommand(argv: list[str]) -> int:
         parser.add_argument("--older-than", type=float, metavar="DAYS", help="also drop entries unused for DAYS days")
     parser.add_argument("targets", nargs="*")
     args = parser.parse_args(rest)
-    return {"graph": _graph, "explain": _explain, "gc": _gc, "clean": _clean, "status": _status}[name](args)
+    return {"graph": _graph, "explain": _explain, "gc": _gc, "clean": _clean, "status": _status, "check": _check}[name](args)
+
+
+def _check(args) -> int:
+    """Problems and downloads found from headers alone (`mbuild.cli.check`)."""
+    from mbuild.cli import check
+
+    return check.check(args)
 
 
 def _status(args) -> int:
@@ -70,7 +89,7 @@ def _explain(args) -> int:
     the_plan = shared.read_only_plan(args, mergefile, state)
     decisions = staleness.decide_all(the_plan, state)
     report = {}
-    for name in args.targets:
+    for name in mergefile.expand_names(args.targets):  # a sweep's name: each of its points
         target_plan = the_plan.targets[name]
         manifest = io.read_manifest(target_plan.target.output)
         groups = staleness.explain_tensors(target_plan, manifest) if decisions[name].stale else {}
@@ -163,7 +182,7 @@ def _clean(args) -> int:
     from mbuild import staleness
 
     mergefile, _ = shared.load(args)
-    names = args.targets or list(mergefile.targets)
+    names = mergefile.expand_names(args.targets) or list(mergefile.targets)
     removed = []
     for name in names:
         if name not in mergefile.targets:

@@ -147,6 +147,7 @@ def print_dry_run(the_plan, decisions, args, has_tensor, nodes=None) -> None:
         print(json.dumps(document, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape  # a sweep's point, `final[t=0.3]`, is not a style tag
     from rich.table import Table
 
     table = Table(title=f"mbuild plan for {the_plan.mergefile.path.name}", show_lines=True)
@@ -155,9 +156,9 @@ def print_dry_run(the_plan, decisions, args, has_tensor, nodes=None) -> None:
     for name, row in data.items():
         state = f"[red]{row['action']}[/red]" if row["stale"] else "[green]fresh[/green]"
         table.add_row(
-            name,
+            escape(name),
             state,
-            "\n".join(row["reasons"]) or "up to date",
+            escape("\n".join(row["reasons"])) or "up to date",
             row["method"],
             str(row["layers"]),
             f"{row['parameters'] / 1e6:.1f}M",
@@ -172,7 +173,7 @@ def print_dry_run(the_plan, decisions, args, has_tensor, nodes=None) -> None:
         if warning:
             console.print(f"warning: {warning}")
     stale = [n for n, r in data.items() if r["stale"]]
-    console.print(f"{len(stale)} of {len(data)} target(s) would be built" + (f": {', '.join(stale)}" if stale else ""))
+    console.print(f"{len(stale)} of {len(data)} target(s) would be built" + (f": {escape(', '.join(stale))}" if stale else ""))
     if cluster is not None:
         nodes_table = Table(title="Ray cluster: node classes", show_lines=True)
         for column in ("nodes", "CPUs each", "memory each", "GPUs each", "stale targets whose largest task fits"):
@@ -260,13 +261,15 @@ class Printer(Reporter):
         if self.quiet:
             return
         if self.progress:
-            self.progress.console.print(text)
+            self.progress.console.print(text, markup=False)  # names like `final[t=0.3]` as written
         else:
             print(f"mbuild: {text}", file=sys.stderr, flush=True)
 
     def target_started(self, name, total, reasons) -> None:
         if self.progress:
-            self.tasks[name] = self.progress.add_task(f"building {name}", total=total)
+            from rich.markup import escape
+
+            self.tasks[name] = self.progress.add_task(f"building {escape(name)}", total=total)
         elif not self.quiet:
             why = f" ({'; '.join(reasons)})" if reasons else ""
             print(f"mbuild: building {name}: {total} tensors{why}", file=sys.stderr, flush=True)
@@ -279,7 +282,9 @@ class Printer(Reporter):
             counts = self.nodes.setdefault(name, {})
             counts[node] = counts.get(node, 0) + 1
             shown = ", ".join(f"{n[:8]}: {c}" for n, c in sorted(counts.items()))
-            self.progress.update(self.tasks[name], advance=1, description=f"building {name} [nodes {shown}]")
+            from rich.markup import escape
+
+            self.progress.update(self.tasks[name], advance=1, description=escape(f"building {name} [nodes {shown}]"))
 
     def target_finished(self, report) -> None:
         if self.overall is not None:

@@ -5,7 +5,8 @@
 - `models`: a model folder's config and tensor table, from its safetensors headers;
 - `reading`: tensor bytes read from source files, and their digests;
 - `writer`: the sharded safetensors writer;
-- `hub`: hub IDs resolved to snapshot folders.
+- `hub`: hub IDs resolved to snapshot folders, fetching only what a merge reads, or read
+  from the hub's metadata and safetensors headers alone (`hub_reads`).
 
 Header and folder functions do not import torch, so planning stays fast; the tensor
 functions import it when first called. The names below are what the rest of mbuild uses
@@ -13,7 +14,7 @@ as ``io.NAME``; a test that patches a name patches the module that looks it up.
 """
 
 from mbuild.io.files import open_regular, read_into, read_small_file, read_small_json
-from mbuild.io.hub import HUB_COMMIT, resolve_hub_model
+from mbuild.io.hub import HUB_COMMIT, HubModel, hub_reads, open_hub_model, resolve_hub_model
 from mbuild.io.models import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
@@ -59,6 +60,7 @@ __all__ = [
     "HUB_COMMIT",
     "MANIFEST_NAME",
     "FileLock",
+    "HubModel",
     "ModelInfo",
     "ShardedWriter",
     "TensorInfo",
@@ -71,10 +73,12 @@ __all__ = [
     "fsync_folder",
     "hash_file",
     "hash_tensor_bytes",
+    "hub_reads",
     "raw_bytes",
     "layer_count",
     "leftovers",
     "model_from_files",
+    "open_hub_model",
     "open_regular",
     "process_alive",
     "publish",

@@ -103,25 +103,36 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], int, int]:
     try:
         fd, size = open_regular(path)
         try:
-            prefix = os.pread(fd, 8, 0)
-            if len(prefix) != 8:
-                raise ModelError(f"{path} is not a safetensors file (too short)")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > HEADER_LIMIT:
-                raise ModelError(f"{path} is not a safetensors file (header length {length})")
+            length = header_length(path, os.pread(fd, 8, 0))
             raw = bytearray(length)
             if read_into(fd, memoryview(raw), 8) < length:
                 raise ModelError(f"{path} is truncated (its header runs past the end of the file)")
         finally:
             os.close(fd)
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=lambda pairs: _unique_keys(path, pairs))
     except OSError as error:
         raise ModelError(f"cannot read {path}: {error.strerror}") from None
+    return parse_header(path, raw), 8 + length, size
+
+
+def header_length(path: str | Path, prefix: bytes) -> int:
+    """The header length a safetensors file's first 8 bytes declare, refused past `HEADER_LIMIT`."""
+    if len(prefix) != 8:
+        raise ModelError(f"{path} is not a safetensors file (too short)")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > HEADER_LIMIT:
+        raise ModelError(f"{path} is not a safetensors file (header length {length})")
+    return length
+
+
+def parse_header(path: str | Path, raw: bytes | bytearray) -> dict[str, Any]:
+    """A safetensors header's JSON: one object whose keys do not repeat."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=lambda pairs: _unique_keys(Path(path), pairs))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ModelError(f"{path} is not a safetensors file (bad header)") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path} is not a safetensors file (its header is a JSON {type(header).__name__}, not an object)")
-    return header, 8 + length, size
+    return header
 
 
 def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -137,6 +148,11 @@ def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def read_tensors(path: str | Path) -> list[TensorInfo]:
     """The tensors of one safetensors file, each entry checked against the file: a header can lie."""
     header, data_start, size = read_header(path)
+    return header_tensors(path, header, data_start, size)
+
+
+def header_tensors(path: str | Path, header: dict[str, Any], data_start: int, size: int) -> list[TensorInfo]:
+    """The tensors a header lists, each checked against the others and against the file's ``size``."""
     header.pop("__metadata__", None)
     tensors = [_tensor_info(Path(path), name, entry, data_start) for name, entry in header.items()]
     _check_layout(Path(path), tensors, size)
@@ -211,11 +227,14 @@ def read_model(folder: str | Path, pickles=None) -> ModelInfo:
     return pickles.model(folder, config, found)
 
 
-def model_from_files(folder: Path, config: Mapping[str, Any], files: Sequence[Path]) -> ModelInfo:
-    """A model whose tensors are in these safetensors files; a tensor in two of them is refused."""
+def model_from_files(folder: Path, config: Mapping[str, Any], files: Sequence[Path], read=read_tensors) -> ModelInfo:
+    """A model whose tensors are in these safetensors files; a tensor in two of them is refused.
+
+    ``read``: a file's tensor table (`read_tensors`; the hub's range reads for files not downloaded yet).
+    """
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        for info in read_tensors(file):
+        for info in read(file):
             if info.name in tensors:
                 first = Path(tensors[info.name].file).name
                 raise ModelError(f"{folder}: tensor {info.name} is in two files, {first} and {Path(file).name}")

@@ -15,6 +15,7 @@ imports only those listed before it:
 - `values`: checks of single values (keys, dtypes, layer ranges, parameters);
 - `references`: what a model string means (a target, a folder or a hub repository);
 - `checker`: the walk over each target's body that builds its `Target`;
+- `matrix`: sweeps, a target with `matrix:` checked as one target per combination;
 - `outputs`: the check that no output can replace what is not its own;
 - `dependencies`: the graph of targets and sources, refused when it has a cycle;
 - `importer`: mergekit configs turned into Mergefile text; it builds on `parse`, so it
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from mbuild import io
 from mbuild.errors import Location, MergefileError
+from mbuild.mergefile import matrix
 from mbuild.mergefile.checker import RECIPE_KEYS, Checker
 from mbuild.mergefile.dependencies import build_graph
 from mbuild.mergefile.outputs import check_outputs
@@ -66,7 +68,8 @@ def load(path: str | Path) -> Mergefile:
 
 def parse(text: str, path: Path) -> Mergefile:
     """Validate Mergefile text; ``path`` anchors relative model folders and messages."""
-    data, lines = load_yaml(text, path)
+    spellings: dict[tuple, str] = {}
+    data, lines = load_yaml(text, path, spellings)
     lines = dict(lines)
     targets: dict[str, Target] = {}
     mergefile = Mergefile(path=path, targets=targets, lines=lines)
@@ -89,8 +92,7 @@ def parse(text: str, path: Path) -> Mergefile:
             )
         if len(name) > NAME_LIMIT:
             raise checker.error(("targets", name), f"target name of {len(name)} characters: at most {NAME_LIMIT}")
-    for name, body in bodies.items():
-        targets[name] = checker.target(name, body, defaults, set(bodies))
+    matrix.check_targets(checker, bodies, defaults, spellings)  # each sweep as its points
     for target in targets.values():
         for ref in target.references():
             if ref.kind == "target" and targets[ref.location].gguf is not None:
@@ -101,6 +103,11 @@ def parse(text: str, path: Path) -> Mergefile:
             if ref.kind == "target" and targets[ref.location].extract_lora is not None:
                 raise MergefileError(
                     f"'{ref}' is a LoRA extraction target: its output is an adapter, which no other target reads",
+                    Location(mergefile.path, ref.line, target.name),
+                )
+            if ref.kind == "target" and targets[ref.location].evaluation is not None:
+                raise MergefileError(
+                    f"'{ref}' is an eval target: its output is a score, which no other target reads",
                     Location(mergefile.path, ref.line, target.name),
                 )
     check_outputs(mergefile)

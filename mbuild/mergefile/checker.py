@@ -25,6 +25,7 @@ from mbuild.mergefile.recipe import (
     TokenizerSpec,
     TokenSource,
 )
+from mbuild.mergefile.evaluation import eval_target
 from mbuild.mergefile.references import ReferenceResolver
 from mbuild.mergefile.values import ValueChecker, suggest
 
@@ -98,6 +99,8 @@ class Checker(ValueChecker):
             return self.gguf_target(name, body, target_names)
         if "extract_lora" in body:
             return self.lora_target(name, body, target_names)
+        if "eval" in body:
+            return eval_target(self, name, body, target_names)
         self.unknown_keys(body, RECIPE_KEYS, path)
         recipe = dict(defaults)
         recipe.update(body)

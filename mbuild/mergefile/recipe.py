@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from mbuild.errors import Location, MergefileWarning
 
-TOP_LEVEL_KEYS = ("targets", "defaults")
+TOP_LEVEL_KEYS = ("targets", "defaults", "search")  # `search:` is read by mbuild/search.py
 TARGET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 # Bytes of a target name or an output folder's name: mbuild adds up to about 30 to name its
 # lock and temporaries beside the output, and a filesystem allows 255 in a name.
@@ -129,6 +129,22 @@ class LoraExtraction:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """An `eval:` target's body: one model scored on a metric (README: "Eval targets")."""
+
+    model: ModelRef
+    metric: str  # a name of `mergefile.evaluation.METRICS`
+    data: Path | None  # the text or JSONL file (None for lm-eval, whose task brings its data)
+    max_tokens: int | None = None
+    window: int | None = None  # tokens per forward pass (None: the model's context, at most 1024)
+    stride: int | None = None  # perplexity: tokens the window moves by (None: half the window)
+    dtype: str | None = None  # None: the model's own dtype
+    task: str | None = None  # lm-eval's task name, or the absolute path of a task file (YAML)
+    num_fewshot: int | None = None  # lm-eval's few-shot examples
+    limit: int | None = None  # lm-eval: at most this many items of the task
+
+
+@dataclass(frozen=True)
 class Target:
     """A named merge recipe, validated and with every model reference resolved in kind."""
 
@@ -156,6 +172,7 @@ class Target:
     expert_tensors: str = "fused"
     gguf: GGUFExport | None = None  # a GGUF export of one model rather than a merge
     extract_lora: LoraExtraction | None = None  # a LoRA adapter extracted from two models
+    evaluation: Evaluation | None = None  # a model scored on a metric rather than a merge
     # What the recipe says that mbuild ignores, as mergekit does (a parameter its method does
     # not read): left out of the recipe above and of every key, and shown by the CLI.
     warnings: tuple[MergefileWarning, ...] = field(default=(), compare=False)
@@ -167,6 +184,8 @@ class Target:
             refs.append(self.gguf.model)
         if self.extract_lora:
             refs.extend((self.extract_lora.model, self.extract_lora.base))
+        if self.evaluation:
+            refs.append(self.evaluation.model)
         if self.moe:
             refs.extend(expert.model for expert in self.moe.experts + self.moe.shared_experts)
         for model in self.models:
@@ -202,12 +221,31 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """A target written with `matrix:` (or reading one by its bare name): its points, each a target.
+
+    ``parameters`` in the order written; ``points`` maps each point's target name to its
+    values as written in YAML, in that order (`final[t=0.3,density=0.4]` -> ("0.3", "0.4")).
+    """
+
+    name: str
+    parameters: tuple[str, ...]
+    points: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
 class Mergefile:
     """A parsed Mergefile: its path, its targets in written order, and line numbers."""
 
     path: Path
     targets: Mapping[str, Target]
     lines: Mapping[tuple, int] = field(repr=False)
+    # Sweeps by their written name; each point is in `targets` (mergefile/matrix.py).
+    sweeps: Mapping[str, Sweep] = field(default_factory=dict, repr=False)
+
+    def expand_names(self, names) -> list[str]:
+        """Target names with each sweep's name replaced by its points' names (`mbuild final`)."""
+        return [point for name in names for point in (self.sweeps[name].points if name in self.sweeps else (name,))]
 
     @property
     def folder(self) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from mbuild.mergefile.recipe import ModelRef
 from mbuild.mergefile.values import ValueChecker, suggest
@@ -23,7 +23,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 class ReferenceResolver:
     """Decides what each model string means: a target name wins, then a folder, then the hub."""
 
-    def __init__(self, checker: ValueChecker, target_names: set[str]):
+    def __init__(self, checker: ValueChecker, target_names: "set[str] | Mapping[str, str]"):
         self.checker = checker
         self.target_names = target_names
 
@@ -33,7 +33,9 @@ class ReferenceResolver:
             raise self.checker.error(path, f"a model reference must be a non-empty string, not {value!r}")
         text = value.strip()
         if text in self.target_names:
-            return ModelRef(text, "target", text, None, line, Node.target(text))
+            # A mapping of names stands a sweep's name for one of its points (`matrix`).
+            name = self.target_names[text] if isinstance(self.target_names, Mapping) else text
+            return ModelRef(name, "target", name, None, line, Node.target(name))
         folder = Path(os.path.normpath(self.checker.mergefile.folder / Path(text).expanduser()))
         if "+" in text and not folder.exists():
             return self._lora(text, path, line)

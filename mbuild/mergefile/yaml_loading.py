@@ -25,8 +25,12 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys (a duplicate target is a silent overwrite in YAML)."""
 
 
-def load_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
-    """Load YAML and remember the 1-based line of every mapping key and list item."""
+def load_yaml(text: str, path: Path, spellings: dict[tuple, str] | None = None) -> tuple[Any, dict[tuple, int]]:
+    """Load YAML and remember the 1-based line of every mapping key and list item.
+
+    With ``spellings``, it is filled with the text of every scalar as written (``0.30``,
+    ``1e-3``), by path: a sweep names its targets after its values as the user wrote them.
+    """
     try:
         check_nesting(text, path)
         node = yaml.compose(text, Loader=_LineLoader)
@@ -38,6 +42,8 @@ def load_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
     if node is None:
         raise MergefileError("the Mergefile is empty", Location(path, 1))
     converter = _Converter(text, path)
+    if spellings is not None:
+        converter.spellings = spellings
     return converter.value(node, (), 0), converter.lines
 
 
@@ -67,6 +73,7 @@ class _Converter:
         self.lines: dict[tuple, int] = {}
         self.constructor = _LineLoader(text)
         self.count = 0
+        self.spellings: dict[tuple, str] = {}
 
     def error(self, node: yaml.Node, message: str) -> MergefileError:
         return MergefileError(message, Location(self.path, node.start_mark.line + 1))
@@ -78,6 +85,7 @@ class _Converter:
         if depth > YAML_DEPTH_LIMIT:
             raise self.error(node, f"the Mergefile nests deeper than {YAML_DEPTH_LIMIT} levels (an alias used inside itself?)")
         if isinstance(node, yaml.ScalarNode):
+            self.spellings[where] = node.value
             return self.scalar(node)
         if isinstance(node, yaml.MappingNode) and node.tag == _LineLoader.DEFAULT_MAPPING_TAG:
             return self.mapping(node, where, depth)

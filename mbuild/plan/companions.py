@@ -164,13 +164,18 @@ def file_digest(path: str) -> str | None:
         return None
 
 
+def recipe_text(target: Target) -> str:
+    """A target's recipe as YAML, under its name, for a model card."""
+    return yaml.safe_dump({target.name: dict(target.recipe)}, sort_keys=False).rstrip()
+
+
 def model_card(target: Target, input_nodes: Sequence[str], method: tuple[str, int, str]) -> str:
     """The README.md of an output: what it is, the recipe as written, and its lineage."""
-    recipe = yaml.safe_dump({target.name: dict(target.recipe)}, sort_keys=False).rstrip()
+    recipe = recipe_text(target)
     lineage = "\n".join(f"- `{node.split(':', 1)[1]}` ({node.split(':', 1)[0]})" for node in input_nodes)
     name, _, paper = method
     return (
-        "---\nlibrary_name: transformers\ntags:\n- mbuild\n- merge\n---\n"
+        "---\nlibrary_name: transformers\ntags:\n- merge\n- mbuild\n---\n"
         f"# {target.name}\n\n"
         f"A merge built by mbuild with **{name}** ({paper}).\n\n"
         f"## Inputs\n\n{lineage}\n\n"

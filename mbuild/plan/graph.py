@@ -23,7 +23,7 @@ def select(mergefile: Mergefile, graph, requested: Sequence[str]) -> tuple[str, 
         wanted = set(names)
     else:
         wanted = set()
-        for name in requested:
+        for name in mergefile.expand_names(requested):  # a sweep's name: all its points
             if name not in mergefile.targets:
                 from mbuild.mergefile.values import suggest
 

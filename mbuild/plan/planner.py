@@ -16,7 +16,7 @@ from mbuild.errors import Location, ModelError
 from mbuild.mergefile import Mergefile, ModelRef, Target
 from mbuild.mergefile.dependencies import build_graph
 from mbuild.nodes import LORA, Node
-from mbuild.plan import kinds
+from mbuild.plan import cards, kinds
 from mbuild.plan.graph import select
 from mbuild.plan.tasks import (
     DEFAULT_SHARD_BYTES,
@@ -97,7 +97,8 @@ def make_plan(
                 if found is None:
                     unhashed.add(node)
             infos[node] = sources[node].info
-        plans[name] = expand(target, infos, plans, source_digests, shard_bytes, output_digest, store, platform=platform)
+        expanded = expand(target, infos, plans, source_digests, shard_bytes, output_digest, store, platform=platform)
+        plans[name] = cards.with_lineage(expanded, plans, sources)
     return Plan(mergefile, order, plans, sources, graph, frozenset(unhashed), platform)
 
 
@@ -110,8 +111,8 @@ def _open_source(ref: ModelRef, node: str, target: Target, pickles, pinned: Mapp
             return _lora_source(ref, node, pickles, pinned, adapters)
         if ref.kind == "hub":
             # Same Mergefile + lock -> same bytes: an unpinned hub model uses the locked commit.
-            folder, revision = io.resolve_hub_model(ref.location, ref.revision or pinned.get(node))
-            return Source(node, ref, io.read_model(folder, pickles), revision)
+            info, revision = io.open_hub_model(ref.location, ref.revision or pinned.get(node), pickles)
+            return Source(node, ref, info, revision)
         return Source(node, ref, io.read_model(ref.location, pickles))
     except ModelError as error:
         raise ModelError(f"model '{ref}': {error.message}", location) from None

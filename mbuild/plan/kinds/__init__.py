@@ -16,7 +16,7 @@ bytes it produced, ``store`` the folder where files the plan makes are kept, and
 where tasks compute (part of each computing task's key).
 """
 
-from mbuild.plan.kinds import gguf, lora_extraction, merge, moe  # noqa: F401  (each registers itself)
+from mbuild.plan.kinds import evaluation, gguf, lora_extraction, merge, moe  # noqa: F401  (each registers itself)
 from mbuild.plan.kinds.registry import TargetKind, kind_of, recipe_method, register
 
 __all__ = ["TargetKind", "kind_of", "recipe_method", "register"]
