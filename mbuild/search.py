@@ -222,6 +222,9 @@ def _dimension(target: Target, parameter: Any, value: Any, path: tuple, error) -
         raise error(path, f"'low' ({low}) must be below 'high' ({high})")
     if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= high - low):
         raise error(path + ("step",), f"'step' is a number above 0 and at most high - low, not {step!r}")
+    if step is not None and not _divides(step, high - low):
+        # Optuna would drop the top of the range to the last whole step, and only warn.
+        raise error(path + ("step",), f"'step' {step!r} does not divide high - low ({high} - {low}): the grid would miss {high}")
     if anchors is not None and (not _whole(anchors) or not 1 <= anchors <= ANCHOR_LIMIT):
         raise error(path + ("anchors",), f"'anchors' is a whole number from 1 to {ANCHOR_LIMIT}, not {anchors!r}")
     return dataclasses.replace(dimension, low=low, high=high, step=step, anchors=anchors, integer=declared.type is int)
@@ -381,6 +384,12 @@ def run_trials(
         results.append(result)
         on_trial(result)
     return results
+
+
+def _divides(step: float, span: float) -> bool:
+    """Whether `span` is a whole number of `step`s, within float rounding (0.1 divides 0.6)."""
+    count = round(span / step)
+    return count >= 1 and abs(count * step - span) <= 1e-9 * max(1.0, abs(span))
 
 
 def _optuna(sampler: str):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT, load_tensors, run_cli
 from fake_hub import FakeHub, use
@@ -19,7 +20,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 import make_models  # noqa: E402
 
 # What a hub repository often holds beside what a merge reads: pickles, a folder of other weights.
-EXTRAS = {"pytorch_model.bin": b"\0" * 4096, "original/consolidated.00.pth": b"\1" * 4096, "README.md": b"# tiny\n"}
+EXTRAS = {"pytorch_model.bin": b"\0" * 4096, "original/consolidated.00.pth": b"\1" * 4096}
+# Its model card, whose license the cards of what is built from it carry.
+CARD = b"---\nlicense: apache-2.0\n---\n# tiny\n"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def hub(tmp_path, monkeypatch, models):
     """A fake hub holding each model as acme/NAME (with EXTRAS), and an empty Hugging Face cache."""
     server = FakeHub(tmp_path / "server")
     for name, folder in models.items():
-        server.add(f"acme/{name}", folder, EXTRAS)
+        server.add(f"acme/{name}", folder, {**EXTRAS, "README.md": CARD})
     use(monkeypatch, server, tmp_path / "hf-cache")
     server.clear()
     yield server
@@ -68,8 +71,8 @@ def errors(stderr: str) -> list[str]:
 
 
 def needed(folder: Path) -> dict[str, int]:
-    """The files of a model folder a merge reads, with their sizes: all of a saved model's."""
-    return {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
+    """The files of a hub model a merge reads, with their sizes: all of the saved model's, and the card."""
+    return {**{p.name: p.stat().st_size for p in sorted(folder.iterdir())}, "README.md": len(CARD)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +153,10 @@ def test_a_build_downloads_only_the_files_a_merge_reads(hub, tmp_path, models):
     code, _, err = run_cli("-f", str(path), "-q")
     assert code == 0, err
     assert sorted(hub.downloads()) == sorted(needed(models["base"]))
-    assert not [r.path for r in hub.requests if "pytorch_model.bin" in r.path or "/original/" in r.path or "README" in r.path]
+    assert not [r.path for r in hub.requests if "pytorch_model.bin" in r.path or "/original/" in r.path]
+    # The hub's model card came for its license, which the built card carries.
+    front = (tmp_path / "build" / "x" / "README.md").read_text().split("---\n")[1]
+    assert yaml.safe_load(front)["license"] == "apache-2.0"
     built, source = load_tensors(tmp_path / "build" / "x"), load_tensors(models["base"])
     assert built.keys() == source.keys()
     assert all(built[name].equal(source[name]) for name in source)
@@ -230,7 +236,7 @@ def sharded(source: Path, folder: Path) -> Path:
 
 def test_a_sharded_model_is_checked_from_each_shards_header_and_downloads_only_its_shards(hub, tmp_path, models):
     folder = sharded(models["base"], tmp_path / "sharded")
-    hub.add("acme/sharded", folder)
+    hub.add("acme/sharded", folder, {"README.md": CARD})
     hub.clear()
     path = passthrough(tmp_path, "acme/sharded")
     code, out, err = run_cli("check", "-f", str(path), "--json")
@@ -295,7 +301,8 @@ def test_the_files_a_merge_reads_of_a_hub_listing():
     small = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "chat_template.jinja"]
     shards = {"model.safetensors.index.json": ["model-1.safetensors", "model-2.safetensors"],
               "pytorch_model.bin.index.json": ["pytorch_model-1.bin"]}
-    other = ["README.md", ".gitattributes", "original/consolidated.00.pth", "onnx/model.onnx", "training_args.bin"]
+    small += ["README.md"]
+    other = [".gitattributes", "original/consolidated.00.pth", "onnx/model.onnx", "training_args.bin"]
     listing = small + other + ["pytorch_model.bin", "consolidated.safetensors", "model-1.safetensors",
                                "model-2.safetensors", "model.safetensors.index.json", "pytorch_model.bin.index.json",
                                "pytorch_model-1.bin"]

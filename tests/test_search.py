@@ -150,6 +150,7 @@ BAD = {
     "no space": ("space: {}", "'space' maps parameters", 20),
     "per model on a per-tensor parameter": ("space:\n      t@base: [0.1, 0.2]", "one value per tensor", 21),
     "bad anchors": ("space:\n      t: {low: 0, high: 1, anchors: 0}", "'anchors' is a whole number", 21),
+    "step that misses high": ("space:\n      t: {low: 0, high: 1, step: 0.3}", "does not divide high - low", 21),
 }
 
 

@@ -52,6 +52,8 @@ SAFETENSORS_INDEX, PICKLE_INDEX = INDEX_NAMES
 # config, tokenizer (json, sentencepiece, tiktoken, vocab/merges), chat template, custom code.
 COMPANION_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".py", ".tiktoken")
 HASH_CHUNK = 8 * 1024 * 1024
+# The model card: read for the license its front matter declares (`mbuild.plan.cards`).
+MODEL_CARD = "README.md"
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,8 @@ def locate(repo_id: str, revision: str | None) -> HubModel:
 
 def needed_files(listing: Iterable[str], index_shards_of: Callable[[str], list[str]]) -> list[str]:
     """The files of a hub revision a merge reads: top-level weights (safetensors when there are
-    any, with their index) and companion files; never pickles beside safetensors, nor subfolders.
+    any, with their index), companion files and the model card; never pickles beside
+    safetensors, nor subfolders.
 
     ``index_shards_of(name)``: the shard names an index file lists.
     """
@@ -210,7 +213,8 @@ def needed_files(listing: Iterable[str], index_shards_of: Callable[[str], list[s
     if absent:
         raise ModelError(f"the index lists shard(s) the hub does not have: {', '.join(absent)}")
     companions = [name for name in top if name.endswith(COMPANION_SUFFIXES) and name not in INDEX_NAMES]
-    return sorted(set(weights) | set(companions))
+    card = [MODEL_CARD] if MODEL_CARD in top else []  # its front matter's license goes into our cards
+    return sorted(set(weights) | set(companions) | set(card))
 
 
 def fetch(model: HubModel, names: Iterable[str] | None = None) -> None:
