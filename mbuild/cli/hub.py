@@ -39,6 +39,8 @@ def _lock(args, parser) -> int:
             return 0
         for node, commit in pins.items():
             print(f"{node.split(':', 1)[1]:40} {commit}")
+        if not pins:
+            print(f"mbuild lock: no hub model is pinned in {mergefile.path.name}.lock")
         return 0
     update = hub_pins.update_pins(mergefile, state, args.models)
     if args.json:
