@@ -138,6 +138,12 @@ def test_check_reports_the_bytes_a_build_downloads(hub, tmp_path, models):
     assert code == 0, err
     assert hub.tensor_bytes_fetched() == 0
     assert "hub models to download" in out and "acme/base@main" in out and "acme/tuned@main" in out
+    # ... and its JSON lists them as the check does.
+    code, out, err = run_cli("-f", str(path), "-n", "--json")
+    assert code == 0, err
+    listed = {row["model"]: row["download_bytes"] for row in json.loads(out)["downloads"]}
+    assert listed == {m["model"]: m["download_bytes"] for m in report["models"]}
+    assert hub.tensor_bytes_fetched() == 0
 
 
 # ---------------------------------------------------------------------------------------------

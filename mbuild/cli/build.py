@@ -24,7 +24,8 @@ def build(args) -> int:
         cache = shared.tensor_cache(state, args, create=False)
         has_tensor = (lambda key: cache.contains(key)) if cache is not None and not args.force else (lambda key: False)
         decisions = staleness.decide_all(the_plan, state, args.force, has_tensor)
-        console.print_dry_run(the_plan, decisions, args, has_tensor, _cluster_nodes(args, state))
+        fetched = [row.as_json() for row in check.downloads(hub.models.values())]
+        console.print_dry_run(the_plan, decisions, args, has_tensor, _cluster_nodes(args, state), fetched)
         if not args.json:
             check.print_downloads(hub.models.values())
         return 0

@@ -39,12 +39,18 @@ def check(args) -> int:
     return 2 if problems else 0
 
 
-def print_downloads(models) -> None:
-    """What a build would download of these hub models (`io.HubModel`); nothing when the cache holds them all."""
+def downloads(models) -> list:
+    """What a build would download of these hub models (`io.HubModel`): a `ModelDownload` for each
+    the cache does not hold whole."""
     from mbuild import hub_check
 
     rows = [hub_check.model_download(model) for model in models]
-    rows = [row for row in rows if not row.in_cache]
+    return [row for row in rows if not row.in_cache]
+
+
+def print_downloads(models) -> None:
+    """What a build would download of these hub models (`io.HubModel`); nothing when the cache holds them all."""
+    rows = downloads(models)
     if not rows:
         return
     print(f"hub models to download ({console._size(sum(row.download_bytes for row in rows))}):")

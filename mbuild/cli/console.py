@@ -134,14 +134,15 @@ def _cluster_data(data: dict, classes: list[dict], device: str) -> dict:
     return {"node_classes": classes, "cpus": sum(c["cpus"] * c["nodes"] for c in classes)}
 
 
-def print_dry_run(the_plan, decisions, args, has_tensor, nodes=None) -> None:
-    """The plan as a table (or JSON); with ``nodes`` (a Ray cluster's), what each class of node can take."""
+def print_dry_run(the_plan, decisions, args, has_tensor, nodes=None, downloads=()) -> None:
+    """The plan as a table (or JSON); with ``nodes`` (a Ray cluster's), what each class of node can
+    take; ``downloads``: the hub models a build would fetch (`mbuild check`'s rows, for the JSON)."""
     from mbuild import session
 
     data = _dry_run_data(the_plan, decisions, args, has_tensor)
     cluster = _cluster_data(data, node_classes(nodes), args.device) if nodes is not None else None
     if args.json:
-        document = {"targets": data}
+        document = {"targets": data, "downloads": list(downloads)}
         if cluster is not None:
             document["cluster"] = cluster
         print(json.dumps(document, indent=2))
