@@ -98,6 +98,8 @@ class TrialResult:
     key: str | None = None  # the searched target's key
     output_digest: str | None = None  # of the searched target's tensor digests
     error: str | None = None
+    build_seconds: float = 0.0  # the searched target's build (0: nothing was stale)
+    eval_seconds: float = 0.0  # the objective's eval (0: its score came from the cache)
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -366,6 +368,9 @@ def run_trials(
         report = reports.get(search.name)
         if report is not None:
             result.tensors_computed, result.tensors_reused = report.tensors_computed, report.tensors_reused
+            result.build_seconds = round(report.seconds, 3)
+        if search.objective in reports:
+            result.eval_seconds = round(reports[search.objective].seconds, 3)
         failed = [r for r in reports.values() if r.status in ("failed", "skipped")]
         result.score = score_of(trial_file.targets[search.objective]) if not failed else None
         if failed or result.score is None:
