@@ -347,18 +347,28 @@ class Checker(ValueChecker):
         self.target_name = None
         return target
 
+    def kind_body(self, name: str, body: dict, kind: str, target_keys, keys, required, shape: str) -> dict:
+        """The body of a non-merge kind's target (`kind: {...}`), its keys checked: the target's
+        against ``target_keys``, the body's against ``keys``, each of ``required`` present.
+        ``shape`` says what the body holds, for the error when it is not a mapping."""
+        path = ("targets", name)
+        where = path + (kind,)
+        self.unknown_keys(body, target_keys, path)
+        spec = body[kind]
+        if not isinstance(spec, dict):
+            raise self.error(where, f"'{kind}' is a mapping with {shape}")
+        self.unknown_keys(spec, keys, where)
+        for key in required:
+            if key not in spec:
+                raise self.error(where, f"'{kind}' needs '{key}:'")
+        return spec
+
     def lora_target(self, name: str, body: dict, target_names: set[str]) -> Target:
         """A LoRA extraction: `extract_lora: {model: tuned, base: base, rank: 16}` into a PEFT adapter."""
         path = ("targets", name)
         where = path + ("extract_lora",)
-        self.unknown_keys(body, LORA_TARGET_KEYS, path)
-        spec = body["extract_lora"]
-        if not isinstance(spec, dict):
-            raise self.error(where, "'extract_lora' is a mapping with 'model:', 'base:' and 'rank:'")
-        self.unknown_keys(spec, LORA_KEYS, where)
-        for key in LORA_KEYS[:3]:
-            if key not in spec:
-                raise self.error(where, f"'extract_lora' needs '{key}:'")
+        spec = self.kind_body(name, body, "extract_lora", LORA_TARGET_KEYS, LORA_KEYS, LORA_KEYS[:3],
+                              "'model:', 'base:' and 'rank:'")
         refs = ReferenceResolver(self, target_names)
         model = refs.resolve(spec["model"], where + ("model",))
         base = refs.resolve(spec["base"], where + ("base",))

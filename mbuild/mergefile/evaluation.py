@@ -38,14 +38,8 @@ def eval_target(checker, name: str, body: dict, target_names) -> Target:
     """An eval target: `eval: {model, metric, data | task, ...}` checked into a Target."""
     path = ("targets", name)
     where = path + ("eval",)
-    checker.unknown_keys(body, EVAL_TARGET_KEYS, path)
-    spec = body["eval"]
-    if not isinstance(spec, dict):
-        raise checker.error(where, "'eval' is a mapping with 'model:', 'metric:' and 'data:' (or 'task:')")
-    checker.unknown_keys(spec, EVAL_KEYS, where)
-    for key in ("model", "metric"):
-        if key not in spec:
-            raise checker.error(where, f"'eval' needs '{key}:'")
+    spec = checker.kind_body(name, body, "eval", EVAL_TARGET_KEYS, EVAL_KEYS, ("model", "metric"),
+                             "'model:', 'metric:' and 'data:' (or 'task:')")
     metric = spec["metric"]
     if metric not in METRICS:
         raise checker.error(where + ("metric",), f"unknown metric {metric!r}{suggest(str(metric), METRICS)}: one of {', '.join(METRICS)}")
