@@ -73,10 +73,26 @@ def refuse_unfitting(plan, names, device: str) -> None:
         target_plan = plan.targets.get(name)
         if target_plan is None or target_plan.target.evaluation is None:
             continue
-        task = target_plan.tasks[0]
-        node = task.inputs[0].node
-        info = plan.sources[node].info if node in plan.sources else plan.targets[Node(node).label].model_info()
-        check_fits(target_plan.target, info, dict(task.params), device)
+        check_fits(target_plan.target, evaluated_model(plan, target_plan), dict(target_plan.tasks[0].params), device)
+
+
+def evaluated_model(plan, target_plan) -> io.ModelInfo:
+    """The tensor table of the model an eval target scores (a source's, or an earlier target's)."""
+    node = target_plan.tasks[0].inputs[0].node
+    return plan.sources[node].info if node in plan.sources else plan.targets[Node(node).label].model_info()
+
+
+def estimate_work(plan, target_plan) -> dict[str, int]:
+    """`staleness.estimate_work`'s figures for an eval target: the model read whole, and the
+    memory `check_fits` asks for (the tensor-task estimate knows nothing of a model run)."""
+    info = evaluated_model(plan, target_plan)
+    needs = memory_needed(info, dict(target_plan.tasks[0].params))
+    return {
+        "tensors_to_compute": 1,
+        "bytes_to_read": sum(t.nbytes for t in info.tensors.values()),
+        "peak_memory": needs,
+        "largest_task_memory": needs - memory.BASELINE,
+    }
 
 
 def check_fits(target, info: io.ModelInfo, params: Mapping[str, Any], device: str) -> None:

@@ -344,6 +344,20 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_runs(llama, tmp_path
     assert not (tmp_path / "build" / "final").exists()  # nothing ran, not even the merge
 
 
+def test_the_dry_run_estimates_an_eval_as_a_model_run(llama, tmp_path):
+    # The memory the dry run shows for an eval is the model's, as the check before the build
+    # counts it, not that of a task whose output is one number; it reads the whole model.
+    (tmp_path / "wiki.txt").write_text(TEXT)
+    path = mergefile(tmp_path, llama, "  ppl:\n    eval: {model: final, metric: perplexity, data: wiki.txt, dtype: float32}\n")
+    code, out, err = run_cli("-f", str(path), "--dry-run", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["targets"]
+    model_bytes = rows["final"]["parameters"] * 4  # evaluated in float32
+    assert rows["ppl"]["bytes_to_read"] == rows["final"]["bytes"]
+    assert rows["ppl"]["peak_memory"] > model_bytes and rows["ppl"]["largest_task_memory"] > model_bytes
+    assert rows["ppl"]["tensors_to_compute"] == 1
+
+
 def test_report_json_shape_and_table(llama, tmp_path):
     (tmp_path / "wiki.txt").write_text(TEXT)
     body = """  ppl:

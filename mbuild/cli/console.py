@@ -88,7 +88,12 @@ def _dry_run_data(the_plan, decisions, args, has_tensor) -> dict:
                 count *= size
             parameters += count
         reusable = staleness.reusable_in(staleness.inspect_output(target_plan.target.output), has_tensor)
-        estimates = staleness.estimate_work(target_plan, reusable, args.jobs, memory.task_budget())
+        if target_plan.target.evaluation is not None:  # a model run, not tensor tasks
+            from mbuild import evaluation
+
+            estimates = evaluation.estimate_work(the_plan, target_plan)
+        else:
+            estimates = staleness.estimate_work(target_plan, reusable, args.jobs, memory.task_budget())
         data[name] = {
             "stale": decision.stale,
             "action": decision.action,
