@@ -80,9 +80,26 @@ def check(mergefile, state, request: session.Request) -> CheckReport:
             except MbuildError as error:
                 if str(error) not in problems:  # a target reading a bad one fails with its error
                     problems.append(str(error))
+    problems += _search_problems(mergefile, None if not request.targets else set(order))
     models = tuple(model_download(model) for model in reads.models.values())
     cache = io.hub.hub_cache_folder()
     return CheckReport(tuple(order), tuple(problems), models, cache, io.hub.free_disk(cache))
+
+
+def _search_problems(mergefile, names) -> list[str]:
+    """The mistakes of the `search:` entries for ``names`` (None: every entry), which only
+    `mbuild search` reads otherwise: found here before a search is started."""
+    from mbuild import search
+
+    problems = []
+    for name in search.search_names(mergefile):
+        if names is not None and name not in names:
+            continue
+        try:
+            search.read_search(mergefile, name)
+        except MbuildError as error:
+            problems.append(str(error))
+    return problems
 
 
 def model_download(model: io.HubModel) -> ModelDownload:

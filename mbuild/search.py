@@ -105,6 +105,14 @@ class TrialResult:
         return dataclasses.asdict(self)
 
 
+def search_names(mergefile: Mergefile) -> list[str]:
+    """The targets the Mergefile's `search:` section has an entry for, as written."""
+    text = io.read_small_file(mergefile.path, MERGEFILE_LIMIT, MergefileError).decode("utf-8")
+    data, _ = load_yaml(text, mergefile.path)
+    sections = data.get(SECTION) if isinstance(data, dict) else None
+    return [str(name) for name in sections] if isinstance(sections, dict) else []
+
+
 def read_search(mergefile: Mergefile, name: str) -> Search:
     """The `search:` entry of target ``name``, checked; every mistake names its line."""
     text = io.read_small_file(mergefile.path, MERGEFILE_LIMIT, MergefileError).decode("utf-8")

@@ -182,6 +182,19 @@ def test_the_objective_must_be_an_eval_that_reads_the_searched_target(family, tm
     assert code == 2 and "no search for 'nothing'" in err
 
 
+def test_mbuild_check_finds_a_bad_search_before_it_is_run(family, tmp_path):
+    path = tmp_path / "Mergefile"
+    good = searched_mergefile(family)
+    path.write_text(good)
+    code, out, err = run_cli("check", "-f", str(path), "--json")
+    assert code == 0 and json.loads(out)["problems"] == [], err
+    path.write_text(good.replace("objective: ppl", "objective: nothing"))
+    code, out, _ = run_cli("check", "-f", str(path), "--json")
+    problems = json.loads(out)["problems"]
+    assert code == 2 and len(problems) == 1 and "names an eval target" in problems[0]
+    assert problems[0].startswith(f"{path}:") and "target 'final'" in problems[0]
+
+
 def test_a_mergefile_changed_during_the_search_is_left_alone(family, tmp_path):
     path = tmp_path / "Mergefile"
     path.write_text(searched_mergefile(family))
