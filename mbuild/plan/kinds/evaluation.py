@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -138,6 +137,8 @@ def _runner(target: Target) -> str:
 
 
 def _release(package: str) -> str:
+    from importlib import metadata  # here: a plan without eval targets does not pay for its import
+
     try:
         return ".".join(metadata.version(package).split(".")[:2])
     except metadata.PackageNotFoundError:
