@@ -147,9 +147,26 @@ class OutputState:
     def refusal(self, folder: Path) -> str:
         """Why this output may not be replaced, for an error message."""
         if self.manifest is None:
+            points = _sweep_points(folder)
+            if points:  # `matrix:` was taken off a target whose points are still built in its folder
+                shown = ", ".join(points[:3]) + (f" and {len(points) - 3} more" if len(points) > 3 else "")
+                return (f"output folder {folder} holds the outputs of an earlier sweep ({shown}), "
+                        "which mbuild will not replace with one model")
             return f"output folder {folder} exists and was not made by mbuild"
         shown = ", ".join(self.unlisted[:5]) + (f" and {len(self.unlisted) - 5} more" if len(self.unlisted) > 5 else "")
         return f"output folder {folder} holds what mbuild did not write there ({shown})"
+
+
+def _sweep_points(folder: Path) -> list[str]:
+    """The subfolders of ``folder`` that are mbuild outputs, when that is all it holds (a sweep's points)."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    locks = {io.outputs.target_lock_file(entry).name for entry in entries}  # the lock beside each output
+    entries = [entry for entry in entries if entry.name not in locks]
+    outputs = [entry.name for entry in entries if entry.is_dir() and io.read_manifest(entry) is not None]
+    return outputs if outputs and len(outputs) == len(entries) else []
 
 
 def inspect_output(folder: Path) -> OutputState:

@@ -138,6 +138,19 @@ def test_changing_one_value_list_builds_only_the_new_points(family, tmp_path):
     assert all(row["status"] == "fresh" for name, row in second.items() if name not in built)
 
 
+def test_a_sweep_taken_off_leaves_its_points_and_says_so(family, tmp_path):
+    # The points' folders are inside the target's own: the plain target may not replace them.
+    path = write(tmp_path, ties_mergefile(family, matrix="matrix:\n  density: [0.3, 0.7]\n"))
+    assert {row["status"] for row in build_json(path).values()} == {"built"}
+    points = sorted(p.name for p in (tmp_path / "build" / "final").iterdir() if p.is_dir())
+    before = {p: (tmp_path / "build" / "final" / p / "mbuild.json").read_bytes() for p in points}
+    path.write_text(ties_mergefile(family))
+    code, _, err = run_cli("-f", str(path))
+    assert code == 2
+    assert f"{path}:2: target 'final'" in err and "holds the outputs of an earlier sweep (density=0.3, density=0.7)" in err
+    assert {p: (tmp_path / "build" / "final" / p / "mbuild.json").read_bytes() for p in points} == before
+
+
 def test_a_target_reading_a_sweep_by_its_bare_name_is_swept_with_it(family, tmp_path):
     extra = soup_of_final(family, more="    matrix: {normalize: [true, false]}\n")
     parsed = mergefile.load(write(tmp_path, ties_sweep(family, extra=extra)))

@@ -168,7 +168,12 @@ class FileLock:
 
 def target_lock(output: Path, on_wait=None) -> FileLock:
     """The lock a process holds while it decides and builds one target's output."""
-    return FileLock(output.parent / f".{output.name}.mbuild-lock", on_wait)
+    return FileLock(target_lock_file(output), on_wait)
+
+
+def target_lock_file(output: Path) -> Path:
+    """The file of `target_lock`, beside the output."""
+    return output.parent / f".{output.name}.mbuild-lock"
 
 
 def fsync_folder(folder: Path) -> None:
