@@ -551,7 +551,8 @@ class TaskArithmeticVariant:
                 elif selection is not True:
                     threshold, at_threshold = selection
                     # The kept ties in this slice: `at_threshold` is ascending.
-                    low, high = torch.searchsorted(at_threshold, torch.tensor([start, stop], dtype=at_threshold.dtype)).tolist()
+                    bounds = torch.tensor([start, stop], dtype=at_threshold.dtype)
+                    low, high = torch.searchsorted(at_threshold, bounds).tolist()
                     _keep_selected(delta, threshold, at_threshold[low:high] - start)
             self._combine_into(piece, weight_values, flat_base[start:stop], params, merged[start:stop])
         return merged.reshape(base.shape)
