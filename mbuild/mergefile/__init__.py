@@ -95,20 +95,21 @@ def parse(text: str, path: Path) -> Mergefile:
     matrix.check_targets(checker, bodies, defaults, spellings)  # each sweep as its points
     for target in targets.values():
         for ref in target.references():
-            if ref.kind == "target" and targets[ref.location].gguf is not None:
+            unread = _unreadable(targets[ref.location]) if ref.kind == "target" else None
+            if unread is not None:
                 raise MergefileError(
-                    f"'{ref}' is a GGUF target: its output is a .gguf file, which no other target reads",
-                    Location(mergefile.path, ref.line, target.name),
-                )
-            if ref.kind == "target" and targets[ref.location].extract_lora is not None:
-                raise MergefileError(
-                    f"'{ref}' is a LoRA extraction target: its output is an adapter, which no other target reads",
-                    Location(mergefile.path, ref.line, target.name),
-                )
-            if ref.kind == "target" and targets[ref.location].evaluation is not None:
-                raise MergefileError(
-                    f"'{ref}' is an eval target: its output is a score, which no other target reads",
-                    Location(mergefile.path, ref.line, target.name),
+                    f"'{ref}' is {unread}, which no other target reads", Location(mergefile.path, ref.line, target.name)
                 )
     check_outputs(mergefile)
     return mergefile
+
+
+def _unreadable(target: Target) -> str | None:
+    """What a target is and makes, when its output is no model another target can read."""
+    if target.gguf is not None:
+        return "a GGUF target: its output is a .gguf file"
+    if target.extract_lora is not None:
+        return "a LoRA extraction target: its output is an adapter"
+    if target.evaluation is not None:
+        return "an eval target: its output is a score"
+    return None
