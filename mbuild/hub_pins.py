@@ -14,11 +14,10 @@ changes the key of exactly the targets downstream of that model. No weight is fe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from mbuild import io, lock
-from mbuild.errors import Location, MbuildError, ModelError
+from mbuild.errors import Location, MbuildError
 from mbuild.mergefile import Mergefile, ModelRef
 from mbuild.mergefile.dependencies import build_graph
 from mbuild.nodes import LORA, Node
@@ -26,7 +25,6 @@ from mbuild.plan.graph import select
 
 # The branch an unpinned hub model follows (its node is ``hub:ID@main``).
 BRANCH = "main"
-REF_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def update_pins(mergefile: Mergefile, state, models: Sequence[str] = ()) -> PinU
     graph = build_graph(mergefile)
     moves = []
     for model, node in chosen.items():
-        new = branch_commit(model)
+        new = io.hub.branch_commit(model, BRANCH)
         moves.append(PinMove(model, node, pinned.get(node), new, downstream_targets(mergefile, graph, node)))
     moved = {move.node: move.new for move in moves if move.moved}
     if moved:
@@ -103,37 +101,3 @@ def downstream_targets(mergefile: Mergefile, graph, node: str) -> tuple[str, ...
     for reader in readers:
         found.update(Node(n).label for n in nx.descendants(graph, reader) if Node(n).is_target)
     return tuple(name for name in mergefile.targets if name in found)
-
-
-def branch_commit(model: str, branch: str = BRANCH) -> str:
-    """The commit a hub model's branch names now: the hub's answer, or the local cache's when offline."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return cached_branch_commit(model, branch)
-    from huggingface_hub import HfApi
-
-    try:
-        commit = HfApi().model_info(model, revision=branch).sha
-    except Exception as error:  # huggingface_hub raises many kinds; all mean "no answer"
-        raise ModelError(f"hub model '{model}': the hub did not say which commit '{branch}' is: {type(error).__name__}: {error}") from None
-    if not isinstance(commit, str) or not io.HUB_COMMIT.match(commit):
-        raise ModelError(f"hub model '{model}': the hub named {commit!r} as the commit of '{branch}'")
-    return commit
-
-
-def cached_branch_commit(model: str, branch: str = BRANCH) -> str:
-    """The commit the local Hugging Face cache's ref of ``branch`` names (HF_HUB_OFFLINE=1)."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=model, repo_type="model") / "refs" / branch
-    try:
-        commit = io.read_small_file(ref, REF_LIMIT).decode("ascii", errors="replace").strip()
-    except FileNotFoundError:
-        raise ModelError(
-            f"hub model '{model}' is not in the local Hugging Face cache (HF_HUB_OFFLINE=1): no {ref}"
-        ) from None
-    if not io.HUB_COMMIT.match(commit):
-        raise ModelError(f"hub model '{model}': the cache's ref {ref} does not name a commit")
-    return commit

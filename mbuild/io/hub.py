@@ -192,6 +192,21 @@ def locate(repo_id: str, revision: str | None) -> HubModel:
     return HubModel(repo_id, revision, commit, folder, files, missing)
 
 
+def branch_commit(repo_id: str, branch: str = "main") -> str:
+    """The commit a branch names now: the hub's answer, or the cache's ref with HF_HUB_OFFLINE=1."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        return _listing(repo_id, branch)[0]
+    try:
+        commit = _read_ref(_storage(repo_id), branch)
+    except ModelError as error:
+        raise ModelError(f"hub model '{repo_id}': {error.message}") from None
+    if commit is None:
+        raise ModelError(f"hub model '{repo_id}' not found in the local Hugging Face cache (HF_HUB_OFFLINE=1)")
+    return commit
+
+
 def needed_files(listing: Iterable[str], index_shards_of: Callable[[str], list[str]]) -> list[str]:
     """The files of a hub revision a merge reads: top-level weights (safetensors when there are
     any, with their index), companion files and the model card; never pickles beside
