@@ -23,8 +23,9 @@ from pathlib import Path
 from mbuild import io, lock, staleness
 from mbuild.plan import cards
 from mbuild.errors import BuildError, MbuildError
+from mbuild.mergefile.references import HUB_REPO
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+REPO_ID = re.compile(rf"^{HUB_REPO}$")
 # A branch name git and the hub accept: no '..', no empty part, no leading or trailing '/'.
 BRANCH = re.compile(r"^[\w.\-]+(/[\w.\-]+)*$")
 DEFAULT_BRANCH = "main"
@@ -115,8 +116,7 @@ def _upload(folder, repo: str, private: bool, revision: str, message: str):
             api.create_branch(repo, branch=revision, exist_ok=True, repo_type="model")
         step = f"uploading to {repo}@{revision}"
         return api.upload_folder(
-            repo_id=repo, folder_path=folder, revision=revision, commit_message=message,
-            ignore_patterns=[io.MANIFEST_NAME], repo_type="model",
+            repo_id=repo, folder_path=folder, revision=revision, commit_message=message, repo_type="model",
         )
     except Exception as error:  # huggingface_hub raises many kinds (HTTP, auth, value); each stops the push
         first_line = (str(error).strip().splitlines() or [""])[0]

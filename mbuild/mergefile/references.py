@@ -17,7 +17,9 @@ from mbuild.mergefile.values import ValueChecker, suggest
 from mbuild.nodes import LORA, Node
 
 ADAPTER_CONFIG = "adapter_config.json"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+# A hub repository, ORG/NAME (`mbuild push --repo` takes the same).
+HUB_REPO = r"[A-Za-z0-9][\w.\-]*/[\w.\-]+"
+HUB_ID = re.compile(rf"^{HUB_REPO}(@[\w.\-/]+)?$")
 
 
 class ReferenceResolver:
