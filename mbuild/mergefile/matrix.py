@@ -97,6 +97,11 @@ def check_targets(checker, bodies: Mapping[str, Any], defaults: dict, spellings:
     """Check every written target into ``checker.mergefile.targets``, each sweep as its points."""
     mergefile = checker.mergefile
     own = {name: _axes(checker, name, body, spellings) for name, body in bodies.items() if _has_matrix(body)}
+    if not own:  # no sweep: each target is checked once, as written (what most Mergefiles are)
+        names = {name: name for name in bodies}
+        for name, body in bodies.items():
+            mergefile.targets[name] = checker.target(name, body, defaults, names)
+        return
     reads = _bare_reads(checker, bodies, defaults, own)
     axes: dict[str, tuple[Axis, ...]] = {}
     for name in bodies:
