@@ -21,8 +21,8 @@ def check(args) -> int:
     problems = list(report.problems)
     if not report.fits:
         problems.append(
-            f"the hub models need {console._size(report.download_bytes)} more in {report.cache_folder}, "
-            f"which has {console._size(report.free_bytes)} free"
+            f"the hub models need {console.byte_text(report.download_bytes)} more in {report.cache_folder}, "
+            f"which has {console.byte_text(report.free_bytes)} free"
         )
     if args.json:
         print(json.dumps({**report.as_json(), "problems": problems}, indent=2))
@@ -31,8 +31,8 @@ def check(args) -> int:
             _print_model(model)
         print(
             f"mbuild check: {len(report.targets)} target(s), {len(report.problems)} problem(s); "
-            f"{console._size(report.download_bytes)} to download, "
-            f"{console._size(report.free_bytes)} free in {report.cache_folder}"
+            f"{console.byte_text(report.download_bytes)} to download, "
+            f"{console.byte_text(report.free_bytes)} free in {report.cache_folder}"
         )
     for problem in problems:
         print(f"mbuild: error: {problem}", file=sys.stderr)
@@ -53,11 +53,11 @@ def print_downloads(models) -> None:
     rows = downloads(models)
     if not rows:
         return
-    print(f"hub models to download ({console._size(sum(row.download_bytes for row in rows))}):")
+    print(f"hub models to download ({console.byte_text(sum(row.download_bytes for row in rows))}):")
     for row in rows:
         _print_model(row)
 
 
 def _print_model(model) -> None:
-    where = "in the cache" if model.in_cache else f"{console._size(model.download_bytes)} to download"
-    print(f"  {model.model:40} {model.commit[:12]}  {model.files} files, {console._size(model.needed_bytes)}; {where}")
+    where = "in the cache" if model.in_cache else f"{console.byte_text(model.download_bytes)} to download"
+    print(f"  {model.model:40} {model.commit[:12]}  {model.files} files, {console.byte_text(model.needed_bytes)}; {where}")

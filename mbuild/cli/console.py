@@ -66,7 +66,8 @@ class SideImport:
             cls.started.pop().join()
 
 
-def _size(count: float) -> str:
+def byte_text(count: float) -> str:
+    """A byte count for people: '512 B', '3.4 MB', '1.2 GB' (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(count) < 1000 or unit == "TB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -168,9 +169,9 @@ def print_dry_run(the_plan, decisions, args, has_tensor, nodes=None, downloads=(
             row["method"],
             str(row["layers"]),
             f"{row['parameters'] / 1e6:.1f}M",
-            _size(row["bytes"]),
-            _size(row["bytes_to_read"]),
-            _size(row["peak_memory"]),
+            byte_text(row["bytes"]),
+            byte_text(row["bytes_to_read"]),
+            byte_text(row["peak_memory"]),
         )
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
@@ -185,13 +186,13 @@ def print_dry_run(the_plan, decisions, args, has_tensor, nodes=None, downloads=(
         for column in ("nodes", "CPUs each", "memory each", "GPUs each", "stale targets whose largest task fits"):
             nodes_table.add_column(column, overflow="fold")
         for entry in cluster["node_classes"]:
-            nodes_table.add_row(str(entry["nodes"]), str(entry["cpus"]), _size(entry["memory"]), str(entry["gpus"]),
+            nodes_table.add_row(str(entry["nodes"]), str(entry["cpus"]), byte_text(entry["memory"]), str(entry["gpus"]),
                                 ", ".join(entry["fits"]) or "none")
         console.print(nodes_table)
         for name in stale:
             row = data[name]
-            console.print(f"{name}: {row['tensors_to_compute']} tasks, {_size(row['bytes_to_read'])} to read, "
-                          f"largest task {_size(row['largest_task_memory'])}")
+            console.print(f"{name}: {row['tensors_to_compute']} tasks, {byte_text(row['bytes_to_read'])} to read, "
+                          f"largest task {byte_text(row['largest_task_memory'])}")
 
 
 def print_summary(reports) -> None:
@@ -247,7 +248,7 @@ class Printer(Reporter):
             yield lambda count: None
             return
         if not self.tty:
-            print(f"mbuild: {description} ({_size(total)}), once per version of its files", file=sys.stderr, flush=True)
+            print(f"mbuild: {description} ({byte_text(total)}), once per version of its files", file=sys.stderr, flush=True)
             yield lambda count: None
             return
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
