@@ -164,6 +164,8 @@ class Builder:
         self._built: list[str] = []
         self.lock_path = lock.lock_path(plan.mergefile.path)
         self.streaming = larger_than_memory(plan)
+        self._setup_lock = threading.Lock()
+        self._ready = False  # ready_to_compute has run
 
     def _has_tensor(self, key: str) -> bool:
         return self.cache is not None and not self.options.force and self.cache.contains(key)
@@ -171,10 +173,25 @@ class Builder:
     def run(self) -> dict[str, TargetReport]:
         """Bring every planned target up to date; returns a report per target."""
         launcher.tune_allocator()
-        self._confirm_platform()
-        with torch_single_threaded():
+        with contextlib.ExitStack() as self._compute_setup:
+            if not self.executor.runs_elsewhere:
+                self.ready_to_compute()
             self._start_jobs()
             return self._run()
+
+    def ready_to_compute(self) -> None:
+        """Before this process computes its first tensor: torch's kernels checked against the
+        plan's platform, and torch single-threaded until the run ends.
+
+        A local build does this first. A cluster's driver does it only if it computes a tensor
+        itself, so a driver whose workers compute everything never imports torch.
+        """
+        with self._setup_lock:
+            if self._ready:
+                return
+            self._confirm_platform()
+            self._compute_setup.enter_context(torch_single_threaded())
+            self._ready = True
 
     def _start_jobs(self, after: str | None = None) -> None:
         """Give the executor the jobs of the stale targets whose inputs are final, to start now.
@@ -418,14 +435,12 @@ class _TensorPipeline:
     """
 
     def __init__(self, builder: Builder, target_plan: TargetPlan, folder: Path, existing: OutputState):
-        import torch
-
         self.builder = builder
         self.target_plan = target_plan
         self.cache = builder.cache
         self.state = builder.state
         self.lookup = None if builder.options.force else builder.cache  # reuse from the cache
-        models = self.models = builder._input_models(target_plan)
+        self.models = builder._input_models(target_plan)
         self.previous: Mapping[str, Mapping[str, str]] = {}
         self.previous_model = None
         gguf = target_plan.output_format == "gguf"  # one .gguf file (mbuild.io.gguf_file), not shards
@@ -454,22 +469,8 @@ class _TensorPipeline:
         self.reader = io.TensorReader(frozenset(self.file_tensors), streaming=builder.streaming)
         self.position = {task.name: index for index, task in enumerate(target_plan.tasks)}
         self._read_ahead = 0  # tasks before this index have had their inputs asked for
-        device = torch.device(builder.options.device)
-        self.inputs = operations.Inputs(
-            models,
-            self.reader,
-            device,
-            target_plan.target,
-            target_plan.vocabulary,
-            # Workers run side by side, each task splitting its own work between its share of
-            # the cores where the split cannot change a byte (see torch_single_threaded).
-            threads=max(1, usable_cores() // max(1, builder.options.jobs)),
-        )
-        if any(t.method == "moe_gate" for t in target_plan.tasks):
-            from mbuild import moe
-
-            self.inputs.gates = moe.GateContext(device)
-            self.inputs.base_folder = models[plan_node(target_plan.target.base_model)].folder
+        self._inputs: operations.Inputs | None = None
+        self._inputs_lock = threading.Lock()
         self.tasks = target_plan.tasks
         self.folder = folder
         self.made: dict[str, str] = {}  # task key -> digest of the bytes it produced
@@ -506,6 +507,37 @@ class _TensorPipeline:
                         ahead += info.end - info.start
                 index += 1
             self._read_ahead = max(self._read_ahead, index)
+
+    @property
+    def inputs(self) -> operations.Inputs:
+        """What tasks computed here read from; made (and torch imported) for the first of them."""
+        with self._inputs_lock:
+            if self._inputs is None:
+                self.builder.ready_to_compute()
+                self._inputs = self._make_inputs()
+            return self._inputs
+
+    def _make_inputs(self) -> operations.Inputs:
+        import torch
+
+        builder, target_plan = self.builder, self.target_plan
+        device = torch.device(builder.options.device)
+        inputs = operations.Inputs(
+            self.models,
+            self.reader,
+            device,
+            target_plan.target,
+            target_plan.vocabulary,
+            # Workers run side by side, each task splitting its own work between its share of
+            # the cores where the split cannot change a byte (see torch_single_threaded).
+            threads=max(1, usable_cores() // max(1, builder.options.jobs)),
+        )
+        if any(t.method == "moe_gate" for t in target_plan.tasks):
+            from mbuild import moe
+
+            inputs.gates = moe.GateContext(device)
+            inputs.base_folder = self.models[plan_node(target_plan.target.base_model)].folder
+        return inputs
 
     def run(self, task: TensorTask) -> str:
         """Run a task once per key: a twin (a repeated layer) waits and then reads the cache.

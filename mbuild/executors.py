@@ -75,6 +75,7 @@ class Work(Protocol):
 
 class Executor(Protocol):
     runs_elsewhere: bool  # whether tasks may run on other machines (jobs are then made and prefetched)
+    computes_here: bool  # whether this process is expected to compute tensors (it then imports torch early)
 
     def check(self, largest: Job | None) -> None:
         """Refuse, before anything runs, a job no worker could take."""
@@ -98,6 +99,7 @@ class LocalExecutor:
     """
 
     runs_elsewhere = False
+    computes_here = True
 
     def __init__(self, jobs: int, budget: int | None = None, cost: Callable[[Any], int] | None = None):
         self.jobs = max(1, jobs)

@@ -1,14 +1,19 @@
 """The Ray executor: tensor tasks as Ray tasks over a cluster, bytes through shared storage.
 
-Each Ray task gets one `Job` (a tensor task with its inputs named by path) and the
-`Storage`; it reads the inputs from storage every node sees, computes exactly as a local
-build does (torch single-threaded, the plan's compute platform checked first), writes the
-bytes to the storage under the task's key and returns a `JobResult`: the digest and the
-node. Weights never pass through Ray's object store. The driver writes each result into
-the output's shard as it comes, so outputs, the manifest, the lock and the publish are
-those of a local build.
+The driver sends `Job`s (tensor tasks with their inputs named by path) in groups, one Ray
+task per group, and gets back a `JobResult` per job; what runs on the nodes is
+`mbuild.ray_workers`. A job of the target being built writes its bytes at their place in
+the output's shard on shared storage (the header is planned ahead), so the driver only
+records digests; a job started ahead, for a target whose turn has not come, leaves its bytes
+in the results storage, where the driver takes them when the target is built. Outputs, the
+manifest, the lock and the publish are therefore those of a local build.
 
-Ray retries a job whose worker or node died (`max_retries`); a job's write is atomic, so
+A group is consecutive jobs of one target, up to `GROUP_BYTES` of output or `GROUP_JOBS`
+jobs: Ray's cost per task then stays small beside the arithmetic (a 7B model's small norms
+travel together; its large matrices one per task). A group's task asks for one CPU and the
+memory of its largest job (its jobs run one after the other), and a GPU with --device cuda.
+
+Ray retries a task whose worker or node died (`max_retries`); a job's write is atomic, so
 a retried or duplicated job leaves one whole result. A job killed with its driver leaves
 its finished results in the storage, where the next run finds them.
 """
@@ -17,74 +22,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
 from typing import Any, Iterable
 
+from mbuild import ray_workers
 from mbuild.errors import BuildError, MbuildError
 from mbuild.executors import Done, Job, JobResult, Work
 from mbuild.storage import Storage
 
 # Ray tasks of the cluster in flight at once, per CPU of the cluster (bounds storage in use).
 IN_FLIGHT_PER_CPU = 4
-# Ray retries a job this many times when its worker or node dies.
+# Ray retries a task this many times when its worker or node dies.
 RETRIES = 4
-
-
-def _warm_up() -> None:
-    """What a worker imports before its first job."""
-    import torch  # noqa: F401
-
-    from mbuild import engine, operations  # noqa: F401
-
-
-def compute_job(job: Job, storage: Storage) -> JobResult:
-    """Run one job on this machine: its bytes into the storage, their digest back."""
-    import ray
-
-    node = ray.get_runtime_context().get_node_id()
-    found = storage.find(job.key) if job.destination is None else None
-    if found is not None:
-        return JobResult(job.key, found, node, computed=False)
-    from mbuild import __version__, compute_platform, io, operations
-    from mbuild.engine import torch_single_threaded
-
-    if job.version != __version__:
-        raise BuildError(f"node {node[:12]} runs mbuild {__version__}, the driver {job.version}: install one version")
-    if job.platform and compute_platform.as_torch_sees_it(job.device) != job.platform:
-        raise BuildError(
-            f"node {node[:12]} computes on {compute_platform.as_torch_sees_it(job.device)}, but the plan keyed its "
-            f"tensors for {job.platform}; give the cluster one CPU class or set ATEN_CPU_CAPABILITY alike"
-        )
-    import torch
-
-    reader = io.TensorReader()
-    try:
-        with torch_single_threaded():
-            inputs = operations.Inputs(job.models, reader, torch.device(job.device), job.target, job.vocabulary)
-            data = io.raw_bytes(operations.operation(job.task.method).compute(job.task, inputs))
-    finally:
-        reader.close()
-    if job.destination is not None:
-        return JobResult(job.key, _write_at(job.destination, data), node, computed=True, written=True)
-    digest = storage.put(job.key, data)
-    return JobResult(job.key, digest, node, computed=True)
-
-
-def _write_at(destination: tuple[str, int, int], data) -> str:
-    """Write a job's bytes at their place in the output's shard (its space is reserved); their digest."""
-    from mbuild import keys
-    from mbuild.io.files import write_at
-
-    path, offset, length = destination
-    if len(data) != length:
-        raise BuildError(f"{path}: {len(data)} bytes computed for a place of {length}")
-    digest = keys.tensor_digest(data)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        write_at(fd, data, offset)
-    finally:
-        os.close(fd)  # on NFS, close sends the writes to the server (close-to-open)
-    return digest
+# A group of jobs (one Ray task) holds at most this many output bytes, or this many jobs.
+GROUP_BYTES = 32 * 2**20
+GROUP_JOBS = 16
 
 
 class RayExecutor:
@@ -92,7 +43,8 @@ class RayExecutor:
 
     runs_elsewhere = True
 
-    def __init__(self, storage: Storage, address: str | None = None, device: str = "cpu"):
+    def __init__(self, storage: Storage, address: str | None = None, device: str = "cpu", compute: bool = True):
+        """Connect to the cluster; with ``compute``, start this run's workers too (not for a dry run)."""
         try:
             import ray
         except ImportError:
@@ -100,20 +52,40 @@ class RayExecutor:
         self.ray = ray
         self.storage = storage
         self.device = device
+        self.keep_warm = ray_workers.keep_warm_seconds()
         self._started_here = False
         if not ray.is_initialized():
             self._connect(address)
         self.driver_node = ray.get_runtime_context().get_node_id()
-        self._remote = ray.remote(compute_job)
-        self.pending: dict[str, Any] = {}  # key -> ObjectRef of a job started ahead
+        self._compute = ray.remote(ray_workers.compute_jobs)
+        self._relay = ray.remote(ray_workers.relay_jobs)
+        self.pending: dict[str, Any] = {}  # key -> ObjectRef of the group, started ahead, that computes it
+        self.early: dict[str, JobResult] = {}  # key -> a job started ahead, done before its task came
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.in_flight = max(2, IN_FLIGHT_PER_CPU * cpus)
-        # Workers start with this run (Ray gives each driver its own) and import torch before
-        # their first job: start them now, while the driver plans and hashes.
-        self._warming = [ray.remote(_warm_up).options(num_cpus=1).remote() for _ in range(cpus)]
-        # Until then the driver computes the tasks itself, unless told not to (MBUILD_RAY_DRIVER_TASKS=0).
-        self._warm = os.environ.get("MBUILD_RAY_DRIVER_TASKS", "1") == "0"
+        self._warming: list = []
         self._looked = 0.0  # when the warm-up was last looked at
+        # Until this run's workers have started (Ray gives each driver its own), the driver
+        # computes tasks one at a time, as a local build with -j 1 would, unless told not to
+        # (MBUILD_RAY_DRIVER_TASKS=0): by its node's warm worker if there is one, else itself,
+        # importing torch.
+        self._ready = os.environ.get("MBUILD_RAY_DRIVER_TASKS", "1") == "0" or not compute
+        self.beside = None if self._ready else self._warm_here()
+        self.computes_here = not self._ready and self.beside is None
+        if not self._ready:
+            # Ray starts as many workers as the node has CPUs when a driver connects; one task
+            # tells when they are up (and has the node's warm worker started if it has none).
+            # One, not one per CPU: tasks waiting beyond the workers starting would start more.
+            self._warming = [ray.remote(ray_workers.warm_up).options(num_cpus=1).remote(self.keep_warm)]
+
+    def _warm_here(self):
+        """The driver's node's warm worker for the mbuild installed here, or None."""
+        if self.keep_warm <= 0 or self.device != "cpu":
+            return None
+        try:
+            return self.ray.get_actor(ray_workers.warm_name(self.driver_node), namespace=ray_workers.NAMESPACE)
+        except ValueError:
+            return None
 
     def _connect(self, address: str | None) -> None:
         ray = self.ray
@@ -170,20 +142,39 @@ class RayExecutor:
                 largest.target.location(),
             )
 
-    def _submit(self, job: Job):
-        options: dict[str, Any] = {"memory": max(1, job.memory), "max_retries": RETRIES, "num_cpus": 1}
-        if job.device.startswith("cuda"):
+    def _submit(self, jobs: list[Job]):
+        """Start one Ray task for a group of jobs; its ObjectRef (a list of `JobResult`s)."""
+        options: dict[str, Any] = {"memory": max(1, max(job.memory for job in jobs)), "max_retries": RETRIES,
+                                   "num_cpus": 1}
+        if self.device.startswith("cuda"):
             options["num_gpus"] = 1
-        return self._remote.options(**options).remote(job, self.storage)
+        if self.keep_warm <= 0 or self.device != "cpu":  # the task computes its jobs itself
+            return self._compute.options(**options).remote(jobs, self.storage)
+        return self._relay.options(**options).remote(self.ray.cloudpickle.dumps(jobs), self.storage, self.keep_warm)
 
     def prefetch(self, jobs: Iterable[Job]) -> None:
+        fresh: dict[str, Job] = {}
         for job in jobs:
-            if job.key not in self.pending:
-                self.pending[job.key] = self._submit(job)
+            if job.key not in self.pending and job.key not in self.early:
+                fresh.setdefault(job.key, job)
+        for group in _groups(list(fresh.values())):
+            ref = self._submit(group)
+            for job in group:
+                self.pending[job.key] = ref
 
     def run(self, tasks: Iterable[Any], work: Work, done: Done) -> None:
-        waiting: dict[Any, list] = defaultdict(list)  # ObjectRef -> the tasks it serves
-        by_key: dict[str, Any] = {}
+        waiting: dict[Any, dict[str, list]] = {}  # ObjectRef -> key -> the tasks its job serves
+        group: dict[str, tuple[Job, list]] = {}  # key -> job and tasks, not sent yet
+        group_bytes = 0
+
+        def send() -> None:
+            nonlocal group_bytes
+            if group:
+                ref = self._submit([job for job, _ in group.values()])
+                waiting[ref] = {key: tasks for key, (_, tasks) in group.items()}
+                group.clear()
+                group_bytes = 0
+
         for task in tasks:
             outcome = work.settle(task)
             if outcome is not None:
@@ -193,68 +184,136 @@ class RayExecutor:
             if job is None:
                 done(work.run(task), self.driver_node)
                 continue
-            ref = by_key.get(job.key) or self.pending.pop(job.key, None)
-            if ref is None and not self._workers_ready():
-                # No worker has its imports done yet: the driver computes meanwhile.
-                done(work.run(task), self.driver_node)
+            result = self.early.pop(job.key, None)
+            if result is not None:  # started ahead, and done
+                self._take(result, [task], work, done)
                 continue
-            ref = by_key[job.key] = ref or self._submit(job)
-            waiting[ref].append(task)
-            if len(waiting) >= self.in_flight:
-                self._collect(waiting, work, done)
+            ref = next((r for r, keys in waiting.items() if job.key in keys), None) or self.pending.get(job.key)
+            if ref is not None:  # a twin of a job sent (a repeated layer), or a job started ahead
+                waiting.setdefault(ref, {}).setdefault(job.key, []).append(task)
+                continue
+            if job.key in group:
+                group[job.key][1].append(task)
+                continue
+            if not self._workers_ready():
+                self._compute_beside(task, job, work, done)
+                continue
+            group[job.key] = (job, [task])
+            group_bytes += job.task.nbytes
+            if group_bytes >= GROUP_BYTES or len(group) >= GROUP_JOBS:
+                send()
+                if len(waiting) >= self.in_flight:
+                    self._collect(waiting, work, done)
+        send()
         while waiting:
             self._collect(waiting, work, done)
 
+    def _compute_beside(self, task, job: Job, work: Work, done: Done) -> None:
+        """Compute a task for the driver: by its node's warm worker, else here."""
+        if self.beside is not None:
+            try:
+                blob = self.ray.cloudpickle.dumps([job])
+                results = self.ray.get(self.beside.compute.remote(blob, self.storage, self.keep_warm))
+            except self.ray.exceptions.RayActorError:  # exited meanwhile: the driver computes from now on
+                self.beside = None
+            except self.ray.exceptions.RayTaskError as error:
+                if not isinstance(getattr(error, "cause", None), ray_workers.WarmWorkerClosed):
+                    self._raise(error, [task])
+                self.beside = None
+            else:
+                self._take(results[0], [task], work, done)
+                return
+        done(work.run(task), self.driver_node)
+
     def _workers_ready(self) -> bool:
         """Whether the workers' warm-up is over (looked at every 0.1 s at most: a look costs milliseconds)."""
-        if not self._warm and time.monotonic() - self._looked > 0.1:
+        if not self._ready and time.monotonic() - self._looked > 0.1:
             self._looked = time.monotonic()
-            self._warm = not self.ray.wait(self._warming, num_returns=len(self._warming), timeout=0)[1]
-        return self._warm
+            self._ready = not self.ray.wait(self._warming, num_returns=len(self._warming), timeout=0)[1]
+        return self._ready
 
     def _collect(self, waiting: dict, work: Work, done: Done) -> None:
-        """Wait for one job, then take every other that is done too (a wait costs milliseconds)."""
+        """Wait for one group, then take every other that is done too (a wait costs milliseconds)."""
         refs = list(waiting)
         ready, rest = self.ray.wait(refs, num_returns=1)
         if rest:
             ready += self.ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         for ref in ready:
-            tasks = waiting.pop(ref)
-            result = self._result(ref, tasks[0])
-            if result.written:
-                done(work.written(tasks[0], result.digest), result.node)
-                for task in tasks[1:]:  # a twin: from the cache, as locally
-                    done(work.run(task), self.driver_node)
-                continue
-            for index, task in enumerate(tasks):
-                data = self.storage.read(result.key, result.digest)
-                if data is None:  # gone or damaged since (a gc, a disk fault): computed here instead
-                    done(work.run(task), self.driver_node)
-                    continue
-                # A repeated layer's twin shares its job: computed once, reused after.
-                done(work.accept(task, data, result.digest, result.computed and index == 0), result.node)
-            # In the output's shard and the tensor cache now: the storage's copy has served.
-            self.storage.delete(result.key)
+            served = waiting.pop(ref)
+            for result in self._results(ref, [task for tasks in served.values() for task in tasks]):
+                self.pending.pop(result.key, None)
+                tasks = served.get(result.key)
+                if tasks:
+                    self._take(result, tasks, work, done)
+                else:  # started ahead for a task still to come
+                    self.early[result.key] = result
 
-    def _result(self, ref, task) -> JobResult:
+    def _take(self, result: JobResult, tasks: list, work: Work, done: Done) -> None:
+        """Take a job's result into the output for each task it serves."""
+        if result.written:
+            done(work.written(tasks[0], result.digest), result.node)
+            for task in tasks[1:]:  # a twin: from the cache, as locally
+                done(work.run(task), self.driver_node)
+            return
+        for index, task in enumerate(tasks):
+            data = self.storage.read(result.key, result.digest)
+            if data is None:  # gone or damaged since (a gc, a disk fault): computed here instead
+                done(work.run(task), self.driver_node)
+                continue
+            # A repeated layer's twin shares its job: computed once, reused after.
+            done(work.accept(task, data, result.digest, result.computed and index == 0), result.node)
+        # In the output's shard and the tensor cache now: the storage's copy has served.
+        self.storage.delete(result.key)
+
+    def _results(self, ref, tasks: list) -> list[JobResult]:
         from ray.exceptions import RayError, RayTaskError
 
         try:
             return self.ray.get(ref)
         except RayTaskError as error:
-            cause = getattr(error, "cause", None)
-            if isinstance(cause, MbuildError):
-                raise cause from None
-            raise BuildError(f"tensor '{task.name}' failed on the Ray cluster: {cause or error}") from None
+            self._raise(error, tasks)
         except RayError as error:
-            raise BuildError(f"tensor '{task.name}' was lost on the Ray cluster ({type(error).__name__}): {error}") from None
+            lost = "was lost" if len(tasks) == 1 else "were lost"
+            raise BuildError(f"{_named(tasks)} {lost} on the Ray cluster ({type(error).__name__}): {error}") from None
+
+    @staticmethod
+    def _raise(error, tasks: list):
+        """A group's failure as the build's error: mbuild's own as it is, any other naming the tensors."""
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, MbuildError):
+            raise cause from None
+        raise BuildError(f"{_named(tasks)} failed on the Ray cluster: {cause or error}") from None
 
     def close(self) -> None:
-        for ref in [*self.pending.values(), *self._warming]:
-            self.ray.cancel(ref)
-        self.pending.clear()
+        self._cancel()
         if self._started_here:
             self.ray.shutdown()
+
+    def _cancel(self) -> None:
+        for ref in [*set(self.pending.values()), *self._warming]:
+            self.ray.cancel(ref)
+        self.pending.clear()
+        self._warming = []
+
+
+def _groups(jobs: list[Job]) -> list[list[Job]]:
+    """Consecutive jobs in groups of up to `GROUP_BYTES` of output or `GROUP_JOBS` jobs."""
+    groups: list[list[Job]] = []
+    size = 0
+    for job in jobs:
+        if not groups or size >= GROUP_BYTES or len(groups[-1]) >= GROUP_JOBS:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += job.task.nbytes
+    return groups
+
+
+def _named(tasks: list) -> str:
+    """"tensor 'NAME'", or "tensors 'NAME' and N more"."""
+    if len(tasks) == 1:
+        return f"tensor '{tasks[0].name}'"
+    return f"tensors '{tasks[0].name}' and {len(tasks) - 1} more"
 
 
 def _unreachable(address: str) -> str | None:

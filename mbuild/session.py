@@ -97,9 +97,12 @@ class Session:
         if not request.keep_going:
             staleness.refuse_foreign_outputs(first, decisions)
         stale = [name for name, decision in decisions.items() if decision.stale or request.force]
-        if stale and request.executor == "ray":
-            self.before_compute()  # torch's import goes on while the cluster is reached
         executor = self._executor() if stale else None
+        if executor is not None and executor.runs_elsewhere:
+            if executor.computes_here:
+                self.before_compute()  # torch's import goes on while the workers start
+            else:
+                self.before_compute = lambda: None  # a driver that computes nothing never imports torch
         try:
             return self._build(first, decisions, executor, open_cache)
         finally:

@@ -118,13 +118,13 @@ def local_builds(family, tmp_path_factory):
 
 
 def ray_build(root: Path, family, cluster, *arguments: str, text: str | None = None,
-              driver_tasks: bool = False) -> subprocess.Popen:
+              driver_tasks: bool = False, environment: dict | None = None) -> subprocess.Popen:
     """`mbuild all --executor ray` against the cluster, started in a subprocess (not waited for)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "Mergefile").write_text(text or mergefile(family))
     # Every task to the cluster: the driver computes none while workers start (their placement is tested).
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-                   "MBUILD_RAY_DRIVER_TASKS": "1" if driver_tasks else "0"}
+                   "MBUILD_RAY_DRIVER_TASKS": "1" if driver_tasks else "0", **(environment or {})}
     environment.pop("MBUILD_CACHE", None)
     command = [sys.executable, "-m", "mbuild.cli", "all", "-f", str(root / "Mergefile"), "--cache-dir",
                str(root / "cache"), "--executor", "ray", "--ray-address", cluster.address, *arguments]
@@ -302,21 +302,31 @@ targets:
     assert time.monotonic() - started < 60
 
 
-def test_a_worker_on_another_compute_platform_refuses_its_job(family, cluster, tmp_path):
-    from mbuild.engine import make_job
-    from mbuild.errors import BuildError
-    from mbuild.ray_executor import compute_job
-    from mbuild.storage import SharedDirectory
+def planned_job(family, folder: Path, target: str, method: str, platform: str | None = None):
+    """A job, as the driver makes it, for the first ``method`` task of ``target`` (on ``platform``,
+    else the plan's own); and its plan."""
     from mbuild.cache import State
+    from mbuild.engine import make_job
     from mbuild.mergefile import load
     from mbuild.session import Request, Session
 
-    (tmp_path / "Mergefile").write_text(mergefile(family))
-    plan = Session(load(tmp_path / "Mergefile"), State(tmp_path / "cache"), Request()).plan()
-    target_plan = plan.targets["ties"]
-    task = next(t for t in target_plan.tasks if t.method == "ties")
+    (folder / "Mergefile").write_text(mergefile(family))
+    plan = Session(load(folder / "Mergefile"), State(folder / "cache"), Request()).plan()
+    target_plan = plan.targets[target]
+    task = next(t for t in target_plan.tasks if t.method == method)
     models = {i.node: {i.name: plan.sources[i.node].info.tensors[i.name]} for i in task.inputs}
-    job = make_job(task, target_plan, "cpu", "cpu:some-other-class", models)
+    return make_job(task, target_plan, "cpu", platform or plan.platform, models), plan
+
+
+def test_a_worker_on_another_compute_platform_refuses_its_job(family, cluster, tmp_path):
+    import dataclasses
+
+    from mbuild.errors import BuildError
+    from mbuild.ray_workers import compute_job
+    from mbuild.storage import SharedDirectory
+
+    job, plan = planned_job(family, tmp_path, "ties", "ties", "cpu:some-other-class")
+    task = job.task
     storage = SharedDirectory(tmp_path / "results")
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
@@ -325,7 +335,7 @@ def test_a_worker_on_another_compute_platform_refuses_its_job(family, cluster, t
         assert isinstance(raised.value.cause, BuildError)
         assert "cpu:some-other-class" in str(raised.value.cause)
         # The same job with the plan's own platform computes, and stores, the bytes a local build writes.
-        good = make_job(task, target_plan, "cpu", plan.platform, models)
+        good = dataclasses.replace(job, platform=plan.platform)
         result = ray.get(ray.remote(compute_job).remote(good, storage))
     finally:
         ray.shutdown()
@@ -414,3 +424,207 @@ def test_an_address_nothing_answers_is_one_error_at_once(family, tmp_path):
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in done.stderr
     assert time.monotonic() - started < 60
     assert not (tmp_path / "build").exists()
+
+
+def warm_workers(cluster, kill: bool = False) -> dict[str, int]:
+    """The cluster's warm workers: name -> process id (each ``kill``ed instead, if asked)."""
+    from mbuild.ray_workers import NAMESPACE
+
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        found = {}
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == NAMESPACE and entry["name"].startswith("mbuild-warm-"):
+                actor = ray.get_actor(entry["name"], namespace=NAMESPACE)
+                if kill:
+                    ray.kill(actor, no_restart=True)
+                    continue
+                try:
+                    found[entry["name"]] = ray.get(actor.ready.remote(600.0), timeout=60)
+                except ray.exceptions.RayError:  # exiting: not a warm worker any more
+                    pass
+        return found
+    finally:
+        ray.shutdown()
+
+
+def no_warm_workers(cluster, timeout: float = 30) -> bool:
+    """Wait until the cluster has no warm worker left; whether that happened in time."""
+    from mbuild.ray_workers import NAMESPACE
+
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            names = [e["name"] for e in ray.util.list_named_actors(all_namespaces=True)
+                     if e["namespace"] == NAMESPACE and e["name"].startswith("mbuild-warm-")]
+            if not names:
+                return True
+            time.sleep(0.5)
+        return False
+    finally:
+        ray.shutdown()
+
+
+def test_a_warm_cluster_builds_with_a_driver_that_never_imports_torch(family, cluster, local_builds, tmp_path):
+    """Builds after the first reuse each node's warm worker (the same processes), and the driver,
+    which plans and assembles, computes through its node's warm worker while its own Ray workers
+    start: it never imports torch. (Copies, here the frankenmerge, run on the driver, with torch.)"""
+    text = mergefile(family).split("  deep:")[0]
+    computed = {name: files for name, files in outputs(local_builds["1"].root).items() if name != "deep"}
+    finish(ray_build(tmp_path / "first", family, cluster, "--json", "-q", text=text, driver_tasks=True))
+    before = warm_workers(cluster)
+    assert before, "no warm worker after a build"
+    reports, log = finish(ray_build(tmp_path / "second", family, cluster, "--json", "-q", text=text, driver_tasks=True,
+                                    environment={"PYTHONPROFILEIMPORTTIME": "1"}))
+    imported = [line.rsplit("|", 1)[-1].strip() for line in log.splitlines() if line.startswith("import time:")]
+    assert "ray" in imported and "mbuild.engine" in imported  # the driver's imports are listed
+    assert "torch" not in imported
+    assert outputs(tmp_path / "second") == computed
+    assert {name: r["tensors_computed"] for name, r in reports.items()} == {
+        name: local_builds["1"].reports[name]["tensors_computed"] for name in computed}
+    after = warm_workers(cluster)
+    assert {name: pid for name, pid in after.items() if name in before} == before  # the same processes
+    # With a copy to make, the driver imports torch for it, and the bytes are the same.
+    reports, log = finish(ray_build(tmp_path / "second", family, cluster, "--json", "-q", driver_tasks=True,
+                                    environment={"PYTHONPROFILEIMPORTTIME": "1"}))
+    assert "torch" in [line.rsplit("|", 1)[-1].strip() for line in log.splitlines() if line.startswith("import time:")]
+    assert outputs(tmp_path / "second") == outputs(local_builds["1"].root)
+    assert reports["deep"]["status"] == "built" and reports["ties"]["status"] == "fresh"
+
+
+def test_an_idle_warm_worker_exits_and_a_later_build_starts_another(family, cluster, local_builds, tmp_path):
+    warm_workers(cluster, kill=True)
+    assert no_warm_workers(cluster)
+    finish(ray_build(tmp_path / "one", family, cluster, "-q", environment={"MBUILD_RAY_KEEP_WARM": "1"}))
+    assert outputs(tmp_path / "one") == outputs(local_builds["1"].root)
+    assert no_warm_workers(cluster, timeout=30), "warm workers still there 30 s after a build with 1 s to wait"
+    finish(ray_build(tmp_path / "two", family, cluster, "-q"))
+    assert outputs(tmp_path / "two") == outputs(local_builds["1"].root)
+    assert warm_workers(cluster)
+
+
+def warm_workers_ever(cluster) -> set[str]:
+    """The ids of every warm worker the cluster has started, alive or not (GCS's actor table)."""
+    from ray._private import state
+
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        return {actor_id for actor_id, actor in state.actors().items()
+                if actor.get("ActorClassName", "").endswith("WarmWorker")}
+    finally:
+        ray.shutdown()
+
+
+def test_without_warm_workers_each_task_computes_its_own_jobs(family, cluster, local_builds, tmp_path):
+    warm_workers(cluster, kill=True)
+    assert no_warm_workers(cluster)
+    before = warm_workers_ever(cluster)
+    reports, _ = finish(ray_build(tmp_path, family, cluster, "--json", "-q", environment={"MBUILD_RAY_KEEP_WARM": "0"}))
+    assert outputs(tmp_path) == outputs(local_builds["1"].root)
+    assert len({node for r in reports.values() for node in r["nodes"]}) >= 2
+    assert warm_workers_ever(cluster) == before  # none started
+    finish(ray_build(tmp_path / "warm", family, cluster, "-q"))
+    assert warm_workers_ever(cluster) > before  # as a build that may keep them does
+
+
+def test_a_bad_keep_warm_setting_is_one_error(family, tmp_path):
+    (tmp_path / "Mergefile").write_text(mergefile(family))
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "MBUILD_RAY_KEEP_WARM": "soon"}
+    done = subprocess.run([sys.executable, "-m", "mbuild.cli", "all", "-f", str(tmp_path / "Mergefile"), "--executor",
+                           "ray", "--ray-address", "127.0.0.1:1"], capture_output=True, text=True, env=environment,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "MBUILD_RAY_KEEP_WARM='soon'" in done.stderr
+    assert not (tmp_path / "build").exists()
+
+
+def test_a_relay_waiting_on_its_warm_worker_keeps_its_cpu(cluster):
+    """While a relay waits for its jobs, the CPU it holds is not lent to another task on its node.
+
+    A plain `ray.get` in a task's main thread lends it out, and the node would run more jobs
+    at once than it has CPUs (a deliberate break of `_get_holding_resources` fails this).
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from mbuild.ray_workers import _get_holding_resources
+
+    class Sleeper:
+        def sleep(self, seconds):
+            time.sleep(seconds)
+            return time.time()
+
+    def waits(sleeper):
+        started = time.time()
+        return started, _get_holding_resources(sleeper.sleep.remote(3.0))
+
+    def starts():
+        return time.time()
+
+    node = next(iter(cluster.worker_nodes)).node_id
+    here = NodeAffinitySchedulingStrategy(node, soft=False)
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        sleeper = ray.remote(Sleeper).options(num_cpus=0, scheduling_strategy=here).remote()
+        waiting = ray.remote(waits).options(num_cpus=1, scheduling_strategy=here).remote(sleeper)
+        time.sleep(1.5)  # the relay is waiting by now
+        other = ray.remote(starts).options(num_cpus=1, scheduling_strategy=here).remote()
+        (relay_started, relay_done), other_started = ray.get([waiting, other], timeout=120)
+    finally:
+        ray.shutdown()
+    assert relay_done - relay_started >= 2.9
+    assert other_started >= relay_done - 0.05, "another task ran on the CPU the waiting relay holds"
+
+
+def test_a_failing_job_names_its_tensor_and_target(family, cluster, tmp_path):
+    import dataclasses
+
+    from mbuild.errors import BuildError
+    from mbuild.ray_workers import compute_jobs
+    from mbuild.storage import SharedDirectory
+
+    job, _ = planned_job(family, tmp_path, "dare", "dare_ties")
+    task = job.task
+    gone = dataclasses.replace(job, destination=(str(tmp_path / "no-such-shard.safetensors"), 0, task.nbytes))
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError) as raised:
+            ray.get(ray.remote(compute_jobs).options(max_retries=0).remote([job, gone], SharedDirectory(tmp_path / "r")))
+    finally:
+        ray.shutdown()
+    cause = raised.value.cause
+    assert isinstance(cause, BuildError)
+    assert f"tensor '{task.name}' of target 'dare' failed on the Ray cluster: FileNotFoundError" in str(cause)
+    assert cause.location is not None and cause.location.target == "dare"
+
+
+def test_jobs_travel_in_groups_of_bounded_size():
+    from types import SimpleNamespace
+
+    from mbuild import ray_executor
+
+    def job(size):
+        return SimpleNamespace(task=SimpleNamespace(nbytes=size))
+
+    big, small = ray_executor.GROUP_BYTES, 4096
+    jobs = [job(small) for _ in range(40)] + [job(big), job(big // 2), job(big // 2), job(small)]
+    groups = ray_executor._groups(jobs)
+    assert [j for group in groups for j in group] == jobs  # every job once, in order
+    assert [len(g) for g in groups] == [ray_executor.GROUP_JOBS] * 2 + [8 + 1, 2, 1]
+    assert all(len(g) <= ray_executor.GROUP_JOBS for g in groups)
+    assert ray_executor._groups([]) == []
+
+
+def test_an_edited_installation_names_new_warm_workers():
+    """A warm worker started before mbuild changed is never asked again: its name no longer matches."""
+    from mbuild import ray_workers
+
+    path = Path(ray_workers.__file__)
+    before = ray_workers._installation.__wrapped__()
+    stat = path.stat()
+    try:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        assert ray_workers._installation.__wrapped__() != before
+    finally:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert ray_workers._installation.__wrapped__() == before

@@ -47,7 +47,8 @@ def _cluster_nodes(args, state):
         return None
     from mbuild import ray_executor
 
-    executor = ray_executor.RayExecutor(ray_executor.storage_in(state.folder), args.ray_address, args.device)
+    executor = ray_executor.RayExecutor(ray_executor.storage_in(state.folder), args.ray_address, args.device,
+                                        compute=False)
     try:
         return executor.nodes()
     finally:
