@@ -628,3 +628,38 @@ def test_an_edited_installation_names_new_warm_workers():
     finally:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert ray_workers._installation.__wrapped__() == before
+
+
+def test_a_warm_worker_killed_mid_call_is_replaced_and_the_jobs_computed_again(family, cluster, tmp_path):
+    """A relay whose node's warm worker dies under it starts another and gets every result."""
+    import dataclasses
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from mbuild import keys, ray_workers
+    from mbuild.storage import SharedDirectory
+
+    job, _ = planned_job(family, tmp_path, "ties", "ties")
+    shard = tmp_path / "shard.safetensors"
+    with open(shard, "wb") as file:
+        file.truncate(job.task.nbytes)
+    job = dataclasses.replace(job, destination=(str(shard), 0, job.task.nbytes))
+    jobs = [job] * 400  # a few seconds of work for one warm worker
+    node = next(iter(cluster.worker_nodes)).node_id
+    here = NodeAffinitySchedulingStrategy(node, soft=False)
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        relay = ray.remote(ray_workers.relay_jobs).options(num_cpus=1, max_retries=0, scheduling_strategy=here)
+        ray.get(relay.remote(ray.cloudpickle.dumps(jobs[:1]), SharedDirectory(tmp_path / "r"), 600.0))
+        victim = ray.get(ray.get_actor(ray_workers.warm_name(node), namespace=ray_workers.NAMESPACE).ready.remote(600.0))
+        results = relay.remote(ray.cloudpickle.dumps(jobs), SharedDirectory(tmp_path / "r"), 600.0)
+        time.sleep(1.0)
+        assert not ray.wait([results], timeout=0)[0], "the jobs were done before the warm worker could be killed"
+        os.kill(victim, signal.SIGKILL)
+        results = ray.get(results, timeout=300)
+        successor = ray.get(ray.get_actor(ray_workers.warm_name(node), namespace=ray_workers.NAMESPACE).ready.remote(600.0))
+    finally:
+        ray.shutdown()
+    assert successor != victim
+    assert len(results) == len(jobs) and {r.node for r in results} == {node}
+    assert {r.digest for r in results} == {keys.tensor_digest(shard.read_bytes())}
