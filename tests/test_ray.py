@@ -550,9 +550,16 @@ def test_a_relay_waiting_on_its_warm_worker_keeps_its_cpu(cluster):
     from mbuild.ray_workers import _get_holding_resources
 
     class Sleeper:
+        def __init__(self):
+            self.calls = 0
+
         def sleep(self, seconds):
+            self.calls += 1
             time.sleep(seconds)
             return time.time()
+
+        def called(self):
+            return self.calls
 
     def waits(sleeper):
         started = time.time()
@@ -565,9 +572,11 @@ def test_a_relay_waiting_on_its_warm_worker_keeps_its_cpu(cluster):
     here = NodeAffinitySchedulingStrategy(node, soft=False)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
-        sleeper = ray.remote(Sleeper).options(num_cpus=0, scheduling_strategy=here).remote()
+        sleeper = ray.remote(Sleeper).options(num_cpus=0, max_concurrency=4, scheduling_strategy=here).remote()
         waiting = ray.remote(waits).options(num_cpus=1, scheduling_strategy=here).remote(sleeper)
-        time.sleep(1.5)  # the relay is waiting by now
+        deadline = time.monotonic() + 60
+        while not ray.get(sleeper.called.remote()) and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the relay waits
         other = ray.remote(starts).options(num_cpus=1, scheduling_strategy=here).remote()
         (relay_started, relay_done), other_started = ray.get([waiting, other], timeout=120)
     finally:
