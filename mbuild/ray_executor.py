@@ -53,6 +53,8 @@ class RayExecutor:
         self.storage = storage
         self.device = device
         self.keep_warm = ray_workers.keep_warm_seconds()
+        # Whether CPU jobs compute in the nodes' warm workers (else each task computes its own).
+        self.warm = self.keep_warm > 0 and device == "cpu"
         self._started_here = False
         if not ray.is_initialized():
             self._connect(address)
@@ -80,7 +82,7 @@ class RayExecutor:
 
     def _warm_here(self):
         """The driver's node's warm worker for the mbuild installed here, or None."""
-        if self.keep_warm <= 0 or self.device != "cpu":
+        if not self.warm:
             return None
         try:
             return self.ray.get_actor(ray_workers.warm_name(self.driver_node), namespace=ray_workers.NAMESPACE)
@@ -148,7 +150,7 @@ class RayExecutor:
                                    "num_cpus": 1}
         if self.device.startswith("cuda"):
             options["num_gpus"] = 1
-        if self.keep_warm <= 0 or self.device != "cpu":  # the task computes its jobs itself
+        if not self.warm:  # the task computes its jobs itself
             return self._compute.options(**options).remote(jobs, self.storage)
         return self._relay.options(**options).remote(self.ray.cloudpickle.dumps(jobs), self.storage, self.keep_warm)
 
@@ -200,7 +202,7 @@ class RayExecutor:
                 continue
             group[job.key] = (job, [task])
             group_bytes += job.task.nbytes
-            if group_bytes >= GROUP_BYTES or len(group) >= GROUP_JOBS:
+            if _full(group_bytes, len(group)):
                 send()
                 if len(waiting) >= self.in_flight:
                     self._collect(waiting, work, done)
@@ -301,12 +303,17 @@ def _groups(jobs: list[Job]) -> list[list[Job]]:
     groups: list[list[Job]] = []
     size = 0
     for job in jobs:
-        if not groups or size >= GROUP_BYTES or len(groups[-1]) >= GROUP_JOBS:
+        if not groups or _full(size, len(groups[-1])):
             groups.append([])
             size = 0
         groups[-1].append(job)
         size += job.task.nbytes
     return groups
+
+
+def _full(size: int, count: int) -> bool:
+    """Whether a group of ``count`` jobs making ``size`` output bytes takes no more."""
+    return size >= GROUP_BYTES or count >= GROUP_JOBS
 
 
 def _named(tasks: list) -> str:

@@ -126,13 +126,13 @@ def relay_jobs(blob: bytes, storage: Storage, keep_warm: float) -> list[JobResul
 
     ``blob`` is the pickled list of `Job`s: this worker never imports torch, so it never reads it.
     """
-    return call_warm_worker("compute", keep_warm, blob, storage, keep_warm)
+    return call_warm_worker("compute", keep_warm, blob, storage)
 
 
 def warm_up(keep_warm: float) -> None:
     """Start this worker, and its node's warm worker unless there is one (that one imports torch)."""
     if keep_warm > 0:
-        call_warm_worker("ready", keep_warm, keep_warm)
+        call_warm_worker("ready", keep_warm)
         return
     import torch  # noqa: F401
 
@@ -166,9 +166,7 @@ class WarmWorker:
     def ready(self, keep_warm: float) -> int:
         """Its process id, once torch is imported; the caller's keep-warm time applies from now."""
         with self.lock:
-            if self.closing:
-                raise WarmWorkerClosed()
-            self.keep_warm = keep_warm
+            self._arrive(keep_warm)
             self.last = time.monotonic()
         return os.getpid()
 
@@ -177,9 +175,7 @@ class WarmWorker:
         from ray import cloudpickle
 
         with self.lock:
-            if self.closing:
-                raise WarmWorkerClosed()
-            self.keep_warm = keep_warm  # the latest build's setting
+            self._arrive(keep_warm)
             self.active += 1
         try:
             return compute_jobs(cloudpickle.loads(blob), storage)
@@ -188,6 +184,12 @@ class WarmWorker:
                 self.active -= 1
                 self.last = time.monotonic()
                 self.trimmed = False
+
+    def _arrive(self, keep_warm: float) -> None:
+        """A call comes (the lock held): refused if exiting; the latest build's keep-warm time applies."""
+        if self.closing:
+            raise WarmWorkerClosed()
+        self.keep_warm = keep_warm
 
     def _expire(self) -> None:
         """Give freed memory back between builds; exit once no job has come for `keep_warm` seconds."""
@@ -212,7 +214,8 @@ class WarmWorkerClosed(Exception):
 
 
 def call_warm_worker(method: str, keep_warm: float, *arguments):
-    """Call this node's warm worker, starting one if there is none (or the one found has exited)."""
+    """Call this node's warm worker, starting one if there is none (or the one found has exited);
+    ``keep_warm`` goes to the call too, as the last argument every `WarmWorker` method takes."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -220,7 +223,7 @@ def call_warm_worker(method: str, keep_warm: float, *arguments):
     for attempt in range(WARM_ATTEMPTS):
         worker = _warm_worker(node, keep_warm, fresh=attempt > 0)
         try:
-            return _get_holding_resources(getattr(worker, method).remote(*arguments))
+            return _get_holding_resources(getattr(worker, method).remote(*arguments, keep_warm))
         except RayActorError:
             pass  # exited, or killed for memory: a new one
         except RayTaskError as error:

@@ -426,6 +426,14 @@ def test_an_address_nothing_answers_is_one_error_at_once(family, tmp_path):
     assert not (tmp_path / "build").exists()
 
 
+def _warm_names() -> list[str]:
+    """The names of the warm workers of the cluster this process is connected to."""
+    from mbuild.ray_workers import NAMESPACE
+
+    return [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"] == NAMESPACE and entry["name"].startswith("mbuild-warm-")]
+
+
 def warm_workers(cluster, kill: bool = False) -> dict[str, int]:
     """The cluster's warm workers: name -> process id (each ``kill``ed instead, if asked)."""
     from mbuild.ray_workers import NAMESPACE
@@ -433,16 +441,15 @@ def warm_workers(cluster, kill: bool = False) -> dict[str, int]:
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
         found = {}
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry["namespace"] == NAMESPACE and entry["name"].startswith("mbuild-warm-"):
-                actor = ray.get_actor(entry["name"], namespace=NAMESPACE)
-                if kill:
-                    ray.kill(actor, no_restart=True)
-                    continue
-                try:
-                    found[entry["name"]] = ray.get(actor.ready.remote(600.0), timeout=60)
-                except ray.exceptions.RayError:  # exiting: not a warm worker any more
-                    pass
+        for name in _warm_names():
+            actor = ray.get_actor(name, namespace=NAMESPACE)
+            if kill:
+                ray.kill(actor, no_restart=True)
+                continue
+            try:
+                found[name] = ray.get(actor.ready.remote(600.0), timeout=60)
+            except ray.exceptions.RayError:  # exiting: not a warm worker any more
+                pass
         return found
     finally:
         ray.shutdown()
@@ -450,15 +457,11 @@ def warm_workers(cluster, kill: bool = False) -> dict[str, int]:
 
 def no_warm_workers(cluster, timeout: float = 30) -> bool:
     """Wait until the cluster has no warm worker left; whether that happened in time."""
-    from mbuild.ray_workers import NAMESPACE
-
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            names = [e["name"] for e in ray.util.list_named_actors(all_namespaces=True)
-                     if e["namespace"] == NAMESPACE and e["name"].startswith("mbuild-warm-")]
-            if not names:
+            if not _warm_names():
                 return True
             time.sleep(0.5)
         return False
